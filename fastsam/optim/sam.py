@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..functional import BACKENDS
+from ._fused import fused_second_step
 
 _GROUP_KEYS = ("rho", "adaptive", "eta")
 
@@ -264,13 +265,17 @@ class SAM(torch.optim.Optimizer):
                 "call first_step(), compute the gradient at the perturbed point, then second_step()"
             )
         params = self._perturbed
-        self.restore()
-        if self.gsam_alpha > 0:
-            pairs = [(w.grad, self._scratch[w]["g_old"]) for w in params if w.grad is not None]
-            if pairs:
-                gs, go = (list(t) for t in zip(*pairs))
-                F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
-        self.base_optimizer.step()
+        if fused_second_step(self, params):
+            self._perturbed = None
+        else:
+            self.restore()
+            if self.gsam_alpha > 0:
+                pairs = [(w.grad, self._scratch[w]["g_old"]) for w in params if w.grad is not None]
+                if pairs:
+                    gs, go = (list(t) for t in zip(*pairs))
+                    F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
+            self.base_optimizer.step()
+        self._opt_called = True  # tells torch's LR schedulers that an optimizer step happened
         self._mark_grads()
         if zero_grad:
             self.zero_grad()
