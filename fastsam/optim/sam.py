@@ -258,37 +258,55 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` exactly, apply GSAM if enabled, then run the base optimizer step."""
+        """Restore ``w`` exactly, apply GSAM if enabled, then run the base optimizer step.
+
+        With a fused backend and a torch SGD/Adam/AdamW base this is one pass over the weights.
+        """
         if self._perturbed is None:
             raise RuntimeError(
                 "second_step() called without a matching first_step(): compute the gradient at w, "
                 "call first_step(), compute the gradient at the perturbed point, then second_step()"
             )
-        params = self._perturbed
-        if fused_second_step(self, params):
+        if fused_second_step(self, self._perturbed):
             self._perturbed = None
+            self._after_base_step()
         else:
-            self.restore()
-            if self.gsam_alpha > 0:
-                pairs = [(w.grad, self._scratch[w]["g_old"]) for w in params if w.grad is not None]
-                if pairs:
-                    gs, go = (list(t) for t in zip(*pairs))
-                    F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
-            self.base_optimizer.step()
-        self._opt_called = True  # tells torch's LR schedulers that an optimizer step happened
-        self._mark_grads()
+            self.restore(apply_gsam=True)
+            self.base_step()
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, apply_gsam: bool = False) -> None:
         """Put the weights back to ``w_old`` (bit-exact) without a base step. No-op when the
-        weights are not perturbed, so it is safe in any exception handler."""
+        weights are not perturbed, so it is safe in any exception handler.
+
+        ``apply_gsam=True`` also replaces the gradient in ``.grad`` by the GSAM combination
+        (when ``gsam_alpha > 0``): what :meth:`second_step` does before its base step, and what
+        a training loop needs per micro-batch (m-sharpness).
+        """
         params = self._perturbed
         if params is None:
             return
         F.sam_restore_(params, [self._scratch[w]["w_old"] for w in params], backend=self.backend)
         self._perturbed = None
+        if apply_gsam and self.gsam_alpha > 0:
+            pairs = [(w.grad, self._scratch[w]["g_old"]) for w in params if w.grad is not None]
+            if pairs:
+                gs, go = (list(t) for t in zip(*pairs))
+                F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
+
+    @torch.no_grad()
+    def base_step(self) -> None:
+        """Run the base optimizer on the gradients in ``.grad`` (weights must be unperturbed)."""
+        if self._perturbed is not None:
+            raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
+        self.base_optimizer.step()
+        self._after_base_step()
+
+    def _after_base_step(self) -> None:
+        self._opt_called = True  # tells torch's LR schedulers that an optimizer step happened
+        self._mark_grads()
 
     @property
     def is_perturbed(self) -> bool:

@@ -1,0 +1,309 @@
+"""SAM ascent losses: OBF (output bias forgetting) and BiSAM, fused with Triton where possible.
+
+Both take ``(logits [B, C], target [B] int)`` like ``F.cross_entropy`` and can replace the
+training loss in SAM's first (ascent) pass::
+
+    loss = fastsam.losses.obf_loss(model(x), y)          # or bisam_loss(model(x), y)
+    loss.backward(); opt.first_step(zero_grad=True)      # perturb along +grad of the ascent loss
+    F.cross_entropy(model(x), y).backward(); opt.second_step(zero_grad=True)
+
+See DESIGN.md section 3 and :mod:`fastsam._reference_losses` for the formulas with paper
+equation numbers.
+
+Backends: ``"reference"`` is plain PyTorch (autograd through the formula); ``"triton"`` runs
+one fused kernel per call that writes the per-row value and the gradient in the same pass (the
+gradient is saved and only rescaled by ``grad_output`` in backward); ``"auto"`` picks triton
+for CUDA tensors when triton imports, else the reference (CPU tensors never need a GPU or the
+Triton interpreter).
+
+Validation: shapes, dtypes and hyperparameters are checked on the host for free. Target values
+are checked on the host only for CPU tensors (a check of a GPU tensor is a device-to-host
+sync). On GPU, a target outside ``[0, C)`` that is not ``ignore_index`` is *not* detected: the
+row's value (and, with the triton backend, its gradient) becomes NaN, which makes the mean NaN,
+which SAM's non-finite-norm guard then reports as a skipped step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastsam._reference_losses import (
+    BISAM_DEFAULT_MU,
+    bisam_loss_reference,
+    obf_loss_reference,
+    reduce_rows,
+)
+
+__all__ = ["bisam_loss", "obf_loss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# --------------------------------------------------------------------------------------------
+# Autograd / torch.compile integration
+#
+# Why torch.library.custom_op and not a bare autograd.Function: dynamo traces *into* an
+# autograd.Function's forward, and the triton launcher inside it (an interpreter launch on
+# CPU, a JIT launch on GPU) is not something it can trace; `triton_op` would let it, but it
+# fails under the CPU interpreter (DESIGN.md section 4). A custom_op is opaque to dynamo: the
+# fake kernel gives the output shapes, AOTAutograd puts the op in the forward graph, and the
+# backward (a broadcasted multiply) is plain torch that any backend can fuse.
+#
+# The op returns (per-row value fp32 [B], per-row gradient [B, C] in the logits' dtype). The
+# reduction happens outside the op in torch (differentiable, no host sync), so the op backward
+# receives d loss / d row [B] and returns grad * that[:, None].
+#
+# Memory: in eager mode the saved gradient is scaled *in place* and returned as the logits'
+# gradient: between forward and backward the op holds one [B, C] tensor and the backward
+# allocates nothing of size [B, C] (F.cross_entropy holds log_softmax's output and allocates two
+# [B, C] tensors in backward). Consequences, both raised as clear errors:
+#   * a second backward through the same graph (retain_graph=True) would see the scaled
+#     gradient, so it is refused;
+#   * double backward (create_graph=True) is not supported: d grad / d logits (the Hessian of the
+#     loss) is never formed.
+# Under torch.compile the backward is traced with functional tensors and uses an out-of-place
+# multiply (the compiler owns the buffers there).
+# --------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    # Lazy: `import fastsam.losses` must work without triton installed.
+    from fastsam.kernels import triton_losses
+
+    return triton_losses
+
+
+@torch.library.custom_op("fastsam::obf_fwd", mutates_args=())
+def _obf_fwd(
+    logits: Tensor, target: Tensor, gamma: float, lam: float, sigmoid: bool, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    return _kernels().obf_forward(logits, target, gamma, lam, sigmoid, ignore_index)
+
+
+@torch.library.custom_op("fastsam::bisam_fwd", mutates_args=())
+def _bisam_fwd(
+    logits: Tensor, target: Tensor, mu: float, phi: str, alpha: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    return _kernels().bisam_forward(logits, target, mu, phi, alpha, ignore_index)
+
+
+def _fake_fwd(logits: Tensor, target: Tensor, *args) -> tuple[Tensor, Tensor]:
+    B, C = logits.shape
+    return logits.new_empty((B,), dtype=torch.float32), logits.new_empty((B, C))
+
+
+_obf_fwd.register_fake(_fake_fwd)
+_bisam_fwd.register_fake(_fake_fwd)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _rows, grad = output
+    ctx.save_for_backward(grad)
+    # The gradient output is an implementation detail: no gradient flows into it, and no zeros
+    # [B, C] tensor is materialised for it in backward.
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+    ctx.fastsam_consumed = False
+
+
+def _backward(ctx, grad_rows: Tensor | None, _grad_grad: Tensor | None):
+    n_inputs = 6
+    if grad_rows is None:
+        return (None,) * n_inputs
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastsam.losses: double backward (create_graph=True) is not supported by the fused "
+            "obf_loss/bisam_loss backward (the gradient is computed in the forward and saved); "
+            "use backend='reference' to differentiate twice"
+        )
+    if ctx.fastsam_consumed:
+        raise RuntimeError(
+            "fastsam.losses: backward was already run through this loss (retain_graph=True); the "
+            "fused backward scales its saved gradient in place and can run only once per forward. "
+            "Recompute the loss, or use backend='reference'"
+        )
+    (grad,) = ctx.saved_tensors
+    scale = grad_rows.to(torch.float32)[:, None]
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+        ctx.fastsam_consumed = True
+        out = grad.mul_(scale)  # fp32 opmath, one rounding into grad's dtype
+    else:
+        out = (grad * scale).to(grad.dtype)
+    return (out,) + (None,) * (n_inputs - 1)
+
+
+_obf_fwd.register_autograd(_backward, setup_context=_setup_context)
+_bisam_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, Tensor):
+        raise ValueError(f"{name}: expected a Python number, got a tensor (reading it would sync)")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if math.isnan(v):
+        raise ValueError(f"{name}: must not be NaN")
+    return v
+
+
+def _check_common(logits: Tensor, target: Tensor, reduction: str, backend: str, ignore_index: int) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected a 2-D tensor [B, C], got {shape}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits: expected a floating-point tensor, got {logits.dtype}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits: need at least 2 classes, got C={logits.shape[1]}")
+    if not isinstance(target, Tensor) or target.dim() != 1:
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"target: expected a 1-D tensor [B], got {shape}")
+    if target.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"target: expected int32 or int64 class indices, got {target.dtype}")
+    if target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"target: batch size {target.shape[0]} does not match logits' batch size {logits.shape[0]}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target: on {target.device}, logits on {logits.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    # Target values: free to check on CPU; on GPU it would cost a sync (see module docstring).
+    if target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling():
+        C = logits.shape[1]
+        bad = ((target < 0) | (target >= C)) & (target != ignore_index)
+        if bool(bad.any()):
+            first = target[bad][0].item()
+            raise ValueError(
+                f"target: class index {first} out of range [0, {C}) (and not ignore_index={ignore_index})"
+            )
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _use_triton(logits: Tensor, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return logits.is_cuda and logits.dtype in _TRITON_DTYPES and _triton_available()
+    # backend == "triton": explicit request, explain what is missing
+    if logits.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"logits: backend='triton' supports float32/bfloat16/float16, got {logits.dtype}")
+    if not _triton_available():
+        raise RuntimeError("fastsam.losses: backend='triton' needs triton installed (pip install triton)")
+    return True
+
+
+def obf_loss(
+    logits: Tensor,
+    target: Tensor,
+    gamma: float = 1.0,
+    lam: float | None = None,
+    sigmoid: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+    *,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Output-bias-forgetting (OBF) ascent loss of Vani et al. (eq. 15-17).
+
+    Args:
+        logits: ``[B, C]`` float32/bfloat16/float16 (float64 with the reference backend), C >= 2.
+        target: ``[B]`` int32/int64 class indices in ``[0, C)`` or ``ignore_index``.
+        gamma: forgetting strength cap, in ``[0, 1]``.
+        lam: likelihood threshold, in ``[0, 1)``; default ``1/C``.
+        sigmoid: use sigmoid cross-entropy (sum of per-class BCE), the ViT recipe of the paper.
+        reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"`` (``[B]``).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        ignore_index: rows with this target contribute 0 and are not counted by the mean.
+
+    Per example, with ``p = softmax(z)`` (``sigmoid(z)``) and ``U`` uniform over the classes,
+    ``a`` and ``p`` treated as constants::
+
+        a      = gamma * max((1 - lam / p_y) / (1 - lam), 0)
+        value  = (1 - a) * L(y) - L(U)          L = CE (sum of per-class BCE if sigmoid)
+        d/dz   = U - a * p - (1 - a) * onehot(y)
+
+    Ascend it (it replaces the training loss in SAM's first pass). Values are float32 for
+    half-precision logits (float32 math); the gradient has the logits' dtype.
+    """
+    _check_common(logits, target, reduction, backend, ignore_index)
+    C = logits.shape[1]
+    gamma = _as_float("gamma", gamma)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma: must be in [0, 1], got {gamma}")
+    lam = 1.0 / C if lam is None else _as_float("lam", lam)
+    if not 0.0 <= lam < 1.0:
+        raise ValueError(f"lam: must be in [0, 1), got {lam}")
+    if not isinstance(sigmoid, bool):
+        raise ValueError(f"sigmoid: expected a bool, got {sigmoid!r}")
+    if not _use_triton(logits, backend):
+        return obf_loss_reference(logits, target, gamma, lam, sigmoid, reduction, ignore_index)
+    rows, _grad = _obf_fwd(logits, target, gamma, lam, sigmoid, ignore_index)
+    return reduce_rows(rows, target, ignore_index, reduction)
+
+
+def bisam_loss(
+    logits: Tensor,
+    target: Tensor,
+    mu: float | None = None,
+    phi: str = "log",
+    alpha: float = 0.1,
+    reduction: str = "mean",
+    backend: str = "auto",
+    *,
+    ignore_index: int = -100,
+) -> Tensor:
+    """BiSAM perturbation loss Q of Xie et al. (eq. 11/14 with the bounds of eq. 17/18).
+
+    Args:
+        logits: ``[B, C]`` float32/bfloat16/float16 (float64 with the reference backend), C >= 2.
+        target: ``[B]`` int32/int64 class indices in ``[0, C)`` or ``ignore_index``.
+        mu: logsumexp temperature, > 0; default 1.5 for ``phi="log"``, 10 for ``phi="tanh"``.
+        phi: ``"log"`` (``1 - softplus(log(e-1) - x)``) or ``"tanh"`` (``tanh(alpha x)``).
+        alpha: slope of the tanh bound, > 0 (unused by ``"log"``).
+        reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"`` (``[B]``).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        ignore_index: rows with this target contribute 0 and are not counted by the mean.
+
+    Per example, with ``F_j = z_j - z_y`` and ``s = softmax_j(mu * phi(F_j))``::
+
+        Q      = (1/mu) * logsumexp_j(mu * phi(F_j)) - (1/mu) * log C      (j = y term: phi(0) = 0)
+        dQ/dz_j = s_j * phi'(F_j)  (j != y),   dQ/dz_y = -sum_{j != y} s_j * phi'(F_j)
+
+    Ascend it (it replaces the training loss in SAM's first pass). Values are float32 for
+    half-precision logits (float32 math); the gradient has the logits' dtype.
+    """
+    _check_common(logits, target, reduction, backend, ignore_index)
+    if phi not in BISAM_DEFAULT_MU:
+        raise ValueError(f"phi: expected 'log' or 'tanh', got {phi!r}")
+    mu = BISAM_DEFAULT_MU[phi] if mu is None else _as_float("mu", mu)
+    if not (mu > 0.0 and math.isfinite(mu)):
+        raise ValueError(f"mu: must be a finite number > 0, got {mu}")
+    alpha = _as_float("alpha", alpha)
+    if not (alpha > 0.0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha: must be a finite number > 0, got {alpha}")
+    if not _use_triton(logits, backend):
+        return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
+    rows, _grad = _bisam_fwd(logits, target, mu, phi, alpha, ignore_index)
+    return reduce_rows(rows, target, ignore_index, reduction)

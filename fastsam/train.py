@@ -1,0 +1,399 @@
+"""``fastsam.sam_step``: one whole SAM training step (both passes and the base update).
+
+What it gets right so a training loop does not have to (DESIGN.md s3, "Training step"):
+
+- m-sharpness (``micro_batch=m``): every micro-batch is perturbed with its own gradient, the
+  gradients at the perturbed points are averaged weighted by micro-batch size.
+- ascent loss: the first pass may use another loss (OBF, BiSAM) than the training loss.
+- ESAM sharpness-sensitive data selection (``sds_keep``).
+- BatchNorm running statistics are updated by the first pass only.
+- AMP: ``torch.amp.GradScaler`` without "unscale_() has already been called"; an overflow in
+  either pass skips the step with the weights and the base optimizer untouched.
+- DDP: the first pass (forward included) runs under ``no_sync``; the second pass is synced.
+- gradient clipping of the final gradient, gradient accumulation, exception safety.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .bn import frozen_running_stats
+from .optim.sam import SAM
+
+LossFn = Callable[..., Tensor]
+
+
+@dataclass
+class SAMStepResult:
+    """What :func:`sam_step` did. Tensors stay on the device; the float properties sync."""
+
+    loss_tensor: Tensor  #: training loss at w + e (second pass), mean over the examples it used
+    ascent_loss_tensor: Tensor  #: first-pass (ascent) loss at w, mean over the batch
+    skipped: bool  #: non-finite gradient or GradScaler overflow in a pass: nothing was updated
+    updated: bool  #: the base optimizer stepped (False when skipped or accumulating)
+    outputs: Any  #: model outputs of the first pass (at w), detached, whole batch
+    n_second_pass: int  #: examples used by the second pass (fewer than the batch with SDS)
+
+    @property
+    def loss(self) -> float:
+        """Training loss of the second pass, as a float."""
+        return float(self.loss_tensor)
+
+    @property
+    def ascent_loss(self) -> float:
+        return float(self.ascent_loss_tensor)
+
+
+class _ScalerKey:
+    """Stands in for the optimizer in ``GradScaler.unscale_``: the scaler allows one unscale per
+    optimizer per update and keys that by ``id(optimizer)``; SAM unscales twice per step (once
+    per pass, more with micro-batches), so every pass gets its own key over the same groups."""
+
+    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
+        self.param_groups = param_groups
+
+
+def _unscale(scaler: torch.amp.GradScaler, opt: SAM) -> _ScalerKey | None:
+    if not scaler.is_enabled():
+        return None
+    key = _ScalerKey(opt.param_groups)
+    scaler.unscale_(key)  # type: ignore[arg-type]
+    return key
+
+
+def _found_inf(scaler: torch.amp.GradScaler, keys: list[_ScalerKey]) -> list[Tensor]:
+    # GradScaler keeps the per-device overflow flags of each unscale_ call in
+    # _per_optimizer_states[id(optimizer)]["found_inf_per_device"] (stable since torch 1.6).
+    out: list[Tensor] = []
+    for k in keys:
+        st = scaler._per_optimizer_states.get(id(k), {})
+        out.extend(st.get("found_inf_per_device", {}).values())
+    return out
+
+
+def _drop_keys(scaler: torch.amp.GradScaler | None, keys: list[_ScalerKey]) -> None:
+    if scaler is not None:
+        for k in keys:
+            scaler._per_optimizer_states.pop(id(k), None)
+
+
+def _batch_size(targets: Any) -> int:
+    if isinstance(targets, Tensor):
+        return int(targets.shape[0])
+    if isinstance(targets, (list, tuple)) and targets:
+        return _batch_size(targets[0])
+    if isinstance(targets, dict) and targets:
+        return _batch_size(next(iter(targets.values())))
+    raise ValueError("targets must be a tensor (or a tuple/list/dict of tensors) with the batch in dim 0")
+
+
+def _take(x: Any, idx: slice | Tensor) -> Any:
+    """Rows ``idx`` of a tensor, or of every tensor in a tuple/list/dict."""
+    if isinstance(x, Tensor):
+        return x[idx]
+    if isinstance(x, (list, tuple)):
+        return type(x)(_take(v, idx) for v in x)
+    if isinstance(x, dict):
+        return {k: _take(v, idx) for k, v in x.items()}
+    return x
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _cat(outs: list[Any]) -> Any:
+    if not outs:
+        return None
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], Tensor):
+        return torch.cat(outs)
+    return outs
+
+
+def _grads(opt: SAM) -> tuple[list[Tensor], list[Tensor]]:
+    ps = [w for g in opt.param_groups for w in g["params"] if w.grad is not None]
+    return ps, [w.grad for w in ps]
+
+
+def _all_reduce_mean_(grads: list[Tensor]) -> None:
+    """Average gradients over ranks: one flat buffer per (device, dtype), one all_reduce each."""
+    world = dist.get_world_size()
+    groups: dict[tuple, list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for ts in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        torch._foreach_copy_(ts, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in ts]), ts)])
+
+
+def _autocast(dtype: torch.dtype | None, inputs: Any) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    dev = "cpu"
+    for t in (inputs if isinstance(inputs, (list, tuple)) else [inputs]):
+        if isinstance(t, Tensor):
+            dev = t.device.type
+            break
+    return torch.autocast(device_type=dev, dtype=dtype)
+
+
+def sam_step(
+    model: nn.Module,
+    optimizer: SAM,
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    ascent_loss_fn: LossFn | None = None,
+    micro_batch: int | None = None,
+    sds_keep: float = 1.0,
+    scaler: torch.amp.GradScaler | None = None,
+    max_grad_norm: float | None = None,
+    amp_dtype: torch.dtype | None = None,
+    update: bool = True,
+) -> SAMStepResult:
+    r"""One SAM training step on a batch: both forward/backward passes and the base update.
+
+    For each micro-batch ``k`` (the whole batch when ``micro_batch`` is None), of size ``n_k``:
+
+    1. at ``w``: ``ascent_loss_fn(model(x_k), y_k).backward()`` (DDP: under ``no_sync``);
+    2. ``optimizer.first_step()``: ``w -> w + e_k`` from that gradient;
+    3. ESAM SDS (``sds_keep = gamma < 1``): a no-grad forward at ``w + e_k`` scores each example
+       by ``l(w + e_k) - l(w)`` (training loss) and keeps the ``round(gamma * n_k)`` largest;
+    4. at ``w + e_k``: ``loss_fn(model(x'), y').backward()`` with BatchNorm statistics frozen;
+    5. restore ``w`` exactly, GSAM combine, accumulate ``(n_k / B) * grad``.
+
+    Then: DDP average, clipping of the final gradient to ``max_grad_norm``, one check for
+    non-finite gradients / GradScaler overflow (the step's only host sync), and the base step.
+
+    Args:
+        model: the model (``DistributedDataParallel`` is handled).
+        optimizer: a :class:`fastsam.SAM` (or preset) over ``model``'s parameters.
+        inputs: tensor, tuple/list (``model(*inputs)``) or dict (``model(**inputs)``), batch in dim 0.
+        targets: tensor (or tuple/list/dict of tensors), batch in dim 0.
+        loss_fn: ``fn(outputs, targets, reduction="mean"|"none")``, the ``F.cross_entropy`` signature.
+        ascent_loss_fn: loss of the first pass (default ``loss_fn``), e.g.
+            ``fastsam.losses.obf_loss`` or ``fastsam.losses.bisam_loss``.
+        micro_batch: m-sharpness micro-batch size ``m`` (the last one may be smaller).
+        sds_keep: ESAM data-selection ratio gamma in (0, 1]. ``round(gamma * n)`` examples (at
+            least 1) go to the second pass; ESAM's own code keeps one fewer, we keep exactly
+            ``round(gamma * n)`` as DESIGN.md specifies.
+        scaler: ``torch.amp.GradScaler`` for fp16 AMP (its ``update()`` is called here).
+        max_grad_norm: clip the final gradient (after GSAM and averaging) to this L2 norm.
+        amp_dtype: run the forward passes under ``torch.autocast`` with this dtype.
+        update: False accumulates this batch's final gradient (weighted by batch size) and
+            skips the base step; the next call with ``update=True`` steps on the weighted mean
+            of all accumulated batches. Gradient accumulation without a per-call base step.
+
+    Returns:
+        :class:`SAMStepResult` (``.loss``, ``.skipped``, ...).
+    """
+    if not isinstance(optimizer, SAM):
+        raise ValueError(f"optimizer must be a fastsam.SAM (or preset), got {type(optimizer).__name__}")
+    if optimizer.is_perturbed:
+        raise RuntimeError("sam_step() called while the optimizer's weights are perturbed; call restore() first")
+    if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
+        raise ValueError(f"micro_batch must be None or an int >= 1, got {micro_batch!r}")
+    if not (0.0 < sds_keep <= 1.0):
+        raise ValueError(f"sds_keep must be in (0, 1], got {sds_keep!r}")
+    if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"max_grad_norm must be None or a finite float > 0, got {max_grad_norm!r}")
+    ascent = loss_fn if ascent_loss_fn is None else ascent_loss_fn
+    B = _batch_size(targets)
+    if B == 0:
+        raise ValueError("the batch is empty (targets has 0 rows)")
+    m = B if micro_batch is None else min(micro_batch, B)
+    bounds = [(lo, min(lo + m, B)) for lo in range(0, B, m)]
+
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    accum: dict[str, Any] | None = getattr(optimizer, "_fastsam_accum", None)
+    # DDP syncs the second pass itself only in the simple case; otherwise every pass runs under
+    # no_sync and the final gradient is averaged once (per-rank GSAM / micro-batches stay local,
+    # which makes N ranks equal to one process with micro_batch = per-rank batch).
+    manual_sync = ddp and (len(bounds) > 1 or optimizer.gsam_alpha > 0 or not update or accum is not None)
+    # Single micro-batch, nothing between GSAM and the base step: leave the weights perturbed
+    # and let second_step() restore + combine + update (one fused pass on fused backends).
+    fast = len(bounds) == 1 and max_grad_norm is None and update and accum is None and not manual_sync
+
+    step0 = optimizer._sam_step
+    keys: list[_ScalerKey] = list(accum["keys"]) if accum else []
+    flags: list[Tensor] = list(accum["flags"]) if accum else []
+    outs: list[Any] = []
+    loss2_sum: Tensor | None = None
+    loss1_sum: Tensor | None = None
+    n2_total = 0
+    acc_params: list[Tensor] | None = None
+    acc_bufs: list[Tensor] | None = None
+    try:
+        for lo, hi in bounds:
+            n_k = hi - lo
+            x, y = inputs, targets
+            if len(bounds) > 1:
+                x, y = _take(inputs, slice(lo, hi)), _take(targets, slice(lo, hi))
+            # -- pass 1 at w: this rank's / micro-batch's own gradient
+            optimizer.zero_grad(set_to_none=True)
+            with model.no_sync() if ddp else contextlib.nullcontext():
+                with _autocast(amp_dtype, x):
+                    out = _call(model, x)
+                    l1 = ascent(out, y, reduction="mean")
+                    l0 = loss_fn(out.detach(), y, reduction="none").detach() if sds_keep < 1.0 else None
+                (scaler.scale(l1) if scaler is not None else l1).backward()
+            outs.append(out.detach() if isinstance(out, Tensor) else out)
+            loss1_sum = l1.detach().float() * (n_k / B) + (0 if loss1_sum is None else loss1_sum)
+            if scaler is not None:
+                k = _unscale(scaler, optimizer)
+                if k is not None:
+                    keys.append(k)
+            optimizer.first_step(zero_grad=True)
+            assert optimizer.perturbation_ok is not None
+            flags.append(optimizer.perturbation_ok)
+
+            # -- ESAM sharpness-sensitive data selection
+            x2, y2, n2 = x, y, n_k
+            if sds_keep < 1.0:
+                n2 = max(1, min(n_k, int(round(sds_keep * n_k))))
+                if n2 < n_k:
+                    with torch.no_grad(), frozen_running_stats(model), _autocast(amp_dtype, x):
+                        lp = loss_fn(_call(model, x), y, reduction="none")
+                    assert l0 is not None
+                    idx = torch.topk((lp.float() - l0.float()).reshape(n_k), n2, sorted=False).indices
+                    x2, y2 = _take(x, idx), _take(y, idx)
+            n2_total += n2
+
+            # -- pass 2 at w + e (BatchNorm statistics frozen)
+            sync = ddp and not manual_sync
+            with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), frozen_running_stats(model):
+                with _autocast(amp_dtype, x2):
+                    l2 = loss_fn(_call(model, x2), y2, reduction="mean")
+                (scaler.scale(l2) if scaler is not None else l2).backward()
+            loss2_sum = l2.detach().float() * (n_k / B) + (0 if loss2_sum is None else loss2_sum)
+            if scaler is not None:
+                k = _unscale(scaler, optimizer)
+                if k is not None:
+                    keys.append(k)
+            if fast:
+                break
+            optimizer.restore(apply_gsam=True)
+            ps, gs = _grads(optimizer)
+            wk = n_k / B
+            if acc_params is None:
+                acc_params, acc_bufs = ps, torch._foreach_mul(gs, wk)
+            else:
+                assert acc_bufs is not None
+                if len(ps) == len(acc_params) and all(a is b for a, b in zip(ps, acc_params)):
+                    torch._foreach_add_(acc_bufs, gs, alpha=wk)
+                else:  # the set of parameters with a gradient changed between micro-batches
+                    have = {id(p): i for i, p in enumerate(acc_params)}
+                    for p, g in zip(ps, gs):
+                        if id(p) in have:
+                            acc_bufs[have[id(p)]].add_(g, alpha=wk)
+                        else:
+                            acc_params.append(p)
+                            acc_bufs.append(g * wk)
+
+        if not fast:
+            optimizer.zero_grad(set_to_none=True)
+            if acc_params is not None:
+                assert acc_bufs is not None
+                for p, g in zip(acc_params, acc_bufs):
+                    p.grad = g
+
+        assert loss1_sum is not None and loss2_sum is not None
+        if not update:
+            _accumulate(optimizer, B, keys, flags)
+            return SAMStepResult(loss2_sum, loss1_sum, False, False, _cat(outs), n2_total)
+        if accum is not None:
+            _merge_accumulated(optimizer, accum, B)
+
+        ps, gs = _grads(optimizer)
+        if manual_sync and gs:
+            _all_reduce_mean_(gs)
+        # -- the step's one host sync: any non-finite gradient or scaler overflow skips it
+        if max_grad_norm is not None and not fast:
+            total = torch.nn.utils.clip_grad_norm_(ps, max_grad_norm, foreach=None) if ps else torch.zeros(())
+        else:
+            total = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32)))
+                     if gs else torch.zeros(()))
+        dev = total.device
+        bad = ~torch.isfinite(total)
+        for f in flags:
+            bad = bad | ~f.to(dev)
+        if scaler is not None:
+            for fi in _found_inf(scaler, keys):
+                bad = bad | (fi.to(dev) > 0)
+        if ddp:
+            b = bad.to(torch.int32)
+            dist.all_reduce(b, op=dist.ReduceOp.MAX)
+            bad = b.bool()
+        skipped = bool(bad)
+        if skipped:
+            optimizer.restore()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer._sam_step = step0  # the step did not happen
+        elif fast:
+            optimizer.second_step()
+        else:
+            optimizer.base_step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.update()
+        return SAMStepResult(loss2_sum, loss1_sum, skipped, not skipped, _cat(outs), n2_total)
+    except BaseException:
+        optimizer.restore()
+        optimizer.zero_grad(set_to_none=True)
+        _drop_keys(scaler, keys)
+        if hasattr(optimizer, "_fastsam_accum"):
+            del optimizer._fastsam_accum
+        raise
+
+
+def _accumulate(optimizer: SAM, B: int, keys: Sequence[_ScalerKey], flags: Sequence[Tensor]) -> None:
+    """Add ``B * grad`` to the optimizer's accumulation buffers and clear ``.grad``."""
+    ps, gs = _grads(optimizer)
+    acc = getattr(optimizer, "_fastsam_accum", None)
+    if acc is None:
+        acc = {"params": ps, "bufs": torch._foreach_mul(gs, float(B)) if gs else [], "weight": 0.0}
+    else:
+        have = {id(p): i for i, p in enumerate(acc["params"])}
+        for p, g in zip(ps, gs):
+            if id(p) in have:
+                acc["bufs"][have[id(p)]].add_(g, alpha=float(B))
+            else:
+                acc["params"].append(p)
+                acc["bufs"].append(g * float(B))
+    acc["weight"] += B
+    acc["keys"] = list(keys)
+    acc["flags"] = list(flags)
+    optimizer._fastsam_accum = acc  # type: ignore[attr-defined]
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _merge_accumulated(optimizer: SAM, acc: dict[str, Any], B: int) -> None:
+    """``.grad <- (sum_c B_c g_c + B g) / (sum_c B_c + B)`` and clear the buffers."""
+    ps, gs = _grads(optimizer)
+    have = {id(p): i for i, p in enumerate(acc["params"])}
+    total = acc["weight"] + B
+    for p, g in zip(ps, gs):
+        if id(p) in have:
+            buf = acc["bufs"][have.pop(id(p))]
+            p.grad = buf.add_(g, alpha=float(B)).div_(total)
+        else:
+            p.grad = g.mul(B / total)
+    for i in have.values():  # accumulated earlier, no gradient in this call
+        acc["params"][i].grad = acc["bufs"][i].div_(total)
+    del optimizer._fastsam_accum  # type: ignore[attr-defined]
