@@ -188,7 +188,8 @@ def sam_perturb_(
         assert ema is not None and ema_ready is not None
         # m_new = g + lam * r * (m - g): the EMA update when r = 1, m_new = g when r = 0 (first call)
         m_new = torch._foreach_sub(ema, grads)
-        torch._foreach_mul_(m_new, torch._foreach_mul(ema_ready, fsam_lambda))
+        torch._foreach_mul_(m_new, ema_ready)  # exact: r is 0 or 1
+        torch._foreach_mul_(m_new, fsam_lambda)  # Python scalar: lam in the tensors' own precision
         torch._foreach_add_(m_new, grads)
         _select_(ema, m_new, ok)
         torch._foreach_maximum_(ema_ready, [ok.to(ema_ready[0].dtype)] * len(ema_ready))
