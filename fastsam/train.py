@@ -182,6 +182,13 @@ def sam_step(
     Then: DDP average, clipping of the final gradient to ``max_grad_norm``, one check for
     non-finite gradients / GradScaler overflow (the step's only host sync), and the base step.
 
+    Every micro-batch's perturbation is a full ``first_step``: F-SAM's EMA is updated and the
+    ESAM mask counter advances once per micro-batch. Under DDP each rank runs its own
+    ``first_step`` (its own EMA, no communication), so N ranks equal one process with
+    ``micro_batch`` = per-rank batch for SAM / ASAM / GSAM / p-norm, and differ only in those
+    two per-optimizer counters. A skipped step rolls the ESAM counter back; F-SAM's EMA keeps
+    the (finite) first-pass gradient it saw when only the second pass overflowed.
+
     Args:
         model: the model (``DistributedDataParallel`` is handled).
         optimizer: a :class:`fastsam.SAM` (or preset) over ``model``'s parameters.
