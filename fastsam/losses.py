@@ -8,7 +8,8 @@ training loss in SAM's first (ascent) pass::
     F.cross_entropy(model(x), y).backward(); opt.second_step(zero_grad=True)
 
 See DESIGN.md section 3 and :mod:`fastsam._reference_losses` for the formulas with paper
-equation numbers.
+equation numbers. Sign: both are the values whose gradient SAM *ascends* (Vani et al. Alg. A.1,
+Xie et al. Alg. 1 perturb along +grad), like the training loss; no sign flip is needed.
 
 Backends: ``"reference"`` is plain PyTorch (autograd through the formula); ``"triton"`` runs
 one fused kernel per call that writes the per-row value and the gradient in the same pass (the
@@ -20,7 +21,8 @@ Validation: shapes, dtypes and hyperparameters are checked on the host for free.
 are checked on the host only for CPU tensors (a check of a GPU tensor is a device-to-host
 sync). On GPU, a target outside ``[0, C)`` that is not ``ignore_index`` is *not* detected: the
 row's value (and, with the triton backend, its gradient) becomes NaN, which makes the mean NaN,
-which SAM's non-finite-norm guard then reports as a skipped step.
+which SAM's non-finite-norm guard then reports as a skipped step. Under ``torch.compile`` the
+CPU target check is skipped as well (it is data-dependent).
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # fake kernel gives the output shapes, AOTAutograd puts the op in the forward graph, and the
 # backward (a broadcasted multiply) is plain torch that any backend can fuse.
 #
-# The op returns (per-row value fp32 [B], per-row gradient [B, C] in the logits' dtype). The
-# reduction happens outside the op in torch (differentiable, no host sync), so the op backward
-# receives d loss / d row [B] and returns grad * that[:, None].
+# The op returns (per-row value fp32 [B], per-row gradient [B, C] in the logits' dtype, or an
+# empty [0] tensor when the logits need no gradient). The reduction happens outside the op in
+# torch (differentiable, no host sync), so the op backward receives d loss / d row [B] and
+# returns grad * that[:, None].
 #
 # Memory: in eager mode the saved gradient is scaled *in place* and returned as the logits'
 # gradient: between forward and backward the op holds one [B, C] tensor and the backward
@@ -79,21 +82,24 @@ def _kernels():
 
 @torch.library.custom_op("fastsam::obf_fwd", mutates_args=())
 def _obf_fwd(
-    logits: Tensor, target: Tensor, gamma: float, lam: float, sigmoid: bool, ignore_index: int
+    logits: Tensor, target: Tensor, gamma: float, lam: float, sigmoid: bool, ignore_index: int,
+    write_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _kernels().obf_forward(logits, target, gamma, lam, sigmoid, ignore_index)
+    return _kernels().obf_forward(logits, target, gamma, lam, sigmoid, ignore_index, write_grad)
 
 
 @torch.library.custom_op("fastsam::bisam_fwd", mutates_args=())
 def _bisam_fwd(
-    logits: Tensor, target: Tensor, mu: float, phi: str, alpha: float, ignore_index: int
+    logits: Tensor, target: Tensor, mu: float, phi: str, alpha: float, ignore_index: int,
+    write_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _kernels().bisam_forward(logits, target, mu, phi, alpha, ignore_index)
+    return _kernels().bisam_forward(logits, target, mu, phi, alpha, ignore_index, write_grad)
 
 
 def _fake_fwd(logits: Tensor, target: Tensor, *args) -> tuple[Tensor, Tensor]:
     B, C = logits.shape
-    return logits.new_empty((B,), dtype=torch.float32), logits.new_empty((B, C))
+    write_grad = args[-1]
+    return logits.new_empty((B,), dtype=torch.float32), logits.new_empty((B, C) if write_grad else (0,))
 
 
 _obf_fwd.register_fake(_fake_fwd)
@@ -111,7 +117,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_rows: Tensor | None, _grad_grad: Tensor | None):
-    n_inputs = 6
+    n_inputs = 7
     if grad_rows is None:
         return (None,) * n_inputs
     if torch.is_grad_enabled():
@@ -214,6 +220,12 @@ def _use_triton(logits: Tensor, backend: str) -> bool:
     return True
 
 
+def _needs_grad(logits: Tensor) -> bool:
+    # No gradient wanted (evaluation, SDS-style per-example values under no_grad): the kernels
+    # then skip writing the [B, C] gradient (and, for wide softmax rows, the second sweep).
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
 def obf_loss(
     logits: Tensor,
     target: Tensor,
@@ -259,7 +271,7 @@ def obf_loss(
         raise ValueError(f"sigmoid: expected a bool, got {sigmoid!r}")
     if not _use_triton(logits, backend):
         return obf_loss_reference(logits, target, gamma, lam, sigmoid, reduction, ignore_index)
-    rows, _grad = _obf_fwd(logits, target, gamma, lam, sigmoid, ignore_index)
+    rows, _grad = _obf_fwd(logits, target, gamma, lam, sigmoid, ignore_index, _needs_grad(logits))
     return reduce_rows(rows, target, ignore_index, reduction)
 
 
@@ -305,5 +317,5 @@ def bisam_loss(
         raise ValueError(f"alpha: must be a finite number > 0, got {alpha}")
     if not _use_triton(logits, backend):
         return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
-    rows, _grad = _bisam_fwd(logits, target, mu, phi, alpha, ignore_index)
+    rows, _grad = _bisam_fwd(logits, target, mu, phi, alpha, ignore_index, _needs_grad(logits))
     return reduce_rows(rows, target, ignore_index, reduction)

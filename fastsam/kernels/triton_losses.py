@@ -23,7 +23,9 @@ Conventions shared by every kernel:
 * ``target == ignore_index``: the row's value and gradient are 0 (the kernel writes the zeros
   itself, so ``grad`` needs no separate memset).
 * a target outside ``[0, C)`` that is not ``ignore_index`` makes the row's value and gradient
-  NaN. Nothing is read out of bounds. (The host checks targets only for CPU tensors: a check
+  NaN. Nothing is read out of bounds.
+* ``WRITE_GRAD=False`` (logits that need no gradient): only the values are computed; no [B, C]
+  store, and no second sweep for wide rows. (The host checks targets only for CPU tensors: a check
   on a GPU tensor would need a device-to-host sync.)
 
 This module imports triton at the top: import it lazily (``fastsam.losses`` does). It must not
@@ -97,6 +99,23 @@ def _zero_row(g_row, C, BLOCK: tl.constexpr):
     zero = tl.zeros([BLOCK], dtype=g_row.dtype.element_ty)
     for start in range(0, C, BLOCK):
         tl.store(g_row + start + cols, zero, mask=start + cols < C)
+
+
+@triton.jit
+def _store_grad(ptrs, g, mask):
+    """Store float32 g into the gradient buffer, rounding to nearest even for bfloat16.
+
+    The hardware fp32 -> bf16 conversion already rounds to nearest even; the Triton CPU
+    interpreter (3.x) truncates instead, which would double the bf16 error in the tests. Rounding
+    the bits first (+0x7FFF plus the lowest kept bit, then clearing the low 16) makes the value
+    exactly representable, so both convert it exactly: a few integer ops, free next to the store.
+    """
+    OUT: tl.constexpr = ptrs.dtype.element_ty
+    if OUT == tl.bfloat16:
+        bits = g.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        g = bits.to(tl.float32, bitcast=True)
+    tl.store(ptrs, g.to(OUT), mask=mask)
 
 
 @triton.jit
@@ -174,7 +193,7 @@ def _obf_softmax_kernel(
             a = tl.where(in_range, a, float("nan"))
             if WRITE_GRAD:
                 g = inv_c - (a / s) * e - tl.where(cols == y, 1.0 - a, 0.0)
-                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+                _store_grad(g_row + cols, g, mask)
         else:
             m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
             s_vec = tl.zeros([BLOCK], dtype=tl.float32)
@@ -196,7 +215,7 @@ def _obf_softmax_kernel(
                     mask = offs < C
                     z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     g = inv_c - a * tl.exp(z - lse) - tl.where(offs == y, 1.0 - a, 0.0)
-                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                    _store_grad(g_row + offs, g, mask)
         loss = sum_z * inv_c - a * lse - (1.0 - a) * z_y
         tl.store(loss_ptr + row, loss)
 
@@ -245,7 +264,7 @@ def _obf_sigmoid_kernel(
             sz_vec += z  # masked lanes loaded 0
             if WRITE_GRAD:
                 g = inv_c - a * p - tl.where(offs == y, 1.0 - a, 0.0)
-                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                _store_grad(g_row + offs, g, mask)
         S = tl.sum(sp_vec, axis=0)
         loss = tl.sum(sz_vec, axis=0) * inv_c - a * S - (1.0 - a) * z_y
         tl.store(loss_ptr + row, loss)
@@ -293,7 +312,7 @@ def _bisam_kernel(
             if WRITE_GRAD:
                 g_y = -tl.sum(w, axis=0) * inv_s
                 g = tl.where(is_y, g_y, w * inv_s) + bad
-                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+                _store_grad(g_row + cols, g, mask)
         else:
             m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
             s_vec = tl.zeros([BLOCK], dtype=tl.float32)
@@ -319,7 +338,7 @@ def _bisam_kernel(
                     z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
                     ph, dph = _phi_and_slope(z - z_y, alpha, PHI_TANH)
                     g = tl.where(offs == y, g_y, tl.exp(mu * ph - lse) * dph) + bad
-                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                    _store_grad(g_row + offs, g, mask)
         loss = (lse - log_c) * inv_mu + bad
         tl.store(loss_ptr + row, loss)
 
