@@ -1,14 +1,18 @@
 """One dispatcher per fused SAM op; every backend implements the same signature.
 
 Backends are modules exposing ``sam_perturb_``, ``gsam_combine_`` and ``sam_restore_`` with the
-signatures of :mod:`fastsam.reference` (the definition of correct). ``resolve_backend`` turns a
-user's ``backend=`` choice into the name of an available implementation; an explicitly requested
-backend that is not available is an error, never a silent fallback.
+signatures of :mod:`fastsam.reference` (the definition of correct). Backends with
+``FUSED_UPDATES = True`` (triton) also implement the fused second step for torch's SGD and
+Adam/AdamW (``sam_restore_sgd_``, ``sam_restore_adam_``; the reference twins define them).
+``resolve_backend`` turns a user's ``backend=`` choice into the name of an available
+implementation; an explicitly requested backend that is not available is an error, never a
+silent fallback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -20,41 +24,115 @@ BACKENDS = ("auto", "triton", "cuda", "cpp", "foreach", "reference")
 _MODULES: dict[str, str | None] = {
     "reference": "fastsam.reference",
     "foreach": "fastsam.kernels.foreach_sam",
-    "triton": None,
+    "triton": "fastsam.kernels.triton_sam",
     "cuda": None,
     "cpp": None,
 }
 
+_TRITON_OK: bool | None = None
+
+
+def _triton_importable() -> bool:
+    """True when triton imports (checked once; importing it costs about a second)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_runs_on(device: torch.device | str | None) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors only under the interpreter."""
+    if not _triton_importable():
+        return False
+    if device is None:
+        return _interpreter_on() or torch.cuda.is_available()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        # under the interpreter triton reads host memory: device addresses in our tables would crash
+        return not _interpreter_on()
+    return dev.type == "cpu" and _interpreter_on()
+
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Names of the backends that can run on ``device`` in this installation."""
-    return [name for name, mod in _MODULES.items() if mod is not None]
+    """Names of the backends that can run on ``device`` (any device when None) here."""
+    out = []
+    for name, mod in _MODULES.items():
+        if mod is None:
+            continue
+        if name == "triton" and not _triton_runs_on(device):
+            continue
+        out.append(name)
+    return out
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
     """Concrete backend for a user's choice.
 
-    ``"auto"``: triton for CUDA tensors (else the CUDA extension, else foreach), the C++
-    extension for CPU tensors when built (else foreach). Only foreach and reference exist in
-    this version, so ``"auto"`` is foreach.
+    ``"auto"``: triton for CUDA tensors when triton imports (the CUDA extension does not exist
+    in this version), else foreach; on CPU foreach (the C++ extension does not exist yet, and
+    the Triton interpreter is a debugging tool, never picked automatically). An explicit
+    choice that cannot run on ``device`` (e.g. ``"triton"`` on CPU tensors without
+    ``TRITON_INTERPRET=1``) is a ValueError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if device is not None and torch.device(device).type == "cuda" and _triton_runs_on(device):
+            return "triton"
         return "foreach"
     if _MODULES[backend] is None:
         raise ValueError(
             f"backend={backend!r} is not available in this installation "
             f"(available: {available_backends(device)}); use backend='auto' to pick the fastest one"
         )
+    if backend == "triton" and not _triton_runs_on(device):
+        if not _triton_importable():
+            why = "triton is not installed (pip install 'fastsam[triton]')"
+        elif device is None or torch.device(device).type == "cpu":
+            why = ("it runs on CUDA tensors; CPU tensors need the Triton interpreter (set "
+                   "TRITON_INTERPRET=1 before triton is imported), or use backend='foreach' / 'auto' on CPU")
+        elif torch.device(device).type == "cuda":
+            why = "TRITON_INTERPRET=1 is set: the interpreter cannot run on CUDA tensors"
+        else:
+            why = f"it runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), not on {device}"
+        raise ValueError(f"backend='triton' is not available here: {why}")
     return backend
 
 
+def backend_module(backend: str, device: torch.device | str | None = None) -> ModuleType:
+    """The module implementing ``resolve_backend(backend, device)``."""
+    return _impl(resolve_backend(backend, device))
+
+
+def supports_fused_updates(backend: str, device: torch.device | str | None = None) -> bool:
+    """True if the resolved backend fuses restore + GSAM + the SGD/Adam/AdamW update."""
+    return bool(getattr(backend_module(backend, device), "FUSED_UPDATES", False))
+
+
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _impl(backend: str) -> ModuleType:
-    mod = _MODULES.get(backend)
-    if mod is None:
+    """The backend's module. Imported modules are cached in a dict: a compiled training step
+    (torch.compile) then traces a dict lookup instead of breaking the graph at import_module."""
+    mod = _LOADED.get(backend)
+    if mod is not None:
+        return mod
+    name = _MODULES.get(backend)
+    if name is None:
         raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
-    return importlib.import_module(mod)
+    mod = _LOADED[backend] = importlib.import_module(name)
+    return mod
 
 
 def sam_perturb_(
@@ -98,3 +176,71 @@ def sam_restore_(params: list[Tensor], w_old: list[Tensor], *, backend: str = "a
     """``w <- w_old`` exactly."""
     dev = params[0].device if params else None
     _impl(resolve_backend(backend, dev)).sam_restore_(params, w_old)
+
+
+def _fused_impl(backend: str, dev: torch.device | None, op: str) -> ModuleType:
+    mod = backend_module(backend, dev)
+    if not hasattr(mod, op) or (mod.__name__ != "fastsam.reference" and not getattr(mod, "FUSED_UPDATES", False)):
+        raise ValueError(
+            f"backend={resolve_backend(backend, dev)!r} has no fused {op}: restore with sam_restore_, "
+            "then run the base optimizer's step()"
+        )
+    return mod
+
+
+def sam_restore_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | list[float],
+    weight_decay: float | list[float] = 0.0,
+    momentum: float | list[float] = 0.0,
+    dampening: float | list[float] = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    gsam_alpha: float = 0.0,
+    backend: str = "auto",
+) -> None:
+    """Fused second step with a ``torch.optim.SGD`` update: restore ``w_old``, GSAM combine,
+    SGD step (weight decay, momentum, dampening, nesterov, maximize); see
+    :func:`fastsam.reference.sam_restore_sgd_`. ``None`` momentum buffers are created and stored
+    into ``momentum_buffers``."""
+    dev = params[0].device if params else None
+    _fused_impl(backend, dev, "sam_restore_sgd_").sam_restore_sgd_(
+        params, grads, w_old, g_old, momentum_buffers, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, maximize=maximize, gsam_alpha=gsam_alpha,
+    )
+
+
+def sam_restore_adam_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    exp_avgs: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    max_exp_avg_sqs: list[Tensor | None] | None,
+    steps: list[Tensor | None],
+    *,
+    lr: float | list[float],
+    beta1: float | list[float] = 0.9,
+    beta2: float | list[float] = 0.999,
+    eps: float | list[float] = 1e-8,
+    weight_decay: float | list[float] = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    gsam_alpha: float = 0.0,
+    backend: str = "auto",
+) -> None:
+    """Fused second step with a ``torch.optim.Adam`` / ``AdamW`` update (AdamW:
+    ``decoupled_weight_decay=True``); see :func:`fastsam.reference.sam_restore_adam_`."""
+    dev = params[0].device if params else None
+    _fused_impl(backend, dev, "sam_restore_adam_").sam_restore_adam_(
+        params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay, gsam_alpha=gsam_alpha,
+    )

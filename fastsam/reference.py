@@ -161,3 +161,203 @@ def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
     """``w <- w_old`` exactly (in-place copy, parameter storage unchanged)."""
     for w, wo in zip(params, w_old):
         w.copy_(wo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused second step: restore + GSAM combine + base optimizer update (torch.optim.SGD / Adam / AdamW)
+#
+# These twins define what a fused backend must compute when it replaces "restore, GSAM combine,
+# base_optimizer.step()" by one pass. The math is torch's single-tensor update (torch/optim/sgd.py,
+# adam.py; AdamW is Adam with decoupled weight decay) done in float64 and rounded once on write.
+# List conventions (all lists aligned with ``params``):
+#
+# - ``w_old[i] is None``: the tensor was not perturbed (not in P), nothing to restore.
+# - ``grads[i] is None``: the base optimizer does not update the tensor (torch skips params
+#   without a gradient); it is only restored. Its state entries are ignored (may be None).
+# - ``g_old`` (GSAM, ``gsam_alpha > 0``): ``g_old[i]`` is the first-step gradient of a tensor of
+#   P; the combine of :func:`gsam_combine_` runs over the tensors that have both ``g_old[i]`` and
+#   ``grads[i]``, writes the combined gradient back into ``grads[i]`` (as the unfused path does),
+#   and the update uses it.
+# - Float hyperparameters are a float (all tensors) or a sequence with one value per tensor
+#   (param groups with different lr / weight_decay share one call).
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_tensor(x: float | list[float] | tuple[float, ...], n: int, name: str) -> list[float]:
+    if isinstance(x, (int, float)):
+        return [float(x)] * n
+    vals = [float(v) for v in x]
+    if len(vals) != n:
+        raise ValueError(f"{name}: expected a float or {n} values, got {len(vals)}")
+    return vals
+
+
+def _gsam_combined64(
+    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float
+) -> list[Tensor | None]:
+    """float64 combined gradients (None where the tensor has no gradient); GSAM when alpha > 0.
+
+    ``gs' = gs - alpha * (g_old - cos * |g_old| * gs / (|gs| + 1e-12))`` over the tensors with
+    both ``g_old`` and ``grads``; the others keep ``gs``.
+    """
+    f64 = torch.float64
+    out: list[Tensor | None] = [None if g is None else g.to(f64) for g in grads]
+    if alpha <= 0 or g_old is None:
+        return out
+    pairs = [i for i, (g, go) in enumerate(zip(grads, g_old)) if g is not None and go is not None]
+    if not pairs:
+        return out
+    dev = grads[pairs[0]].device  # type: ignore[union-attr]
+    dot = torch.zeros((), dtype=f64, device=dev)
+    ss_new = torch.zeros((), dtype=f64, device=dev)
+    ss_old = torch.zeros((), dtype=f64, device=dev)
+    for i in pairs:
+        gs64, go64 = out[i], g_old[i].to(f64)  # type: ignore[union-attr]
+        dot = dot + (gs64 * go64).sum()  # type: ignore[operator]
+        ss_new = ss_new + (gs64 * gs64).sum()  # type: ignore[operator]
+        ss_old = ss_old + (go64 * go64).sum()
+    n_new, n_old = ss_new.sqrt(), ss_old.sqrt()
+    cos = dot / (n_new * n_old + PERTURB_EPS)
+    for i in pairs:
+        gs64, go64 = out[i], g_old[i].to(f64)  # type: ignore[union-attr]
+        out[i] = gs64 - alpha * (go64 - cos * n_old * gs64 / (n_new + PERTURB_EPS))  # type: ignore[operator]
+        grads[i].copy_(out[i])  # type: ignore[union-attr,arg-type]
+    return out
+
+
+@torch.no_grad()
+def sam_restore_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | list[float],
+    weight_decay: float | list[float] = 0.0,
+    momentum: float | list[float] = 0.0,
+    dampening: float | list[float] = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    gsam_alpha: float = 0.0,
+) -> None:
+    """Restore + GSAM combine + ``torch.optim.SGD`` step, in float64.
+
+    Per tensor with a gradient (``w = w_old`` if perturbed, else ``w``; ``g`` the combined
+    gradient, negated when ``maximize``)::
+
+        d = g + weight_decay * w
+        momentum != 0:  buf = d                                  (first step: buffer is None)
+                        buf = momentum * buf + (1 - dampening) * d   (afterwards)
+                        d = d + momentum * buf if nesterov else buf
+        w = w - lr * d
+
+    A ``None`` entry of ``momentum_buffers`` (with momentum != 0) is replaced in the list by a
+    new tensor (``empty_like(w)`` then filled), as torch creates ``state["momentum_buffer"]``.
+    """
+    n = len(params)
+    lrs = _per_tensor(lr, n, "lr")
+    wds = _per_tensor(weight_decay, n, "weight_decay")
+    moms = _per_tensor(momentum, n, "momentum")
+    damps = _per_tensor(dampening, n, "dampening")
+    f64 = torch.float64
+    gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    for i, w in enumerate(params):
+        src = w_old[i] if w_old[i] is not None else w
+        g = gs[i]
+        if g is None:
+            if w_old[i] is not None:
+                w.copy_(src)
+            continue
+        w64 = src.to(f64)
+        d = -g if maximize else g
+        if wds[i] != 0:
+            d = d + wds[i] * w64
+        if moms[i] != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = torch.empty_like(w, memory_format=torch.preserve_format)
+                momentum_buffers[i] = buf
+                b64 = d
+            else:
+                b64 = moms[i] * buf.to(f64) + (1.0 - damps[i]) * d
+            buf.copy_(b64)
+            d = d + moms[i] * b64 if nesterov else b64
+        w.copy_(w64 - lrs[i] * d)
+
+
+@torch.no_grad()
+def sam_restore_adam_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    exp_avgs: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    max_exp_avg_sqs: list[Tensor | None] | None,
+    steps: list[Tensor | None],
+    *,
+    lr: float | list[float],
+    beta1: float | list[float] = 0.9,
+    beta2: float | list[float] = 0.999,
+    eps: float | list[float] = 1e-8,
+    weight_decay: float | list[float] = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    gsam_alpha: float = 0.0,
+) -> None:
+    """Restore + GSAM combine + ``torch.optim.Adam`` / ``AdamW`` step, in float64.
+
+    Per tensor with a gradient (state tensors exist, ``steps[i]`` a 0-dim tensor incremented
+    in place first, ``t`` its new value; ``w = w_old`` if perturbed, else ``w``)::
+
+        g = -g if maximize
+        weight_decay != 0:  w = w * (1 - lr * wd)    if decoupled (AdamW)
+                            g = g + wd * w           otherwise
+        m = m + (1 - beta1) * (g - m)                (torch: exp_avg.lerp_(g, 1 - beta1))
+        v = beta2 * v + (1 - beta2) * g^2
+        vmax = max(vmax, v)                          (amsgrad; the denominator then uses vmax)
+        w = w - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+    n = len(params)
+    lrs = _per_tensor(lr, n, "lr")
+    b1s = _per_tensor(beta1, n, "beta1")
+    b2s = _per_tensor(beta2, n, "beta2")
+    epss = _per_tensor(eps, n, "eps")
+    wds = _per_tensor(weight_decay, n, "weight_decay")
+    f64 = torch.float64
+    gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    for i, w in enumerate(params):
+        src = w_old[i] if w_old[i] is not None else w
+        g = gs[i]
+        if g is None:
+            if w_old[i] is not None:
+                w.copy_(src)
+            continue
+        m_t, v_t, s_t = exp_avgs[i], exp_avg_sqs[i], steps[i]
+        assert m_t is not None and v_t is not None and s_t is not None
+        s_t += 1
+        t = float(s_t)
+        w64 = src.to(f64)
+        if maximize:
+            g = -g
+        if wds[i] != 0:
+            if decoupled_weight_decay:
+                w64 = w64 * (1.0 - lrs[i] * wds[i])
+            else:
+                g = g + wds[i] * w64
+        m64 = m_t.to(f64)
+        m64 = m64 + (1.0 - b1s[i]) * (g - m64)
+        v64 = b2s[i] * v_t.to(f64) + (1.0 - b2s[i]) * g * g
+        m_t.copy_(m64)
+        v_t.copy_(v64)
+        if amsgrad:
+            assert max_exp_avg_sqs is not None and max_exp_avg_sqs[i] is not None
+            vmax_t = max_exp_avg_sqs[i]
+            v64 = torch.maximum(vmax_t.to(f64), v64)  # type: ignore[union-attr]
+            vmax_t.copy_(v64)  # type: ignore[union-attr]
+        bc1 = 1.0 - b1s[i] ** t
+        bc2 = 1.0 - b2s[i] ** t
+        denom = v64.sqrt() / math.sqrt(bc2) + epss[i]
+        w.copy_(w64 - (lrs[i] / bc1) * m64 / denom)

@@ -22,6 +22,13 @@ from ._fused import fused_second_step
 
 _GROUP_KEYS = ("rho", "adaptive", "eta")
 
+# The step methods mutate Python attributes of the optimizer (_perturbed, _sam_step, ...). Inside
+# a torch.compile'd function, dynamo (torch 2.13) drops attribute writes made on an Optimizer
+# instance when a graph break happens inside its method, which would leave first_step's state
+# unset for second_step. These methods therefore always run eagerly; their kernels are
+# custom ops, so a compiled model around them is unaffected.
+_eager = torch.compiler.disable
+
 
 def _check_group_options(group: dict[str, Any]) -> None:
     rho, eta, adaptive = group["rho"], group["eta"], group["adaptive"]
@@ -220,6 +227,7 @@ class SAM(torch.optim.Optimizer):
             bufs[name] = buf
         return buf
 
+    @_eager
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb: ``w_old <- w``, ``w <- w + e(g)`` on every parameter of P (see class doc).
@@ -256,6 +264,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @_eager
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` exactly, apply GSAM if enabled, then run the base optimizer step.
@@ -276,6 +285,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @_eager
     @torch.no_grad()
     def restore(self, apply_gsam: bool = False) -> None:
         """Put the weights back to ``w_old`` (bit-exact) without a base step. No-op when the
@@ -296,6 +306,7 @@ class SAM(torch.optim.Optimizer):
                 gs, go = (list(t) for t in zip(*pairs))
                 F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
 
+    @_eager
     @torch.no_grad()
     def base_step(self) -> None:
         """Run the base optimizer on the gradients in ``.grad`` (weights must be unperturbed)."""
@@ -367,6 +378,7 @@ class SAM(torch.optim.Optimizer):
                 return True
         return False
 
+    @_eager
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Whole SAM step: [closure], first_step, closure, second_step.
 

@@ -1,0 +1,402 @@
+"""Triton kernels of the fused SAM step (imported only when triton is available).
+
+Every kernel walks a *block table* (see :mod:`fastsam.kernels._tables`): entry ``b`` is
+``t * 2^32 + j``, block ``j`` (``BLOCK`` elements) of tensor ``t``. A fixed grid of persistent
+programs strides over the entries, so one launch covers any number of tensors of one
+(device, dtype) group. Per-tensor data come from two tables:
+
+- ``tab`` (int64, column-major: entry ``col * ntab + t``): data addresses (0 = no entry), the
+  element count and the global element offset of the group's ``ntab`` tensors;
+- ``hyp`` (compute dtype, column-major likewise): per-tensor hyperparameters;
+
+and ``scal`` (compute dtype) holds the op's scalar options. Math is done in ``CT`` (float32 for
+fp32/bf16/fp16 parameters, float64 for float64) and rounded once on store, to nearest even
+(``RNE_BF16``: bf16 is rounded by hand under the interpreter, which truncates; on the GPU the
+plain conversion already rounds to nearest even).
+
+Helpers are inlined by hand in the loops: under the interpreter every call of a ``@triton.jit``
+helper costs ~4 ms (it re-patches triton.language), more than the arithmetic of a block.
+
+Reductions are deterministic: every program writes one partial per quantity into its own slot
+of a buffer (no atomics); consumers reduce the whole buffer in a fixed order, every program
+getting the same bits.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sqrt(x, CT: tl.constexpr):
+    """IEEE square root: ``tl.sqrt`` may lower to an approximation for float32 (sqrt_rn is
+    float32-only; float64 sqrt is exact)."""
+    if CT == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+# Column layouts of the tables (constexpr so the kernels can use them; host code reads .value).
+# Perturbation (K1/K2): int64 columns, hyperparameter columns, scalars.
+P_W, P_G, P_WOLD, P_EMA = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+P_READY, P_GOLD, P_NUMEL, P_OFFSET = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
+P_NCOL = tl.constexpr(8)
+P_RHO, P_ETA, P_ADAPTIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+P_NHYP = tl.constexpr(3)
+P_NSCAL = tl.constexpr(6)  # q_hi, q_lo (q = q_hi + q_lo in float64), sigma, lambda, beta, 1 - lambda
+
+# Second step (restore / GSAM / SGD / Adam).
+S_W, S_G, S_WOLD, S_GOLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+S_1, S_2, S_3, S_NUMEL = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
+S_NCOL = tl.constexpr(8)
+# SGD hyp: lr, weight_decay, momentum, 1 - dampening, fresh (1: momentum buffer not initialised yet)
+# Adam hyp: weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, sqrt(bc2), 1 - lr * wd
+S_NHYP = tl.constexpr(8)
+S_NSCAL = tl.constexpr(1)  # gsam_alpha
+
+MODE_RESTORE, MODE_SGD, MODE_ADAM = 0, 1, 2
+
+
+@triton.jit
+def _bf16_rne(x):
+    """float32 -> bf16 round-to-nearest-even by integer arithmetic (NaN stays a quiet NaN)."""
+    b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    r = b + 0x7FFF + ((b >> 16) & 1)
+    r = tl.where(x != x, b | 0x400000, r)
+    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _abs_pow(a, q):
+    """``a ** q`` for ``a >= 0`` (NaN and inf propagate, 0 gives 0) in float64: exp2/log2 of
+    float32 would cost ~5e-6 relative error."""
+    a64 = a.to(tl.float64)
+    nz = a64 != 0
+    return tl.where(nz, tl.exp2(q * tl.log2(tl.where(nz, a64, 1.0))), 0.0)
+
+
+@triton.jit
+def perturb_partials_kernel(
+    tab, ntab, hyp, scal, blocks, nblk, part, part_base, snap,
+    DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
+    ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """K1: ``part[part_base + pid] = sum over this program's blocks of |u|^q``.
+
+    ``u = T * d``: ``d = g - sigma * m`` when the tensor's EMA is ready (flag r != 0), else ``g``;
+    ``T = |w| + eta`` on adaptive tensors, else 1 (``w`` is not read for the others).
+    QMODE 2: q = 2 (u^2); 1: q = 1 (p = inf, |u|); 0: general q (float64 pow). F-SAM: also
+    snapshots each tensor's ``fsam_ready`` flag into ``snap[t]`` (read by K2, which updates the
+    flags; K2 cannot read the flags themselves, another program may already have set them).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    q = tl.load(scal + 0).to(tl.float64) + tl.load(scal + 1).to(tl.float64)
+    sigma = tl.load(scal + 2)
+    if QMODE == 0:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=CT)
+    for b in range(pid, nblk, nprog):
+        ent = tl.load(blocks + b)
+        t = ent >> 32
+        start = (ent & 0xFFFFFFFF) * BLOCK
+        row = tab + t
+        offs = start + lanes
+        inb = offs < tl.load(row + P_NUMEL * ntab)
+        u = tl.load(tl.load(row + P_G * ntab).to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+        if FSAM:
+            r = tl.load(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)))
+            if start == 0:
+                tl.store(snap + t, r)
+            pm = tl.load(row + P_EMA * ntab).to(tl.pointer_type(DT))
+            m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
+            u = u - sigma * m  # m = 0 exactly when not ready: d = g bit for bit
+        if ADAPTIVE:
+            hrow = hyp + t
+            ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
+            pw = tl.load(row + P_W * ntab).to(tl.pointer_type(DT))
+            w = tl.load(pw + offs, mask=tl.where(ad, inb, False), other=0.0).to(CT)
+            u = tl.where(ad, u * (tl.abs(w) + tl.load(hrow + P_ETA * ntab)), u)
+        if QMODE == 2:
+            acc += u * u
+        elif QMODE == 1:
+            acc += tl.abs(u)
+        else:
+            acc += _abs_pow(tl.abs(u), q)
+    tl.store(part + part_base + pid, tl.sum(acc, 0).to(part.dtype.element_ty))
+
+
+# seed/step keys change every step: no value specialization (a step of 1 or a multiple of 16
+# would otherwise compile its own kernel variant).
+@triton.jit(do_not_specialize=["seed_key", "step_key", "keep_thr"])
+def perturb_apply_kernel(
+    tab, ntab, hyp, scal, blocks, nblk, part, npart, snap, ok, seed_key, step_key, keep_thr,
+    DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
+    ADAPTIVE: tl.constexpr, GSAM: tl.constexpr, SWP: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+):
+    """K2: reduce all partials to ``N``, then per element ``w_old = w``; if N is finite
+    ``w += e`` with ``e = rho * T * sign(u)|u|^(q-1) / (N^(q-1) + 1e-12)`` (ESAM: times
+    keep / beta), F-SAM EMA and flag update, GSAM ``g_old = g`` (zeros when N is not finite).
+
+    Program 0 writes ``ok = isfinite(N)`` (uint8). ESAM keep bit of global element ``i``:
+    ``philox(seed64 = step * 2^32 + seed, counter = (i mod 2^32, i div 2^32, 0, 0))[0] < keep_thr``,
+    the function of :mod:`fastsam._philox` (bit-identical masks in every backend).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    pl = tl.arange(0, PBLOCK)
+    tot = tl.sum(tl.load(part + pl, mask=pl < npart, other=0.0), 0)
+    q = tl.load(scal + 0).to(tl.float64) + tl.load(scal + 1).to(tl.float64)
+    sigma = tl.load(scal + 2)
+    lam = tl.load(scal + 3)
+    beta = tl.load(scal + 4)
+    one_m_lam = tl.load(scal + 5)
+    if QMODE == 2:
+        N = _sqrt(tot.to(CT), CT)
+        denom = N + 1e-12
+    elif QMODE == 1:
+        N = tot.to(CT)
+        denom = 1.0 + 1e-12  # N^(q-1) = N^0 = 1
+    else:
+        N64 = _abs_pow(tot, 1.0 / q)
+        N = N64.to(CT)
+        denom = (_abs_pow(N64, q - 1.0) + 1e-12).to(CT)
+    finite = N * 0 == 0  # False for inf and NaN
+    if pid == 0:
+        tl.store(ok, finite.to(tl.uint8))
+    seed64 = (step_key.to(tl.uint64) << 32) | seed_key.to(tl.uint64)
+    thr = keep_thr.to(tl.uint32)
+    for b in range(pid, nblk, nprog):
+        ent = tl.load(blocks + b)
+        t = ent >> 32
+        start = (ent & 0xFFFFFFFF) * BLOCK
+        row = tab + t
+        hrow = hyp + t
+        offs = start + lanes
+        inb = offs < tl.load(row + P_NUMEL * ntab)
+        inb_ok = tl.where(finite, inb, False)
+        pw = tl.load(row + P_W * ntab).to(tl.pointer_type(DT))
+        w_raw = tl.load(pw + offs, mask=inb, other=0.0)
+        g_raw = tl.load(tl.load(row + P_G * ntab).to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0)
+        w = w_raw.to(CT)
+        g = g_raw.to(CT)
+        u = g
+        if FSAM:
+            r = tl.load(snap + t)
+            pm = tl.load(row + P_EMA * ntab).to(tl.pointer_type(DT))
+            m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
+            u = g - sigma * m
+        if ADAPTIVE:
+            ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
+            T = tl.where(ad, tl.abs(w) + tl.load(hrow + P_ETA * ntab), 1.0)
+            u = u * T
+        if QMODE == 2:
+            mag = u
+        elif QMODE == 1:
+            mag = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(CT)
+        else:
+            mag = tl.where(u < 0, -1.0, 1.0).to(CT) * _abs_pow(tl.abs(u), q - 1.0).to(CT)
+        e = tl.load(hrow + P_RHO * ntab) * mag / denom
+        if ADAPTIVE:
+            e = e * T
+        if SWP:
+            gidx = tl.load(row + P_OFFSET * ntab) + offs
+            zero = gidx.to(tl.uint32) * 0
+            rnd, _r1, _r2, _r3 = tl.philox(seed64, gidx.to(tl.uint32), (gidx >> 32).to(tl.uint32), zero, zero)
+            e = tl.where(rnd < thr, e / beta, 0.0)
+        tl.store(tl.load(row + P_WOLD * ntab).to(tl.pointer_type(DT)) + offs, w_raw, mask=inb)
+        if RNE_BF16:
+            tl.store(pw + offs, _bf16_rne(w + e), mask=inb_ok)
+        else:
+            tl.store(pw + offs, (w + e).to(DT), mask=inb_ok)
+        if GSAM:
+            pgo = tl.load(row + P_GOLD * ntab).to(tl.pointer_type(DT))
+            tl.store(pgo + offs, tl.where(finite, g_raw, 0.0).to(DT), mask=inb)
+        if FSAM:
+            m_new = tl.where(r != 0, lam * m + one_m_lam * g, g)
+            if RNE_BF16:
+                tl.store(pm + offs, _bf16_rne(m_new), mask=inb_ok)
+            else:
+                tl.store(pm + offs, m_new.to(DT), mask=inb_ok)
+            if start == 0:
+                tl.store(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)), 1.0, mask=finite)
+
+
+@triton.jit
+def gsam_partials_kernel(
+    tab, ntab, blocks, nblk, part, part_base, part_stride,
+    DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """GSAM reduction: partial ``<g_old, gs>``, ``|gs|^2``, ``|g_old|^2`` of this program's blocks
+    (tensors with both a gradient and ``g_old``) into ``part[k * part_stride + part_base + pid]``."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    a_dot = tl.zeros([BLOCK], dtype=CT)
+    a_new = tl.zeros([BLOCK], dtype=CT)
+    a_old = tl.zeros([BLOCK], dtype=CT)
+    for b in range(pid, nblk, nprog):
+        ent = tl.load(blocks + b)
+        t = ent >> 32
+        start = (ent & 0xFFFFFFFF) * BLOCK
+        row = tab + t
+        a_g = tl.load(row + S_G * ntab)
+        a_go = tl.load(row + S_GOLD * ntab)
+        if (a_g != 0) & (a_go != 0):
+            offs = start + lanes
+            inb = offs < tl.load(row + S_NUMEL * ntab)
+            gs = tl.load(a_g.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+            go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+            a_dot += gs * go
+            a_new += gs * gs
+            a_old += go * go
+    ty = part.dtype.element_ty
+    tl.store(part + part_base + pid, tl.sum(a_dot, 0).to(ty))
+    tl.store(part + part_stride + part_base + pid, tl.sum(a_new, 0).to(ty))
+    tl.store(part + 2 * part_stride + part_base + pid, tl.sum(a_old, 0).to(ty))
+
+
+@triton.jit
+def second_step_kernel(
+    tab, ntab, hyp, scal, blocks, nblk, part, npart, part_stride,
+    DT: tl.constexpr, CT: tl.constexpr, MODE: tl.constexpr, GSAM: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr,
+    RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+):
+    """K3: restore ``w = w_old`` fused with the GSAM combine and the base optimizer update.
+
+    Per tensor: ``w`` comes from ``w_old`` when it has one (perturbed), else from ``w``.
+    GSAM (tensors with ``g_old`` and a gradient): ``g = (1 + a*c) * gs - a * g_old`` with
+    ``c = cos * |g_old| / (|gs| + 1e-12)``, written back to the gradient.
+    MODE 0: restore (+ GSAM) only. MODE 1: torch.optim.SGD step; MODE 2: Adam / AdamW step (see
+    :mod:`fastsam.reference` ``sam_restore_sgd_`` / ``sam_restore_adam_`` for the formulas).
+    Tensors without a gradient are only restored.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    alpha = tl.load(scal + 0)
+    coef = 1.0
+    if GSAM:
+        pl = tl.arange(0, PBLOCK)
+        pmask = pl < npart
+        dot = tl.sum(tl.load(part + pl, mask=pmask, other=0.0), 0).to(CT)
+        n_new = _sqrt(tl.sum(tl.load(part + part_stride + pl, mask=pmask, other=0.0), 0).to(CT), CT)
+        n_old = _sqrt(tl.sum(tl.load(part + 2 * part_stride + pl, mask=pmask, other=0.0), 0).to(CT), CT)
+        cos = dot / (n_new * n_old + 1e-12)
+        coef = 1.0 + alpha * (cos * n_old / (n_new + 1e-12))
+    for b in range(pid, nblk, nprog):
+        ent = tl.load(blocks + b)
+        t = ent >> 32
+        start = (ent & 0xFFFFFFFF) * BLOCK
+        row = tab + t
+        hrow = hyp + t
+        offs = start + lanes
+        inb = offs < tl.load(row + S_NUMEL * ntab)
+        a_w = tl.load(row + S_W * ntab)
+        a_g = tl.load(row + S_G * ntab)
+        a_wo = tl.load(row + S_WOLD * ntab)
+        pw = a_w.to(tl.pointer_type(DT))
+        src = tl.where(a_wo != 0, a_wo, a_w).to(tl.pointer_type(DT))
+        if MODE == 0:
+            if a_wo != 0:
+                tl.store(pw + offs, tl.load(src + offs, mask=inb), mask=inb)
+            if GSAM:
+                a_go = tl.load(row + S_GOLD * ntab)
+                if (a_go != 0) & (a_g != 0):
+                    pg = a_g.to(tl.pointer_type(DT))
+                    gs = tl.load(pg + offs, mask=inb, other=0.0).to(CT)
+                    go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+                    if RNE_BF16:
+                        tl.store(pg + offs, _bf16_rne(coef * gs - alpha * go), mask=inb)
+                    else:
+                        tl.store(pg + offs, (coef * gs - alpha * go).to(DT), mask=inb)
+        else:
+            w_raw = tl.load(src + offs, mask=inb, other=0.0)
+            if a_g == 0:
+                if a_wo != 0:
+                    tl.store(pw + offs, w_raw, mask=inb)
+            else:
+                w = w_raw.to(CT)
+                pg = a_g.to(tl.pointer_type(DT))
+                g = tl.load(pg + offs, mask=inb, other=0.0).to(CT)
+                if GSAM:
+                    a_go = tl.load(row + S_GOLD * ntab)
+                    if a_go != 0:
+                        go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+                        g = coef * g - alpha * go
+                        # .grad holds the combined gradient afterwards, as on the unfused path
+                        if RNE_BF16:
+                            tl.store(pg + offs, _bf16_rne(g), mask=inb)
+                        else:
+                            tl.store(pg + offs, g.to(DT), mask=inb)
+                if MAXIMIZE:
+                    g = -g
+                if MODE == 1:
+                    lr = tl.load(hrow + 0 * ntab)
+                    wd = tl.load(hrow + 1 * ntab)
+                    mom = tl.load(hrow + 2 * ntab)
+                    one_m_damp = tl.load(hrow + 3 * ntab)
+                    fresh = tl.load(hrow + 4 * ntab)
+                    if wd != 0:
+                        g = g + wd * w
+                    if mom != 0:
+                        pb = tl.load(row + S_1 * ntab).to(tl.pointer_type(DT)) + offs
+                        buf = tl.load(pb, mask=tl.where(fresh == 0, inb, False), other=0.0).to(CT)
+                        buf = tl.where(fresh != 0, g, mom * buf + one_m_damp * g)
+                        if RNE_BF16:
+                            tl.store(pb, _bf16_rne(buf), mask=inb)
+                        else:
+                            tl.store(pb, buf.to(DT), mask=inb)
+                        if NESTEROV:
+                            g = g + mom * buf
+                        else:
+                            g = buf
+                    w = w - lr * g
+                else:
+                    wd = tl.load(hrow + 0 * ntab)
+                    one_m_b1 = tl.load(hrow + 1 * ntab)
+                    b2 = tl.load(hrow + 2 * ntab)
+                    one_m_b2 = tl.load(hrow + 3 * ntab)
+                    eps = tl.load(hrow + 4 * ntab)
+                    step_size = tl.load(hrow + 5 * ntab)
+                    bc2_sqrt = tl.load(hrow + 6 * ntab)
+                    if wd != 0:
+                        if DECOUPLED:
+                            w = w * tl.load(hrow + 7 * ntab)
+                        else:
+                            g = g + wd * w
+                    pm1 = tl.load(row + S_1 * ntab).to(tl.pointer_type(DT)) + offs
+                    pm2 = tl.load(row + S_2 * ntab).to(tl.pointer_type(DT)) + offs
+                    m = tl.load(pm1, mask=inb, other=0.0).to(CT)
+                    v = tl.load(pm2, mask=inb, other=0.0).to(CT)
+                    m = m + one_m_b1 * (g - m)
+                    v = b2 * v + one_m_b2 * (g * g)
+                    if RNE_BF16:
+                        tl.store(pm1, _bf16_rne(m), mask=inb)
+                        tl.store(pm2, _bf16_rne(v), mask=inb)
+                    else:
+                        tl.store(pm1, m.to(DT), mask=inb)
+                        tl.store(pm2, v.to(DT), mask=inb)
+                    if AMSGRAD:
+                        pm3 = tl.load(row + S_3 * ntab).to(tl.pointer_type(DT)) + offs
+                        v = tl.maximum(tl.load(pm3, mask=inb, other=0.0).to(CT), v)
+                        if RNE_BF16:
+                            tl.store(pm3, _bf16_rne(v), mask=inb)
+                        else:
+                            tl.store(pm3, v.to(DT), mask=inb)
+                    if CT == tl.float64:
+                        sq = tl.sqrt(v)
+                    else:
+                        sq = tl.sqrt_rn(v)
+                    w = w - step_size * (m / (sq / bc2_sqrt + eps))
+                if RNE_BF16:
+                    tl.store(pw + offs, _bf16_rne(w), mask=inb)
+                else:
+                    tl.store(pw + offs, w.to(DT), mask=inb)

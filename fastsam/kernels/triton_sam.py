@@ -1,0 +1,832 @@
+"""``backend="triton"``: the SAM step as a few multi-tensor Triton launches (DESIGN.md section 4).
+
+Same functions and signatures as :mod:`fastsam.reference` (``sam_perturb_``, ``gsam_combine_``,
+``sam_restore_``, ``sam_restore_sgd_``, ``sam_restore_adam_``). Per (device, dtype) group of
+tensors, whatever the number of tensors:
+
+=============================  =======  ==================================================
+op                             kernels  passes over parameter-sized memory (fp32, AdamW)
+=============================  =======  ==================================================
+first step (K1 + K2)           2        K1 reads g (1); K2 reads w, g, writes w, w_old (4)
+second step, SGD/Adam (K3)     1        reads w_old, g, m, v; writes w, m, v (7 for Adam)
+GSAM (extra reduction)         +1       reads gs, g_old (2); K3 also reads g_old, writes g
+restore only / GSAM combine    1 / 2
+=============================  =======  ==================================================
+
+No host sync anywhere: the global norm is reduced on the device (K1 writes one partial per
+program into its slice of a buffer shared by every group; every K2 program re-reduces the whole
+buffer), "N finite" is a device flag, and the per-tensor tables are uploaded with pinned,
+non-blocking copies only when they change (see :mod:`fastsam.kernels._tables`).
+
+Every op is a ``torch.library.custom_op`` (``fastsam::sam_*``) with fake kernels, so graphs that
+contain them compile (``torch.compile``; the CPU interpreter rules out ``triton_op``). Custom ops
+cannot mutate lists with ``None`` entries under compile (torch 2.13), so optional per-tensor
+entries travel as dense lists plus index lists. In plain eager mode the public functions call the
+implementation directly (the dispatcher costs more than the kernels on a ViT-sized list) and bump
+the version counters of the mutated parameters / gradients themselves.
+
+Host cost per call is a few C-level passes over the lists (addresses, sizes, dtypes, contiguity):
+~0.3 ms for the first step and ~0.9 ms for the AdamW second step with 152 tensors on a slow,
+shared 2-core VM. Non-contiguous tensors are staged through contiguous copies (correct, not fast).
+
+CPU tensors run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported); :func:`fastsam.functional.resolve_backend` refuses them otherwise.
+"""
+
+import contextlib
+import ctypes
+import functools
+import itertools
+import math
+import operator
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference import dual_exponent
+from . import _tables as T
+from . import _triton_kernels as K
+
+FUSED_UPDATES = True  # this backend implements sam_restore_sgd_ / sam_restore_adam_
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Kernel launches since import (tests and the benchmark read the difference around a step), and
+# whether a launch is in progress (the interpreter copies its tensor arguments with torch ops;
+# op-counting tests skip those, they are no device work on a GPU).
+LAUNCHES = [0]
+IN_LAUNCH = [False]
+
+
+# ------------------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch geometry (predictions; ``bash bench/gpu_suite.sh`` sweeps them on the GPU).
+
+    GPU: ``block`` = 2048 elements per program iteration with 4 warps is 16 fp32 per thread, i.e.
+    four 16-byte loads per list per iteration. ``programs_per_sm`` = 8 gives 8 x 132 = 1056
+    persistent programs on an H100: 8 x 2048 x 4 B = 64 KiB per list in flight per SM, far above
+    the ~25 KiB/SM that 3.35 TB/s x ~1 us DRAM latency needs over 132 SMs, with room for the 2-3
+    dependent table loads that start each block. It is also the number of norm partials per
+    dtype group, which every K2 program re-reads (1056 x 4 B, from L2).
+    Interpreter: every program and every op costs Python time, so few programs and big blocks.
+    """
+
+    block: int = 2048
+    num_warps: int = 4
+    programs_per_sm: int = 8
+    interp_block: int = 1024
+    interp_programs: int = 2
+
+
+_CONFIG = LaunchConfig(
+    block=int(os.environ.get("FASTSAM_TRITON_BLOCK", 2048)),
+    num_warps=int(os.environ.get("FASTSAM_TRITON_WARPS", 4)),
+    programs_per_sm=int(os.environ.get("FASTSAM_TRITON_PROGRAMS_PER_SM", 8)),
+)
+
+
+def get_config() -> LaunchConfig:
+    return _CONFIG
+
+
+@contextlib.contextmanager
+def configure(**changes: int) -> Iterator[LaunchConfig]:
+    """Temporarily change the launch geometry (tests, benchmark sweeps)."""
+    global _CONFIG
+    old = _CONFIG
+    new = replace(old, **changes)
+    for b in (new.block, new.interp_block):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16 (tl.arange), got {b}")
+    _CONFIG = new
+    try:
+        yield _CONFIG
+    finally:
+        _CONFIG = old
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _geometry(device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK, max programs, num_warps) for a device."""
+    cfg = _CONFIG
+    if device.type == "cpu":
+        return cfg.interp_block, cfg.interp_programs, 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SM_COUNT.get(idx)
+    if sms is None:
+        sms = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return cfg.block, max(1, sms * cfg.programs_per_sm), cfg.num_warps
+
+
+_TL_DTYPE = {
+    torch.float32: K.tl.float32,
+    torch.bfloat16: K.tl.bfloat16,
+    torch.float16: K.tl.float16,
+    torch.float64: K.tl.float64,
+}
+
+_CACHE = T.TableCache()
+
+
+def _check_group(g: T.Group) -> None:
+    if g.dtype not in _TL_DTYPE:
+        raise ValueError(f"backend='triton' supports float32/bfloat16/float16/float64 tensors, got {g.dtype}")
+    if g.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1 set "
+            "before triton is imported); use backend='foreach' (or 'auto') on CPU"
+        )
+    if g.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' runs on CUDA tensors, got {g.device}")
+
+
+def _rne_bf16(g: T.Group) -> bool:
+    """Round bf16 stores by hand: only under the interpreter, which truncates fp32 -> bf16 (the
+    GPU conversion already rounds to nearest even)."""
+    return g.dtype == torch.bfloat16 and g.device.type == "cpu"
+
+
+def _launch(kernel, grid: tuple[int], *args, num_warps: int, **meta) -> None:
+    LAUNCHES[0] += 1
+    IN_LAUNCH[0] = True
+    try:
+        kernel[grid](*args, num_warps=num_warps, **meta)
+    finally:
+        IN_LAUNCH[0] = False
+
+
+# ------------------------------------------------------------------------------ tables
+class _Staging:
+    """Contiguous stand-ins for non-contiguous tensors (copied back after the op if mutated).
+
+    The kernels address row-major contiguous memory (the ESAM mask index is the row-major
+    element index). Parameters are nearly always contiguous; a non-contiguous one (a transposed
+    view, channels_last) costs a copy in and out, one op per such tensor.
+    """
+
+    def __init__(self) -> None:
+        self.back: list[tuple[Tensor, Tensor]] = []
+        self.keep: list[Tensor] = []
+
+    def stage(self, t: Tensor, mutated: bool) -> Tensor:
+        c = t.contiguous()
+        self.keep.append(c)
+        if mutated:
+            self.back.append((t, c))
+        return c
+
+    def finish(self) -> None:
+        for orig, c in self.back:
+            orig.copy_(c)
+
+
+# A column of a table: (aligned list or None, mutated by the op, check: "like" = must match the
+# parameter's numel and dtype, "grad" = autograd already guarantees that, "flag" = the 0-dim float32
+# F-SAM flags).
+_Col = tuple[Sequence[Tensor | None] | None, bool, str]
+
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_contig = Tensor.is_contiguous
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+_is_none = functools.partial(operator.is_, None)
+
+
+def _groups(params: Sequence[Tensor]) -> list[T.Group]:
+    """(device, dtype) groups; the usual single group is found with two C-level passes."""
+    dts, devs = set(map(_dtype_of, params)), set(map(_device_of, params))
+    if len(dts) == 1 and len(devs) == 1:
+        return [T.Group(devs.pop(), dts.pop(), list(range(len(params))))]
+    return T.group_by_device_dtype(params)
+
+
+def _columns(params: Sequence[Tensor], idx: list[int] | None, cols: list[_Col], dtype: torch.dtype,
+             offsets: Sequence[int] | None, st: _Staging) -> tuple[list[int], list[int]]:
+    """Column-major int64 table of a group: one column of addresses per list (0 = no entry), then
+    the numels [, then the global offsets]; returns (table, numels).
+
+    Companion tensors must have their parameter's numel and dtype: the kernels follow raw
+    addresses, so a mismatch would read or write out of bounds. The per-tensor work is done by
+    ``map`` over unbound tensor methods (C-level iteration): ~0.1-0.3 us per tensor and column.
+    """
+    sel = (lambda lst: lst) if idx is None else (lambda lst: [lst[i] for i in idx])
+    ws = sel(params)
+    dev = ws[0].device
+    numels = list(map(_numel, ws))
+    table: list[int] = []
+    for lst, mutated, check in cols:
+        if lst is None:
+            table += [0] * len(ws)
+            continue
+        ts = sel(lst)
+        dense = not any(map(_is_none, ts))  # not `None in ts`: that calls Tensor.__eq__, ~0.1 ms
+        present = ts if dense else [t for t in ts if t is not None]
+        if check == "like":
+            if set(map(_dtype_of, present)) - {dtype} or set(map(_device_of, present)) - {dev} or (
+                list(map(_numel, ts)) != numels if dense
+                else any(t is not None and t.numel() != n for t, n in zip(ts, numels))
+            ):
+                raise ValueError("backend='triton': a state/buffer tensor does not match its parameter's "
+                                 f"dtype ({dtype}), device ({dev}) or number of elements")
+        elif check == "flag" and any(t.dtype != torch.float32 or t.numel() != 1 or t.device != dev for t in present):
+            raise ValueError("fsam ready flags must be 1-element float32 tensors on the parameter's device")
+        if not all(map(_contig, present)):
+            ts = [t if t is None or t.is_contiguous() else st.stage(t, mutated) for t in ts]
+            dense = not any(map(_is_none, ts))  # not `None in ts`: that calls Tensor.__eq__, ~0.1 ms
+        table += list(map(_data_ptr, ts)) if dense else [0 if t is None else t.data_ptr() for t in ts]
+    table += numels
+    if offsets is not None:
+        table += offsets if idx is None else [offsets[i] for i in idx]
+    return table, numels
+
+
+def _acc_dtype(groups: list[T.Group]) -> torch.dtype:
+    return torch.float64 if any(g.dtype == torch.float64 for g in groups) else torch.float32
+
+
+def _gather_partials(bufs: dict[torch.device, Tensor], slices: list[tuple[torch.device, int, int]],
+                     rows: int, stride: int) -> None:
+    """Model split over devices: copy every group's partial slice into every other device's buffer
+    (device-to-device copies in stream order, no host sync)."""
+    if len(bufs) < 2:
+        return
+    for dev, base, cnt in slices:
+        for other, buf in bufs.items():
+            if other != dev:
+                for k in range(rows):
+                    lo = k * stride + base
+                    buf[lo:lo + cnt].copy_(bufs[dev][lo:lo + cnt], non_blocking=True)
+
+
+# ------------------------------------------------------------------------------ first step
+def _perturb_impl(
+    params: list[Tensor], grads: list[Tensor], w_old: list[Tensor], ema: list[Tensor], ema_ready: list[Tensor],
+    g_old: list[Tensor], rhos: list[float], etas: list[float], adaptive: list[bool], offsets: list[int],
+    p: float, fsam_sigma: float | None, fsam_lambda: float, swp_keep: float, seed: int, step: int,
+) -> Tensor:
+    """K1 over every group, then K2 over every group (so every K2 sees every partial)."""
+    if not params:
+        return torch.ones((), dtype=torch.bool)
+    fsam = fsam_sigma is not None
+    if fsam and (len(ema) != len(params) or len(ema_ready) != len(params)):
+        raise ValueError("fsam_sigma is set: ema and ema_ready need one tensor per parameter")
+    gsam = len(g_old) > 0
+    swp = swp_keep < 1.0
+    q = dual_exponent(p)
+    qmode = 2 if q == 2.0 else (1 if q == 1.0 else 0)
+    any_adaptive = any(adaptive)
+    groups = _groups(params)
+    acc = _acc_dtype(groups)
+    q_hi = struct.unpack("f", struct.pack("f", q))[0] if qmode == 0 else q  # q = q_hi + q_lo exactly
+    scal_vals = (q_hi, q - q_hi, fsam_sigma if fsam else 0.0, fsam_lambda, swp_keep, 1.0 - fsam_lambda)
+    thr = int(swp_keep * 4294967296.0) if swp else 0
+    cols: list[_Col] = [(params, True, "param"), (grads, False, "grad"), (w_old, True, "like"),
+                        (ema if fsam else None, True, "like"), (ema_ready if fsam else None, True, "flag"),
+                        (g_old if gsam else None, True, "like")]
+    st = _Staging()
+    plans = []
+    total = 0
+    for g in groups:
+        _check_group(g)
+        block, max_prog, warps = _geometry(g.device)
+        idx = None if len(groups) == 1 else g.idx
+        rows, numels = _columns(params, idx, cols, g.dtype, offsets, st)
+        gi = g.idx
+        hyp = [rhos[i] for i in gi] + [etas[i] for i in gi] + [1.0 if adaptive[i] else 0.0 for i in gi]
+        ct = g.compute_dtype
+        key = ("perturb", g.device, g.dtype)
+        tab = _CACHE.mirror(key + ("tab",), torch.int64).get(tuple(rows), g.device)
+        hyp_t = _CACHE.mirror(key + ("hyp",), ct).get(tuple(hyp), g.device)
+        scal = _CACHE.mirror(key + ("scal",), ct).get(scal_vals, g.device)
+        blocks, nblk = _CACHE.blocks(key).get(tuple(numels), block, g.device)
+        nprog = max(1, min(nblk, max_prog))
+        snap = torch.empty(len(g.idx), dtype=torch.float32, device=g.device) if fsam else tab
+        plans.append((g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, total, snap))
+        total += nprog
+
+    bufs: dict[torch.device, Tensor] = {}
+    oks: dict[torch.device, Tensor] = {}
+    for g in groups:
+        if g.device not in bufs:
+            bufs[g.device] = torch.empty(total, dtype=acc, device=g.device)
+            oks[g.device] = torch.empty((), dtype=torch.uint8, device=g.device)
+    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, base, snap in plans:
+        _launch(
+            K.perturb_partials_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], base,
+            snap,
+            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], QMODE=qmode, FSAM=fsam, ADAPTIVE=any_adaptive,
+            BLOCK=block, num_warps=warps,
+        )
+    _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 1, total)
+    pblock = T.next_pow2(total)
+    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, snap in plans:
+        _launch(
+            K.perturb_apply_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], total,
+            snap,
+            oks[g.device], seed & 0xFFFFFFFF, step & 0xFFFFFFFF, thr,
+            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], QMODE=qmode, FSAM=fsam, ADAPTIVE=any_adaptive,
+            GSAM=gsam, SWP=swp, RNE_BF16=_rne_bf16(g), BLOCK=block, PBLOCK=pblock, num_warps=warps,
+        )
+    st.finish()
+    return oks[params[0].device].view(torch.bool)
+
+
+# ------------------------------------------------------------------------------ second step
+_NHYP = 8  # K.S_NHYP
+_ZERO_ROW = (0.0,) * _NHYP
+
+
+def _sgd_rows(n: int, upd: Sequence[bool], lr: list[float], wd: list[float], mom: list[float],
+              damp: list[float], fresh: Sequence[bool]) -> list[tuple[float, ...]]:
+    """Per-tensor SGD hyp rows: lr, weight_decay, momentum, 1 - dampening, fresh."""
+    return [(lr[i], wd[i], mom[i], 1.0 - damp[i], 1.0 if fresh[i] else 0.0, 0.0, 0.0, 0.0) if upd[i]
+            else _ZERO_ROW for i in range(n)]
+
+
+def _adam_rows(n: int, lr: list[float], b1: list[float], b2: list[float], eps: list[float], wd: list[float],
+               steps: Sequence[float | None]) -> list[tuple[float, ...]]:
+    """Per-tensor Adam hyp rows (torch's scalars, computed in float64 as torch does on the host):
+    weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, sqrt(bc2), 1 - lr * wd with
+    ``bc = 1 - beta^t``. Memoised: tensors share a handful of (hyperparameters, step) keys."""
+    memo: dict[tuple[float, ...], tuple[float, ...]] = {}
+    rows = []
+    for i in range(n):
+        t = steps[i]
+        if t is None:
+            rows.append(_ZERO_ROW)
+            continue
+        key = (lr[i], b1[i], b2[i], eps[i], wd[i], t)
+        row = memo.get(key)
+        if row is None:
+            bc1 = 1.0 - b1[i] ** t
+            bc2 = 1.0 - b2[i] ** t
+            row = memo[key] = (wd[i], 1.0 - b1[i], b2[i], 1.0 - b2[i], eps[i], lr[i] / bc1, math.sqrt(bc2),
+                               1.0 - lr[i] * wd[i])
+        rows.append(row)
+    return rows
+
+
+_CSCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def _increment_steps(steps: Sequence[Tensor | None]) -> list[float | None]:
+    """``step += 1`` on Adam's 0-dim step tensors (as torch's ``step_t += 1``), returning the new
+    values. torch keeps them on the CPU, so this is host memory: written in place through their
+    addresses (~0.5 us a tensor, against ~4 us for ``torch._foreach_add_`` on 0-dim CPU tensors,
+    0.6 ms a step on a ViT-B), then their version counters are bumped."""
+    out: list[float | None] = []
+    done: list[Tensor] = []
+    seen: set[int] = set()
+    f32, f64 = torch.float32, torch.float64
+    at32, at64 = ctypes.c_float.from_address, ctypes.c_double.from_address
+    for s in steps:
+        if s is None:
+            out.append(None)
+            continue
+        dt = s.dtype
+        if not s.is_cpu or (dt is not f32 and dt is not f64) or s.numel() != 1 or id(s) in seen:
+            s += 1  # any other layout (a step on the device would make float(s) a host sync)
+            out.append(float(s))
+            continue
+        seen.add(id(s))
+        cell = (at32 if dt is f32 else at64)(s.data_ptr())
+        v = cell.value + 1.0
+        cell.value = v
+        out.append(float(cell.value))  # as stored (float32 rounding, as torch's step_t += 1)
+        done.append(s)
+    if done:
+        _bump_versions(done)
+    return out
+
+
+def _second_step_impl(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    w_old: Sequence[Tensor | None],
+    g_old: Sequence[Tensor | None] | None,
+    s1: Sequence[Tensor | None] | None,
+    s2: Sequence[Tensor | None] | None,
+    s3: Sequence[Tensor | None] | None,
+    hyper: Callable[[], list[tuple[float, ...]]] | None,
+    *,
+    mode: int,
+    gsam_alpha: float,
+    nesterov: bool = False,
+    maximize: bool = False,
+    amsgrad: bool = False,
+    decoupled: bool = False,
+    params_mutated: bool = True,
+) -> None:
+    """Shared launcher of restore / GSAM combine / SGD / Adam (aligned lists, None = no entry).
+
+    ``hyper()`` gives the per-tensor hyp rows; it runs after the tables are validated, so an op
+    that raises has changed nothing (Adam's step counters included)."""
+    n = len(params)
+    if n == 0:
+        return
+    gsam = gsam_alpha > 0 and g_old is not None and any(
+        go is not None and g is not None for go, g in zip(g_old, grads))
+    updates = mode != K.MODE_RESTORE
+    cols: list[_Col] = [(params, params_mutated, "param"), (grads, gsam, "like"), (w_old, False, "like"),
+                        (g_old if gsam else None, False, "like"), (s1, updates, "like"), (s2, updates, "like"),
+                        (s3, updates, "like")]
+    groups = _groups(params)
+    acc = _acc_dtype(groups)
+    st = _Staging()
+    plans = []
+    total = 0
+    for g in groups:
+        _check_group(g)
+        block, max_prog, warps = _geometry(g.device)
+        rows, numels = _columns(params, None if len(groups) == 1 else g.idx, cols, g.dtype, None, st)
+        key = ("second", mode, gsam, g.device, g.dtype)  # restore / GSAM / update tables apart
+        tab = _CACHE.mirror(key + ("tab",), torch.int64).get(tuple(rows), g.device)
+        blocks, nblk = _CACHE.blocks(key).get(tuple(numels), block, g.device)
+        nprog = max(1, min(nblk, max_prog))
+        plans.append([g, block, warps, tab, None, None, blocks, nblk, nprog, total])
+        total += nprog
+    hyp_rows = hyper() if hyper is not None else [_ZERO_ROW] * n
+    for pl in plans:
+        g = pl[0]
+        ct = g.compute_dtype
+        key = ("second", mode, gsam, g.device, g.dtype)  # restore / GSAM / update tables apart
+        sub = hyp_rows if len(groups) == 1 else [hyp_rows[i] for i in g.idx]
+        cm = tuple(itertools.chain.from_iterable(zip(*sub)))  # column-major
+        pl[4] = _CACHE.mirror(key + ("hyp", mode), ct).get(cm, g.device)
+        pl[5] = _CACHE.mirror(key + ("scal",), ct).get((float(gsam_alpha),), g.device)
+
+    bufs: dict[torch.device, Tensor] = {}
+    if gsam:
+        for g in groups:
+            if g.device not in bufs:
+                bufs[g.device] = torch.empty(3 * total, dtype=acc, device=g.device)
+        for g, block, warps, tab, _h, _s, blocks, nblk, nprog, base in plans:
+            _launch(K.gsam_partials_kernel, (nprog,), tab, len(g.idx), blocks, nblk, bufs[g.device], base, total,
+                    DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], BLOCK=block, num_warps=warps)
+        _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 3, total)
+    pblock = T.next_pow2(total)
+    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base in plans:
+        part = bufs[g.device] if gsam else tab
+        _launch(
+            K.second_step_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, part, total, total,
+            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], MODE=mode, GSAM=gsam, NESTEROV=nesterov,
+            MAXIMIZE=maximize, AMSGRAD=amsgrad, DECOUPLED=decoupled, RNE_BF16=_rne_bf16(g), BLOCK=block,
+            PBLOCK=pblock, num_warps=warps,
+        )
+    st.finish()
+
+
+def _scatter(n: int, dense: Sequence[Tensor], idx: Sequence[int]) -> list[Tensor | None]:
+    out: list[Tensor | None] = [None] * n
+    for t, i in zip(dense, idx):
+        out[i] = t
+    return out
+
+
+def _dense(xs: Sequence[Tensor | None] | None) -> tuple[list[Tensor], list[int]]:
+    if xs is None:
+        return [], []
+    idx = [i for i, t in enumerate(xs) if t is not None]
+    return [xs[i] for i in idx], idx  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------ custom ops
+# The ops are registered with torch.library.custom_op so that torch.compile graphs contain them as
+# opaque nodes. In plain eager mode the public functions call the same implementation directly:
+# the dispatcher costs 1-3 ms per call on a ViT-sized list (argument checks, one version bump per
+# mutated tensor), more than the kernels. The direct path bumps the version counters of the
+# user-visible mutated tensors (parameters; gradients for GSAM) itself, so autograd still sees
+# the in-place writes.
+_DIRECT = [False]
+
+
+def _traced(probe: Tensor) -> bool:
+    """True when something may trace the call: torch.compile, a dispatch mode (FakeTensorMode,
+    opcheck, ...), or a tensor subclass."""
+    if _DIRECT[0]:
+        return False
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(probe) not in (Tensor, torch.nn.Parameter))
+
+
+def _bump_versions(tensors: Sequence[Tensor]) -> None:
+    try:
+        torch._C._increment_version(tuple(tensors))  # one call for the whole list (torch >= 2.5)
+    except TypeError:  # pragma: no cover - older torch: one tensor per call
+        for t in tensors:
+            torch._C._increment_version(t)
+
+
+@contextlib.contextmanager
+def call_directly() -> Iterator[None]:
+    """Always take the direct path (tests count every torch op the implementation issues; a
+    TorchDispatchMode cannot look inside a custom op)."""
+    _DIRECT[0] = True
+    try:
+        yield
+    finally:
+        _DIRECT[0] = False
+
+
+@torch.library.custom_op("fastsam::sam_perturb", mutates_args=("params", "w_old", "ema", "ema_ready", "g_old"))
+def _op_perturb(
+    params: list[Tensor], grads: list[Tensor], w_old: list[Tensor], ema: list[Tensor], ema_ready: list[Tensor],
+    g_old: list[Tensor], rhos: list[float], etas: list[float], adaptive: list[bool], offsets: list[int],
+    p: float, fsam_sigma: Optional[float], fsam_lambda: float, swp_keep: float, seed: int, step: int,  # noqa: UP045
+) -> Tensor:
+    return _perturb_impl(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets,
+                         p, fsam_sigma, fsam_lambda, swp_keep, seed, step)
+
+
+@_op_perturb.register_fake
+def _(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, p, fsam_sigma,
+      fsam_lambda, swp_keep, seed, step):
+    dev = params[0].device if params else torch.device("cpu")
+    return torch.empty((), dtype=torch.bool, device=dev)
+
+
+def _second_step_body(
+    params: Sequence[Tensor], grads: Sequence[Tensor | None], w_old: Sequence[Tensor | None],
+    g_old: Sequence[Tensor | None] | None, s1: Sequence[Tensor | None], s2: Sequence[Tensor | None],
+    s3: Sequence[Tensor | None], steps: Sequence[Tensor | None], hyper: Sequence[float], fresh: Sequence[bool],
+    mode: int, gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+) -> None:
+    """Aligned lists (None = no entry). ``hyper``: the optimizer's raw values, 5 per tensor
+    (SGD: lr, weight_decay, momentum, dampening, -; Adam: lr, beta1, beta2, eps, weight_decay)."""
+    n = len(params)
+    h = [hyper[5 * i:5 * i + 5] for i in range(n)]
+    upd = [g is not None for g in grads]
+
+    def rows() -> list[tuple[float, ...]]:
+        if mode == K.MODE_SGD:
+            return _sgd_rows(n, upd, [x[0] for x in h], [x[1] for x in h], [x[2] for x in h], [x[3] for x in h],
+                             fresh)
+        # Adam: torch increments the step first, then computes the bias corrections from it
+        t = _increment_steps([steps[i] if upd[i] else None for i in range(n)])
+        return _adam_rows(n, [x[0] for x in h], [x[1] for x in h], [x[2] for x in h], [x[3] for x in h],
+                          [x[4] for x in h], t)
+
+    _second_step_impl(params, grads, w_old, g_old, s1, s2, s3, rows, mode=mode, gsam_alpha=gsam_alpha,
+                      nesterov=nesterov, maximize=maximize, amsgrad=amsgrad, decoupled=decoupled)
+
+
+def _second_step_dense(
+    params: list[Tensor], grads: list[Tensor], grad_idx: list[int], w_old: list[Tensor], w_old_idx: list[int],
+    g_old: list[Tensor], g_old_idx: list[int], state1: list[Tensor], state1_idx: list[int],
+    state2: list[Tensor], state2_idx: list[int], state3: list[Tensor], state3_idx: list[int],
+    steps: list[Tensor], steps_idx: list[int], hyper: list[float], fresh: list[bool], mode: int,
+    gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+) -> None:
+    """Custom-op form: optional entries as dense lists plus index lists (torch.compile cannot
+    functionalize a mutated ``Tensor?[]`` holding None)."""
+    n = len(params)
+    _second_step_body(params, _scatter(n, grads, grad_idx), _scatter(n, w_old, w_old_idx),
+                      _scatter(n, g_old, g_old_idx), _scatter(n, state1, state1_idx),
+                      _scatter(n, state2, state2_idx), _scatter(n, state3, state3_idx),
+                      _scatter(n, steps, steps_idx), hyper, fresh, mode, gsam_alpha, nesterov, maximize, amsgrad,
+                      decoupled)
+
+
+@torch.library.custom_op("fastsam::sam_second_step", mutates_args=("params", "state1", "state2", "state3", "steps"))
+def _op_second_step(
+    params: list[Tensor], grads: list[Tensor], grad_idx: list[int], w_old: list[Tensor], w_old_idx: list[int],
+    g_old: list[Tensor], g_old_idx: list[int], state1: list[Tensor], state1_idx: list[int],
+    state2: list[Tensor], state2_idx: list[int], state3: list[Tensor], state3_idx: list[int],
+    steps: list[Tensor], steps_idx: list[int], hyper: list[float], fresh: list[bool], mode: int,
+    gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+) -> None:
+    """Restore (+ SGD / Adam update); ``grads`` are only read (no GSAM)."""
+    _second_step_dense(params, grads, grad_idx, w_old, w_old_idx, g_old, g_old_idx, state1, state1_idx, state2,
+                       state2_idx, state3, state3_idx, steps, steps_idx, hyper, fresh, mode, 0.0, nesterov,
+                       maximize, amsgrad, decoupled)
+
+
+@torch.library.custom_op("fastsam::sam_second_step_gsam",
+                         mutates_args=("params", "grads", "state1", "state2", "state3", "steps"))
+def _op_second_step_gsam(
+    params: list[Tensor], grads: list[Tensor], grad_idx: list[int], w_old: list[Tensor], w_old_idx: list[int],
+    g_old: list[Tensor], g_old_idx: list[int], state1: list[Tensor], state1_idx: list[int],
+    state2: list[Tensor], state2_idx: list[int], state3: list[Tensor], state3_idx: list[int],
+    steps: list[Tensor], steps_idx: list[int], hyper: list[float], fresh: list[bool], mode: int,
+    gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+) -> None:
+    """GSAM variant: the combined gradient is written back into ``grads``."""
+    _second_step_dense(params, grads, grad_idx, w_old, w_old_idx, g_old, g_old_idx, state1, state1_idx, state2,
+                       state2_idx, state3, state3_idx, steps, steps_idx, hyper, fresh, mode, gsam_alpha, nesterov,
+                       maximize, amsgrad, decoupled)
+
+
+@_op_second_step.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+@_op_second_step_gsam.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+def _restore_body(params: Sequence[Tensor], w_old: Sequence[Tensor]) -> None:
+    n = len(params)
+    _second_step_impl(params, [None] * n, w_old, None, None, None, None, None, mode=K.MODE_RESTORE,
+                      gsam_alpha=0.0)
+
+
+def _gsam_body(grads: Sequence[Tensor], g_old: Sequence[Tensor], alpha: float) -> None:
+    # the gradients stand in for the table's "parameters"; nothing is restored (no w_old)
+    _second_step_impl(grads, grads, [None] * len(grads), g_old, None, None, None, None, mode=K.MODE_RESTORE,
+                      gsam_alpha=alpha, params_mutated=False)
+
+
+@torch.library.custom_op("fastsam::sam_restore", mutates_args=("params",))
+def _op_restore(params: list[Tensor], w_old: list[Tensor]) -> None:
+    _restore_body(params, w_old)
+
+
+@_op_restore.register_fake
+def _(params, w_old):
+    return None
+
+
+@torch.library.custom_op("fastsam::sam_gsam_combine", mutates_args=("grads",))
+def _op_gsam_combine(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
+    _gsam_body(grads, g_old, alpha)
+
+
+@_op_gsam_combine.register_fake
+def _(grads, g_old, alpha):
+    return None
+
+
+# ------------------------------------------------------------------------------ public API
+@torch.no_grad()
+def sam_perturb_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    w_old: list[Tensor],
+    ema: list[Tensor] | None,
+    ema_ready: list[Tensor] | None,
+    g_old: list[Tensor] | None,
+    rhos: list[float],
+    etas: list[float],
+    adaptive: list[bool],
+    offsets: list[int],
+    *,
+    p: float = 2.0,
+    fsam_sigma: float | None = None,
+    fsam_lambda: float = 0.9,
+    swp_keep: float = 1.0,
+    seed: int = 0,
+    step: int = 0,
+) -> Tensor:
+    """Triton twin of :func:`fastsam.reference.sam_perturb_` (K1 + K2 per (device, dtype) group)."""
+    if not params:
+        return torch.ones((), dtype=torch.bool)
+    fs = fsam_sigma is not None
+    args = (list(ema or []) if fs else [], list(ema_ready or []) if fs else [], list(g_old or []))
+    if _traced(params[0]):
+        return torch.ops.fastsam.sam_perturb(
+            list(params), list(grads), list(w_old), *args, [float(r) for r in rhos], [float(e) for e in etas],
+            [bool(a) for a in adaptive], [int(o) for o in offsets], float(p),
+            None if fsam_sigma is None else float(fsam_sigma), float(fsam_lambda), float(swp_keep), int(seed),
+            int(step),
+        )
+    ok = _perturb_impl(params, grads, w_old, *args, rhos, etas, adaptive, offsets, p, fsam_sigma, fsam_lambda,
+                       swp_keep, seed, step)
+    _bump_versions(params)
+    return ok
+
+
+@torch.no_grad()
+def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
+    """Triton twin of :func:`fastsam.reference.gsam_combine_` (reduction + combine: 2 launches)."""
+    if not grads:
+        return
+    if _traced(grads[0]):
+        torch.ops.fastsam.sam_gsam_combine(list(grads), list(g_old), float(alpha))
+    else:
+        _gsam_body(grads, g_old, float(alpha))
+        _bump_versions(grads)
+
+
+@torch.no_grad()
+def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
+    """``w <- w_old`` exactly (1 launch per group)."""
+    if not params:
+        return
+    if _traced(params[0]):
+        torch.ops.fastsam.sam_restore(list(params), list(w_old))
+    else:
+        _restore_body(params, w_old)
+        _bump_versions(params)
+
+
+def _floats(x: float | Sequence[float], n: int, name: str) -> list[float]:
+    if isinstance(x, (int, float)):
+        return [float(x)] * n
+    vals = [float(v) for v in x]
+    if len(vals) != n:
+        raise ValueError(f"{name}: expected a float or {n} values, got {len(vals)}")
+    return vals
+
+
+def _second_step_call(params, grads, w_old, g_old, s1, s2, s3, steps, hyper, fresh, *, mode, gsam_alpha,
+                      nesterov=False, maximize=False, amsgrad=False, decoupled=False) -> None:
+    n = len(params)
+    if n == 0:
+        return
+    if g_old is None or gsam_alpha <= 0:
+        g_old = None
+    gsam = g_old is not None and any(go is not None and g is not None for go, g in zip(g_old, grads))
+    if not _traced(params[0]):
+        _second_step_body(params, grads, w_old, g_old, s1, s2, s3, steps, hyper, fresh, mode,
+                          float(gsam_alpha) if gsam else 0.0, nesterov, maximize, amsgrad, decoupled)
+        _bump_versions(list(params) + ([g for g in grads if g is not None] if gsam else []))
+        return
+    op = torch.ops.fastsam.sam_second_step_gsam if gsam else torch.ops.fastsam.sam_second_step
+    dense = [x for lst in (grads, w_old, g_old if gsam else None, s1, s2, s3, steps) for x in _dense(lst)]
+    op(list(params), *dense, [float(v) for v in hyper], [bool(f) for f in fresh], mode, float(gsam_alpha),
+       bool(nesterov), bool(maximize), bool(amsgrad), bool(decoupled))
+
+
+@torch.no_grad()
+def sam_restore_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | list[float],
+    weight_decay: float | list[float] = 0.0,
+    momentum: float | list[float] = 0.0,
+    dampening: float | list[float] = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    gsam_alpha: float = 0.0,
+) -> None:
+    """Triton twin of :func:`fastsam.reference.sam_restore_sgd_`: one K3 launch per group (GSAM +1).
+
+    ``None`` momentum buffers (momentum != 0) are allocated here (``empty_like``, no launch),
+    stored into the list, and initialised by the kernel with the first ``d``.
+    """
+    n = len(params)
+    lrs, wds = _floats(lr, n, "lr"), _floats(weight_decay, n, "weight_decay")
+    moms, damps = _floats(momentum, n, "momentum"), _floats(dampening, n, "dampening")
+    fresh = [False] * n
+    bufs: list[Tensor | None] = [None] * n
+    for i in range(n):
+        if grads[i] is None or moms[i] == 0:
+            continue
+        if momentum_buffers[i] is None:
+            momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+            fresh[i] = True
+        bufs[i] = momentum_buffers[i]
+    hyper = [v for i in range(n) for v in (lrs[i], wds[i], moms[i], damps[i], 0.0)]
+    _second_step_call(params, grads, w_old, g_old, bufs, [None] * n, [None] * n, [None] * n, hyper, fresh,
+                      mode=K.MODE_SGD, gsam_alpha=gsam_alpha, nesterov=nesterov, maximize=maximize)
+
+
+@torch.no_grad()
+def sam_restore_adam_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    exp_avgs: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    max_exp_avg_sqs: list[Tensor | None] | None,
+    steps: list[Tensor | None],
+    *,
+    lr: float | list[float],
+    beta1: float | list[float] = 0.9,
+    beta2: float | list[float] = 0.999,
+    eps: float | list[float] = 1e-8,
+    weight_decay: float | list[float] = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    gsam_alpha: float = 0.0,
+) -> None:
+    """Triton twin of :func:`fastsam.reference.sam_restore_adam_`: one K3 launch per group (GSAM +1).
+
+    ``steps`` are 0-dim tensors (torch keeps them on the CPU, so reading them is no device
+    sync); they are incremented in place and the bias corrections go into the per-tensor table.
+    """
+    n = len(params)
+    lrs, b1s, b2s = _floats(lr, n, "lr"), _floats(beta1, n, "beta1"), _floats(beta2, n, "beta2")
+    epss, wds = _floats(eps, n, "eps"), _floats(weight_decay, n, "weight_decay")
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    hyper = [x for i in range(n) for x in (lrs[i], b1s[i], b2s[i], epss[i], wds[i])]
+    _second_step_call(params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
+                      steps, hyper, [False] * n, mode=K.MODE_ADAM, gsam_alpha=gsam_alpha, maximize=maximize,
+                      amsgrad=amsgrad, decoupled=decoupled_weight_decay)
