@@ -20,6 +20,15 @@ from torch import Tensor
 
 from ._philox import keep_mask
 
+# The ascent losses' twins live in their own module (they share nothing with the optimizer ops);
+# re-exported here so every fused op's definition of correct is reachable from fastsam.reference.
+from ._reference_losses import (  # noqa: F401
+    bisam_grad_reference,
+    bisam_loss_reference,
+    obf_grad_reference,
+    obf_loss_reference,
+)
+
 PERTURB_EPS = 1e-12  # added to N^(q-1) and to gradient norms (DESIGN.md s3), as in the papers' code
 
 
