@@ -1,5 +1,53 @@
-# Minimal shim: all metadata lives in pyproject.toml. An optional ahead-of-time build of the
-# csrc extension will hang off this file behind an environment flag (see the csrc issue).
+# Minimal shim: all metadata lives in pyproject.toml.
+#
+# Optional ahead-of-time build of the csrc/ extension (otherwise it is built just in time, on
+# first use, and cached; see fastsam/kernels/_ext.py):
+#
+#     FASTSAM_BUILD_EXT=1 pip install --no-build-isolation -e .
+#
+# builds fastsam/_C_cpu*.so (backend="cpp"), and fastsam/_C_cuda*.so (backend="cuda") when torch
+# is a CUDA build and nvcc is found. --no-build-isolation: the build needs the installed torch
+# (an isolated build environment would download another one). Without the flag nothing is
+# compiled and torch is not imported here, so a plain `pip install -e .` stays as fast as before.
+# FASTSAM_EXT_MARCH=native tunes the CPU library for this machine (default: portable, no -march).
+import os
+
 from setuptools import setup
 
-setup()
+
+def _extension_kwargs() -> dict:
+    if os.environ.get("FASTSAM_BUILD_EXT", "").strip().lower() in ("", "0", "false", "no", "off"):
+        return {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, include_paths
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join(here, "csrc")
+    march = os.environ.get("FASTSAM_EXT_MARCH", "").strip()
+    # same flags as the JIT build (fastsam/kernels/_ext.py CPU_CFLAGS / CUDA_CFLAGS / NVCC_FLAGS)
+    cflags = ["-O3", "-fno-math-errno", "-fopenmp", "-Wall", "-Wextra"] + ([f"-march={march}"] if march else [])
+    # torch's headers as system headers (setuptools passes them with -I): -Wextra then reports
+    # only our own code, as in the JIT build
+    cflags += [arg for p in include_paths() for arg in ("-isystem", p)]
+    exts = [
+        CppExtension(
+            "fastsam._C_cpu",
+            ["csrc/ops_cpu.cpp", "csrc/cpu_kernels.cpp"],
+            include_dirs=[csrc],
+            extra_compile_args=cflags,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        exts.append(
+            CUDAExtension(
+                "fastsam._C_cuda",
+                ["csrc/ops_cuda.cpp", "csrc/cuda_kernels.cu"],
+                include_dirs=[csrc],
+                extra_compile_args={"cxx": ["-O3", "-Wall", "-Wextra"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            )
+        )
+    return {"ext_modules": exts, "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**_extension_kwargs())

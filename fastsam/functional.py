@@ -25,9 +25,30 @@ _MODULES: dict[str, str | None] = {
     "reference": "fastsam.reference",
     "foreach": "fastsam.kernels.foreach_sam",
     "triton": "fastsam.kernels.triton_sam",
-    "cuda": None,
-    "cpp": None,
+    "cuda": "fastsam.kernels.cuda_sam",
+    "cpp": "fastsam.kernels.cpp_sam",
 }
+
+
+def _ext_available(kind: str) -> bool:
+    """The csrc extension of ``kind`` ("cpu" / "cuda") is usable: built (JIT on the first call
+    of the process, then cached on disk) and not disabled by FASTSAM_DISABLE_EXT=1. A failed
+    build warns once and returns False."""
+    from .kernels import _ext
+
+    return _ext.available(kind)
+
+
+def _ext_runs_on(name: str, device: torch.device | str | None) -> bool:
+    if name == "cpp":
+        if device is not None and torch.device(device).type != "cpu":
+            return False
+        return _ext_available("cpu")
+    if name == "cuda":
+        if device is not None and torch.device(device).type != "cuda":
+            return False
+        return torch.cuda.is_available() and _ext_available("cuda")
+    return True
 
 _TRITON_OK: bool | None = None
 
@@ -71,6 +92,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
             continue
         if name == "triton" and not _triton_runs_on(device):
             continue
+        if name in ("cpp", "cuda") and not _ext_runs_on(name, device):
+            continue
         out.append(name)
     return out
 
@@ -78,23 +101,38 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
     """Concrete backend for a user's choice.
 
-    ``"auto"``: triton for CUDA tensors when triton imports (the CUDA extension does not exist
-    in this version), else foreach; on CPU foreach (the C++ extension does not exist yet, and
-    the Triton interpreter is a debugging tool, never picked automatically). An explicit
+    ``"auto"``: on CUDA tensors triton when it imports, else the csrc CUDA extension when it
+    builds, else foreach; on CPU tensors the csrc C++ extension when it builds (JIT on first
+    use, cached), else foreach (the Triton interpreter is a debugging tool, never picked
+    automatically). An explicit
     choice that cannot run on ``device`` (e.g. ``"triton"`` on CPU tensors without
     ``TRITON_INTERPRET=1``) is a ValueError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device is not None and torch.device(device).type == "cuda" and _triton_runs_on(device):
-            return "triton"
+        dev_type = torch.device(device).type if device is not None else None
+        if dev_type == "cuda":
+            if _triton_runs_on(device):
+                return "triton"
+            if _ext_runs_on("cuda", device):
+                return "cuda"
+        elif dev_type == "cpu" and _ext_runs_on("cpp", device):
+            return "cpp"
         return "foreach"
     if _MODULES[backend] is None:
         raise ValueError(
             f"backend={backend!r} is not available in this installation "
             f"(available: {available_backends(device)}); use backend='auto' to pick the fastest one"
         )
+    if backend in ("cpp", "cuda") and not _ext_runs_on(backend, device):
+        from .kernels import _ext
+
+        kind = "cpu" if backend == "cpp" else "cuda"
+        why = _ext.status(kind).reason if not _ext.disabled() else "FASTSAM_DISABLE_EXT=1 is set"
+        if device is not None and (torch.device(device).type == "cpu") != (backend == "cpp"):
+            why = f"backend={backend!r} runs on {'CPU' if backend == 'cpp' else 'CUDA'} tensors, not on {device}"
+        raise ValueError(f"backend={backend!r} is not available here: {why}")
     if backend == "triton" and not _triton_runs_on(device):
         if not _triton_importable():
             why = "triton is not installed (pip install 'fastsam[triton]')"

@@ -49,6 +49,13 @@ def _manual_step(model, opt, x, y, micro=None, ascent=None, clip=None):
     ascent = ascent or F.cross_entropy
     B = len(y)
     m = micro or B
+    if m >= B and clip is None:  # one micro-batch: second_step (fused restore + update where available)
+        ascent(model(x), y, reduction="mean").backward()
+        opt.first_step(zero_grad=True)
+        with fastsam.frozen_running_stats(model):
+            F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        return
     acc = None
     for lo in range(0, B, m):
         xb, yb = x[lo:lo + m], y[lo:lo + m]

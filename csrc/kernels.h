@@ -1,0 +1,157 @@
+// Plain-C++ interface between the op layer (ops_*.cpp: torch tensors, validation, registration)
+// and the kernels (cpu_kernels.cpp, cuda_kernels.cu). Nothing here includes torch, so the kernel
+// translation units compile in seconds and in parallel with the heavy torch headers.
+//
+// A "row" describes one tensor of an op's lists: raw data pointers (nullptr = no entry), its
+// element count, and its per-tensor options. Rows of one call may mix storage dtypes; every row's
+// companion tensors (grad, w_old, state) have the row's dtype and element count (checked by the
+// op layer), and all tensors are contiguous (row-major element index = memory index).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fastsam_common.h"
+
+namespace fastsam {
+
+enum DType : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
+
+// ---------------------------------------------------------------------------------- first step
+struct PerturbRow {
+  void* w;            // parameter, updated in place: w <- w + e
+  const void* g;      // gradient
+  void* w_old;        // receives an exact copy of w
+  void* ema;          // F-SAM EMA m (nullptr when F-SAM is off)
+  void* g_old;        // GSAM copy of g (nullptr when GSAM is off)
+  float* ready;       // F-SAM 0-dim float32 flag (nullptr when F-SAM is off)
+  int64_t numel;
+  int64_t offset;     // global element index of element 0 (ESAM mask counter)
+  double rho;
+  double eta;
+  int32_t dtype;      // DType
+  int32_t adaptive;   // 1: T = |w| + eta, else T = 1
+  int32_t ready_now;  // CPU: snapshot of *ready taken before the op (0 / 1)
+  int32_t vec;        // CUDA: every pointer of the row is 16-byte aligned (vector loads/stores)
+};
+
+struct PerturbScalars {
+  double q;            // dual exponent p / (p - 1); 1 for p = inf
+  int32_t qmode;       // 2: q == 2, 1: q == 1, 0: general q
+  int32_t fsam;        // F-SAM on (rows carry ema / ready)
+  double sigma;        // F-SAM: d = g - sigma * m
+  double lam;          // F-SAM: m <- lam * m + (1 - lam) * g
+  double beta;         // ESAM keep probability (swp off when >= 1)
+  uint32_t seed;       // ESAM Philox key word 0
+  uint32_t step;       // ESAM Philox key word 1
+  uint32_t threshold;  // floor(beta * 2^32), valid when swp
+  int32_t swp;         // ESAM stochastic weight perturbation on
+  int32_t nt;          // CPU: non-temporal stores for w_old / g_old (large calls)
+  int32_t pad_;
+};
+
+// ---------------------------------------------------------------------------------- second step
+enum StepMode : int32_t { kModeRestore = 0, kModeSGD = 1, kModeAdam = 2, kModeCombine = 3 };
+
+// SGD hyp:  lr, weight_decay, momentum, 1 - dampening, -, -, -, -
+// Adam hyp: weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd
+constexpr int kNumHyp = 8;
+
+struct StepRow {
+  void* w;             // parameter (restore target / updated); nullptr in kModeCombine
+  void* g;             // gradient (nullptr: no update, restore only); GSAM writes the combined one back
+  const void* w_old;   // restore source (nullptr: not perturbed, the update starts from w)
+  const void* g_old;   // GSAM first-step gradient (nullptr: not combined)
+  void* s1;            // SGD momentum buffer / Adam exp_avg
+  void* s2;            // Adam exp_avg_sq
+  void* s3;            // Adam max_exp_avg_sq (amsgrad)
+  int64_t numel;
+  double hyp[kNumHyp];
+  int32_t dtype;
+  int32_t fresh;       // SGD: momentum buffer not initialised yet (buf = d)
+  int32_t vec;         // CUDA: every pointer of the row is 16-byte aligned (vector loads/stores)
+  int32_t pad_;
+};
+
+struct StepScalars {
+  int32_t mode;        // StepMode
+  int32_t gsam;        // GSAM combine on rows with g and g_old
+  double alpha;        // GSAM alpha
+  int32_t nesterov;
+  int32_t maximize;
+  int32_t amsgrad;
+  int32_t decoupled;   // AdamW: w <- w * (1 - lr * wd) instead of g += wd * w
+  int32_t nt;          // CPU: non-temporal stores for w when it is restored from w_old
+  int32_t pad_;
+};
+
+// GSAM: from the global sums (dot = <g_old, gs>, ss_new = |gs|^2, ss_old = |g_old|^2),
+// coef = 1 + alpha * cos * |g_old| / (|gs| + 1e-12) with cos = dot / (|gs| |g_old| + 1e-12),
+// so that gs - alpha * (g_old - cos |g_old| gs / (|gs| + 1e-12)) = coef * gs - alpha * g_old.
+FASTSAM_HD double gsam_coef(double dot, double ss_new, double ss_old, double alpha) {
+  const double n_new = sqrt(ss_new), n_old = sqrt(ss_old);
+  const double cos = dot / (n_new * n_old + 1e-12);
+  return 1.0 + alpha * (cos * n_old / (n_new + 1e-12));
+}
+
+namespace cpu {
+// Sum over all rows of |u|^q (u = T * d), accumulated in float64 with a fixed partition of the
+// elements (independent of the thread count). Reads the ready_now snapshots.
+double perturb_norm(const PerturbRow* rows, int64_t n, const PerturbScalars& s, int nthreads);
+// w_old <- w; if finite: w <- w + e, F-SAM EMA update, g_old <- g; else g_old <- 0.
+// denom = N^(q-1) + 1e-12. Does not touch the ready flags (the op layer sets them).
+void perturb_apply(const PerturbRow* rows, int64_t n, const PerturbScalars& s, double denom, bool finite,
+                   int nthreads);
+// out[0..2] = <g_old, gs>, |gs|^2, |g_old|^2 over rows with both g and g_old (float64).
+void gsam_sums(const StepRow* rows, int64_t n, double* out, int nthreads);
+// Restore / combine / SGD / Adam over all rows (coef from gsam_coef when s.gsam).
+void second_step(const StepRow* rows, int64_t n, const StepScalars& s, double coef, int nthreads);
+}  // namespace cpu
+
+namespace cuda {
+// Work item: chunk `chunk` (kChunk elements) of row `row`. Items are grouped by storage dtype,
+// one launch per group; every launch uses a fixed grid whose blocks stride over the group's
+// items, so each block always sums the same elements in the same order (deterministic partials).
+struct Item {
+  int32_t row;
+  int32_t chunk;
+};
+struct Group {
+  int64_t begin;  // first item of the group in the item table
+  int64_t count;
+  int32_t dtype;
+  int32_t pad_;
+};
+// 16384 elements per item (64 KiB of fp32): 16 iterations of a 256-thread block with 16-byte
+// loads; a ViT-B (86M elements) is ~5300 items, ~10 per block of the persistent grid.
+constexpr int64_t kChunk = 16384;
+constexpr int kThreads = 256;
+// 8 blocks of 256 threads per SM: the 2048-thread occupancy limit of sm_80/sm_90, so each SM
+// keeps ~2048 x 16 B = 32 KiB per stream in flight (an H100 needs ~3.3 TB/s x ~1 us / 132 SMs
+// ~ 25 KiB per SM to cover DRAM latency).
+constexpr int kBlocksPerSM = 8;
+
+// Grid of one group's launch (same formula on host and device sides).
+inline int64_t grid_of(int64_t count, int sms) {
+  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSM;
+  return count < cap ? (count > 0 ? count : 1) : cap;
+}
+// Partial slots (per reduced quantity) for a set of groups: the sum of their grids.
+inline int64_t partial_slots(const Group* groups, int ngroups, int sms) {
+  int64_t t = 0;
+  for (int k = 0; k < ngroups; ++k) t += grid_of(groups[k].count, sms);
+  return t;
+}
+
+// First step: K1 (partials of sum |u|^q into part[0..slots), F-SAM flag snapshot into snap[row])
+// then K2 (every block reduces all partials, block 0 writes *ok = isfinite(N)). Rows and items
+// live in device memory; groups on the host. Asynchronous on `stream` (a cudaStream_t).
+void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups, const PerturbScalars& s,
+             double* part, int32_t* snap, bool* ok, int sms, void* stream);
+// Second step (restore / combine / SGD / Adam); with s.gsam, a partial pass first (3 slots per
+// block: <g_old, gs>, |gs|^2, |g_old|^2 in part[k * slots + block]).
+void second_step(const StepRow* rows, const Item* items, const Group* groups, int ngroups, const StepScalars& s,
+                 double* part, int sms, void* stream);
+}  // namespace cuda
+
+}  // namespace fastsam

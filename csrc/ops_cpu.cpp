@@ -1,0 +1,79 @@
+// CPU registration of the fused SAM ops (torch.ops.fastsam_cpu.*); schemas in ops_common.h.
+//
+// The kernels run on at::get_num_threads() OpenMP threads (torch.set_num_threads applies; the
+// extension links the libgomp that torch itself loaded, so there is one thread pool).
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include "ops_common.h"
+
+namespace fastsam {
+namespace {
+
+at::Tensor sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList w_old, at::TensorList ema,
+                           at::TensorList ema_ready, at::TensorList g_old, at::ArrayRef<double> rhos,
+                           at::ArrayRef<double> etas, at::IntArrayRef adaptive, at::IntArrayRef offsets, double q,
+                           bool fsam, double sigma, double lam, double beta, int64_t seed, int64_t step, bool nt) {
+  PerturbArgs a = perturb_rows(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam,
+                               sigma, lam, beta, seed, step, nt, c10::DeviceType::CPU);
+  const int64_t n = static_cast<int64_t>(a.rows.size());
+  // Snapshot the F-SAM flags: the perturbation reads them for every element of a tensor while the
+  // op sets them (once, after the kernels).
+  for (auto& r : a.rows) r.ready_now = (r.ready != nullptr && *r.ready != 0.0f) ? 1 : 0;
+  const int nthreads = at::get_num_threads();
+  const double sum = n ? cpu::perturb_norm(a.rows.data(), n, a.s, nthreads) : 0.0;
+  double N = 0.0, denom = 1.0;
+  dual_norm(sum, a.s.q, a.s.qmode, &N, &denom);
+  const bool finite = std::isfinite(N);
+  if (n) cpu::perturb_apply(a.rows.data(), n, a.s, denom, finite, nthreads);
+  if (finite && fsam) {
+    for (auto& r : a.rows) *r.ready = 1.0f;
+  }
+  return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
+}
+
+void sam_second_step_cpu(int64_t mode, at::TensorList params, at::TensorList grads, at::IntArrayRef grad_idx,
+                         at::TensorList w_old, at::IntArrayRef w_old_idx, at::TensorList g_old,
+                         at::IntArrayRef g_old_idx, at::TensorList s1, at::IntArrayRef s1_idx, at::TensorList s2,
+                         at::IntArrayRef s2_idx, at::TensorList s3, at::IntArrayRef s3_idx, at::ArrayRef<double> hyp,
+                         at::IntArrayRef fresh, double alpha, bool nesterov, bool maximize, bool amsgrad,
+                         bool decoupled, bool nt) {
+  StepArgs a = step_rows(mode, params, grads, grad_idx, w_old, w_old_idx, g_old, g_old_idx, s1, s1_idx, s2, s2_idx,
+                         s3, s3_idx, hyp, fresh, alpha, nesterov, maximize, amsgrad, decoupled, nt,
+                         c10::DeviceType::CPU);
+  const int64_t n = static_cast<int64_t>(a.rows.size());
+  if (n == 0) return;
+  const int nthreads = at::get_num_threads();
+  double coef = 1.0;
+  if (a.s.gsam) {
+    double sums[3];
+    cpu::gsam_sums(a.rows.data(), n, sums, nthreads);
+    coef = gsam_coef(sums[0], sums[1], sums[2], alpha);
+  }
+  cpu::second_step(a.rows.data(), n, a.s, coef, nthreads);
+}
+
+}  // namespace
+}  // namespace fastsam
+
+// Schemas here, kernels for the CPU dispatch key below: a catch-all kernel would be
+// CompositeImplicitAutograd and could not have the fake (meta) kernels that torch.compile needs
+// (registered from Python, fastsam/kernels/cpp_sam.py).
+TORCH_LIBRARY(fastsam_cpu, m) {
+  m.def(
+      "sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, Tensor(c!)[] ema, "
+      "Tensor(d!)[] ema_ready, Tensor(e!)[] g_old, float[] rhos, float[] etas, int[] adaptive, int[] offsets, "
+      "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt) -> Tensor");
+  m.def(
+      "sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx, Tensor[] w_old, "
+      "int[] w_old_idx, Tensor[] g_old, int[] g_old_idx, Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, "
+      "int[] s2_idx, Tensor(e!)[] s3, int[] s3_idx, float[] hyp, int[] fresh, float alpha, bool nesterov, "
+      "bool maximize, bool amsgrad, bool decoupled, bool nt) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastsam_cpu, CPU, m) {
+  m.impl("sam_perturb", &fastsam::sam_perturb_cpu);
+  m.impl("sam_second_step", &fastsam::sam_second_step_cpu);
+}

@@ -1,0 +1,357 @@
+"""``backend="cpp"``: the SAM ops as C++ kernels on CPU tensors (``csrc/``, OpenMP).
+
+Same functions and signatures as :mod:`fastsam.reference` (``sam_perturb_``, ``gsam_combine_``,
+``sam_restore_``, ``sam_restore_sgd_``, ``sam_restore_adam_``). Each op is one call into the
+extension whatever the number of tensors; inside, all tensors (all dtypes) are cut into fixed
+work items shared by ``torch.get_num_threads()`` threads:
+
+==============================  ====================================================
+op                              passes over parameter-sized memory (fp32, AdamW)
+==============================  ====================================================
+first step                      K1 reads g (1); K2 reads w, g, writes w, w_old (4)
+second step, SGD / Adam(W)      reads w_old, g, m, v; writes w, m, v (7 for Adam)
+GSAM                            +2 (reads gs, g_old for the dot and norms), K3 also
+                                reads g_old and writes the combined gradient
+==============================  ====================================================
+
+Math is float32 for fp32/bf16/fp16 tensors and float64 for fp64 ones, rounded once to the
+storage dtype (round to nearest even); norms and dot products accumulate in float64 over a fixed
+partition, so results do not depend on the thread count. ESAM masks are the Philox function of
+:mod:`fastsam._philox`, bit for bit.
+
+Calls whose parameters total at least ``NT_MIN_BYTES`` write ``w_old`` (first step) and the
+restored-and-updated ``w`` (second step) with non-temporal stores: those lines are written
+without being read, and a plain store would first fetch them (one extra pass each).
+
+The module imports without the extension; the first op call loads it (building it once, see
+:mod:`fastsam.kernels._ext`) and raises RuntimeError if it cannot be had.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..reference import dual_exponent
+from . import _ext
+
+FUSED_UPDATES = True  # implements sam_restore_sgd_ / sam_restore_adam_ (fastsam.optim._fused)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Non-temporal stores above 64 MiB of parameters: twice this machine's 32 MiB L3. Below, the
+# written lines may still be in cache for the next forward pass, and streaming them out would
+# cost that reuse.
+NT_MIN_BYTES = int(os.environ.get("FASTSAM_CPP_NT_MIN_BYTES", 64 << 20))
+
+_MODE_RESTORE, _MODE_SGD, _MODE_ADAM, _MODE_COMBINE = 0, 1, 2, 3
+_NUM_HYP = 8  # csrc/kernels.h kNumHyp
+_MASK32 = 0xFFFFFFFF
+
+
+class _Staging:
+    """Contiguous stand-ins for non-contiguous tensors, copied back after the op if mutated
+    (the kernels address row-major memory; the ESAM mask index is the row-major element index)."""
+
+    def __init__(self) -> None:
+        self.back: list[tuple[Tensor, Tensor]] = []
+
+    def __call__(self, t: Tensor, mutated: bool) -> Tensor:
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        if mutated:
+            self.back.append((t, c))
+        return c
+
+    def many(self, ts: Sequence[Tensor], mutated: bool) -> list[Tensor]:
+        return [self(t, mutated) for t in ts]
+
+    def finish(self) -> None:
+        for orig, c in self.back:
+            orig.copy_(c)
+
+
+def _floats(x: float | Sequence[float], n: int, name: str) -> list[float]:
+    if isinstance(x, (int, float)):
+        return [float(x)] * n
+    vals = [float(v) for v in x]
+    if len(vals) != n:
+        raise ValueError(f"{name}: expected a float or {n} values, got {len(vals)}")
+    return vals
+
+
+def _dense(xs: Sequence[Tensor | None] | None, st: _Staging, mutated: bool) -> tuple[list[Tensor], list[int]]:
+    """Optional per-tensor list -> (present tensors, their indices)."""
+    if xs is None:
+        return [], []
+    idx = [i for i, t in enumerate(xs) if t is not None]
+    return [st(xs[i], mutated) for i in idx], idx  # type: ignore[arg-type]
+
+
+_FAKES: set[str] = set()
+
+
+def _register_fakes(kind: str) -> None:
+    """Fake (meta) kernels of the extension ops, so graphs that contain them can be traced by
+    ``torch.compile`` (the ops mutate their inputs in place and return at most a 0-dim flag)."""
+    if kind in _FAKES:
+        return
+    _FAKES.add(kind)
+    ns = f"fastsam_{kind}"
+
+    def perturb_fake(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam, sigma,
+                     lam, beta, seed, step, nt):
+        return torch.empty((), dtype=torch.bool, device=params[0].device if params else "cpu")
+
+    def second_step_fake(*args, **kwargs):
+        return None
+
+    torch.library.register_fake(f"{ns}::sam_perturb")(perturb_fake)
+    torch.library.register_fake(f"{ns}::sam_second_step")(second_step_fake)
+
+
+class CsrcBackend:
+    """The op wrappers over one extension kind (``"cpu"``: this module, ``"cuda"``:
+    :mod:`fastsam.kernels.cuda_sam`); the kernels differ, the argument handling does not."""
+
+    def __init__(self, kind: str, device_type: str, name: str) -> None:
+        self.kind = kind
+        self.device_type = device_type
+        self.name = name
+
+    # ------------------------------------------------------------------ helpers
+    def ops(self) -> Any:
+        ns = _ext.ops(self.kind)
+        _register_fakes(self.kind)
+        return ns
+
+    def check(self, tensors: Sequence[Tensor]) -> None:
+        for t in tensors:
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"backend={self.name!r} supports float32/float64/bfloat16/float16 tensors, got {t.dtype}"
+                )
+            if t.device.type != self.device_type:
+                other = "'cpp' (or 'auto')" if self.device_type == "cuda" else "'cuda', 'triton' (or 'auto')"
+                raise ValueError(
+                    f"backend={self.name!r} runs on {self.device_type.upper()} tensors, got one on {t.device}; "
+                    f"use backend={other} there"
+                )
+
+    def stream(self, params: Sequence[Tensor]) -> bool:
+        if self.device_type != "cpu":
+            return False
+        return sum(t.numel() * t.element_size() for t in params) >= NT_MIN_BYTES
+
+    # ------------------------------------------------------------------ ops
+    @torch.no_grad()
+    def sam_perturb_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        w_old: list[Tensor],
+        ema: list[Tensor] | None,
+        ema_ready: list[Tensor] | None,
+        g_old: list[Tensor] | None,
+        rhos: list[float],
+        etas: list[float],
+        adaptive: list[bool],
+        offsets: list[int],
+        *,
+        p: float = 2.0,
+        fsam_sigma: float | None = None,
+        fsam_lambda: float = 0.9,
+        swp_keep: float = 1.0,
+        seed: int = 0,
+        step: int = 0,
+    ) -> Tensor:
+        """First step in two passes (K1 norm partials, K2 perturbation); same contract as
+        :func:`fastsam.reference.sam_perturb_`:
+
+        ``d = g`` (F-SAM: ``g - sigma * m`` once the tensor's ``ema_ready`` flag is set),
+        ``u = T * d`` with ``T = |w| + eta`` on adaptive tensors, ``N = ||u||_q`` over all tensors,
+        ``w += rho * T * sign(u) |u|^(q-1) / (N^(q-1) + 1e-12)`` (ESAM: ``* keep / beta``),
+        ``w_old = w``, ``g_old = g``. Returns the 0-dim bool "N finite"; when False nothing is
+        perturbed, the EMA and flags are untouched and ``g_old`` is zeroed.
+        """
+        if not params:
+            return torch.ones((), dtype=torch.bool)
+        self.check(params)
+        fsam = fsam_sigma is not None
+        if fsam and (ema is None or ema_ready is None):
+            raise ValueError("F-SAM (fsam_sigma set) needs ema and ema_ready lists")
+        st = _Staging()
+        ok = self.ops().sam_perturb(
+            st.many(params, True), st.many(grads, False), st.many(w_old, True),
+            st.many(ema, True) if fsam else [], list(ema_ready) if fsam else [],  # type: ignore[arg-type]
+            st.many(g_old, True) if g_old is not None else [],
+            [float(r) for r in rhos], [float(e) for e in etas], [1 if a else 0 for a in adaptive],
+            [int(o) for o in offsets], float(dual_exponent(p)), fsam, 0.0 if fsam_sigma is None else float(fsam_sigma),
+            float(fsam_lambda), float(swp_keep), int(seed) & _MASK32, int(step) & _MASK32, self.stream(params),
+        )
+        st.finish()
+        return ok
+
+    @torch.no_grad()
+    def gsam_combine_(self, grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
+        """``gs <- gs - alpha * (g_old - cos |g_old| gs / (|gs| + 1e-12))`` with
+        ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)`` (global sums in float64), in place."""
+        if not grads:
+            return
+        self.check(grads)
+        st = _Staging()
+        gs = st.many(grads, True)
+        idx = list(range(len(gs)))
+        self.ops().sam_second_step(
+            _MODE_COMBINE, gs, gs, idx, [], [], st.many(g_old, False), idx, [], [], [], [], [], [], [], [],
+            float(alpha), False, False, False, False, False,
+        )
+        st.finish()
+
+    @torch.no_grad()
+    def sam_restore_(self, params: list[Tensor], w_old: list[Tensor]) -> None:
+        """``w <- w_old`` exactly (byte copies, one call)."""
+        if not params:
+            return
+        self.check(params)
+        st = _Staging()
+        ps = st.many(params, True)
+        self.ops().sam_second_step(
+            _MODE_RESTORE, ps, [], [], st.many(w_old, False), list(range(len(ps))), [], [], [], [], [], [], [], [],
+            [], [], 0.0, False, False, False, False, self.stream(params),
+        )
+        st.finish()
+
+    def _second_step(self, mode: int, params, grads, w_old, g_old, s1, s2, s3, hyp, fresh, gsam_alpha, *,
+                     nesterov=False, maximize=False, amsgrad=False, decoupled=False) -> None:
+        st = _Staging()
+        ps = st.many(params, True)
+        use_gsam = gsam_alpha > 0 and g_old is not None
+        gd, gi = _dense(grads, st, use_gsam)
+        wd_, wi = _dense(w_old, st, False)
+        god, goi = _dense(g_old if use_gsam else None, st, False)
+        ad, ai = _dense(s1, st, True)
+        bd, bi = _dense(s2, st, True)
+        cd, ci = _dense(s3, st, True)
+        self.ops().sam_second_step(
+            mode, ps, gd, gi, wd_, wi, god, goi, ad, ai, bd, bi, cd, ci, hyp, fresh, float(gsam_alpha),
+            bool(nesterov), bool(maximize), bool(amsgrad), bool(decoupled), self.stream(params),
+        )
+        st.finish()
+
+    @torch.no_grad()
+    def sam_restore_sgd_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        w_old: list[Tensor | None],
+        g_old: list[Tensor | None] | None,
+        momentum_buffers: list[Tensor | None],
+        *,
+        lr: float | list[float],
+        weight_decay: float | list[float] = 0.0,
+        momentum: float | list[float] = 0.0,
+        dampening: float | list[float] = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        gsam_alpha: float = 0.0,
+    ) -> None:
+        """Restore + GSAM + ``torch.optim.SGD`` step in one pass (formulas:
+        :func:`fastsam.reference.sam_restore_sgd_`). ``None`` momentum buffers (momentum != 0)
+        are allocated here, stored into the list and initialised by the kernel (``buf = d``)."""
+        n = len(params)
+        if n == 0:
+            return
+        self.check(params)
+        lrs, wds = _floats(lr, n, "lr"), _floats(weight_decay, n, "weight_decay")
+        moms, damps = _floats(momentum, n, "momentum"), _floats(dampening, n, "dampening")
+        fresh = [0] * n
+        bufs: list[Tensor | None] = [None] * n
+        hyp = [0.0] * (n * _NUM_HYP)
+        for i in range(n):
+            if grads[i] is None:
+                continue
+            hyp[i * _NUM_HYP:i * _NUM_HYP + 4] = [lrs[i], wds[i], moms[i], 1.0 - damps[i]]
+            if moms[i] == 0:
+                continue
+            if momentum_buffers[i] is None:
+                momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+                fresh[i] = 1
+            bufs[i] = momentum_buffers[i]
+        self._second_step(_MODE_SGD, params, grads, w_old, g_old, bufs, None, None, hyp, fresh, gsam_alpha,
+                          nesterov=nesterov, maximize=maximize)
+
+    @torch.no_grad()
+    def sam_restore_adam_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        w_old: list[Tensor | None],
+        g_old: list[Tensor | None] | None,
+        exp_avgs: list[Tensor | None],
+        exp_avg_sqs: list[Tensor | None],
+        max_exp_avg_sqs: list[Tensor | None] | None,
+        steps: list[Tensor | None],
+        *,
+        lr: float | list[float],
+        beta1: float | list[float] = 0.9,
+        beta2: float | list[float] = 0.999,
+        eps: float | list[float] = 1e-8,
+        weight_decay: float | list[float] = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        gsam_alpha: float = 0.0,
+    ) -> None:
+        """Restore + GSAM + ``torch.optim.Adam`` / ``AdamW`` step in one pass (formulas:
+        :func:`fastsam.reference.sam_restore_adam_`). ``steps`` (0-dim tensors, CPU as torch keeps
+        them) are incremented here; the bias corrections travel in the per-tensor table."""
+        n = len(params)
+        if n == 0:
+            return
+        self.check(params)
+        lrs, b1s, b2s = _floats(lr, n, "lr"), _floats(beta1, n, "beta1"), _floats(beta2, n, "beta2")
+        epss, wds = _floats(eps, n, "eps"), _floats(weight_decay, n, "weight_decay")
+        upd = [i for i in range(n) if grads[i] is not None]
+        present = [steps[i] for i in upd]
+        if any(s is None for s in present):
+            raise ValueError("sam_restore_adam_: every tensor with a gradient needs its step tensor")
+        if present:
+            torch._foreach_add_(present, 1.0)  # type: ignore[arg-type]
+            if all(s.device == present[0].device for s in present):  # type: ignore[union-attr]
+                vals = torch.stack(present).tolist()  # type: ignore[arg-type]
+            else:
+                vals = [float(s) for s in present]  # type: ignore[arg-type]
+        hyp = [0.0] * (n * _NUM_HYP)
+        for i, t in zip(upd, vals if present else []):
+            bc1 = 1.0 - b1s[i] ** t
+            bc2 = 1.0 - b2s[i] ** t
+            hyp[i * _NUM_HYP:(i + 1) * _NUM_HYP] = [
+                wds[i], 1.0 - b1s[i], b2s[i], 1.0 - b2s[i], epss[i], lrs[i] / bc1, math.sqrt(bc2),
+                1.0 - lrs[i] * wds[i],
+            ]
+        keep = set(upd)
+        m = [exp_avgs[i] if i in keep else None for i in range(n)]
+        v = [exp_avg_sqs[i] if i in keep else None for i in range(n)]
+        vmax = [max_exp_avg_sqs[i] if i in keep else None for i in range(n)] if amsgrad and max_exp_avg_sqs else None
+        self._second_step(_MODE_ADAM, params, grads, w_old, g_old, m, v, vmax, hyp, [0] * n, gsam_alpha,
+                          maximize=maximize, amsgrad=amsgrad, decoupled=decoupled_weight_decay)
+
+
+_BACKEND = CsrcBackend("cpu", "cpu", "cpp")
+
+sam_perturb_ = _BACKEND.sam_perturb_
+gsam_combine_ = _BACKEND.gsam_combine_
+sam_restore_ = _BACKEND.sam_restore_
+sam_restore_sgd_ = _BACKEND.sam_restore_sgd_
+sam_restore_adam_ = _BACKEND.sam_restore_adam_
+
+
+def available() -> bool:
+    """True if the C++ extension is usable here (builds it on the first call of the process)."""
+    return _ext.available("cpu")

@@ -1,0 +1,763 @@
+"""backend="cpp" (csrc/ C++ kernels on CPU tensors) against fastsam.reference; backend="cuda" (GPU).
+
+The extension is built (or loaded from torch's extension cache) once per session by the
+module-scoped fixture; if it cannot be built here every test of the module is skipped with the
+reason. Tensors span several work items (the kernels cut tensors into 32768-element items and use
+OpenMP threads above 65536 elements in a call), so thread partitioning is exercised.
+
+Tolerances (DESIGN.md section 5): fp32 against the float64 reference at ~1e-6 relative
+(functional ops) and 1e-5 over 5 optimizer steps (trajectories drift by a few ulp per step); fp64
+at 1e-12 / 1e-11; bf16/fp16 by the 2x rule: the error of the cpp run against a float64 run
+from the same low-precision start is within 2x the error of plain PyTorch in that dtype (the
+foreach backend and torch's own optimizer), plus one unit in the last place of the values' scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+import fastsam
+from fastsam import _philox
+from fastsam import functional as F
+from fastsam import reference as R
+from fastsam.kernels import _ext
+from fastsam.optim._fused import fused_second_step
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_backend():
+    """Build/load the extension once; register backend="cpp" (and "cuda") in the dispatcher for
+    this module if the lead has not done so yet, and undo that afterwards."""
+    if not _ext.available("cpu"):
+        pytest.skip(f"C++ extension not available: {_ext.status('cpu').reason}")
+    added = []
+    for name, mod in (("cpp", "fastsam.kernels.cpp_sam"), ("cuda", "fastsam.kernels.cuda_sam")):
+        if F._MODULES.get(name) is None:
+            F._MODULES[name] = mod
+            added.append(name)
+    yield _ext.status("cpu")
+    for name in added:
+        F._MODULES[name] = None
+        F._LOADED.pop(name, None)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, *, rtol: float, name: str = "") -> None:
+    """|got - want| <= rtol * (|want| + 0.1 * max|want|) elementwise in float64 (the absolute
+    part admits the rounding of values that cancel to near zero)."""
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    assert g.shape == w.shape, name
+    if w.numel() == 0:
+        return
+    scale = w.abs().max().item()
+    bad = (g - w).abs() > rtol * (w.abs() + 0.1 * scale) + 1e-30
+    assert not bad.any(), f"{name}: max err {(g - w).abs().max().item():.3e} (scale {scale:.3e}, rtol {rtol})"
+
+
+def assert_2x_rule(got: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, name: str = "") -> None:
+    r = ref64.detach().double().cpu()
+    if r.numel() == 0:
+        return
+    e_got = (got.detach().double().cpu() - r).abs()
+    e_plain = (plain.detach().double().cpu() - r).abs()
+    floor = _ulp(got.dtype) * r.abs().max().item()
+    assert e_got.max() <= 2 * e_plain.max() + floor, f"{name}: max {e_got.max():.3e} vs plain {e_plain.max():.3e}"
+    assert e_got.mean() <= 2 * e_plain.mean() + floor, f"{name}: mean {e_got.mean():.3e} vs plain {e_plain.mean():.3e}"
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+# odd sizes, an empty tensor, one spanning several 32768-element work items
+SHAPES = [(7, 5), (33,), (1,), (0,), (3, 11), (70001,), (1023,)]
+NO_GRAD = (2,)
+
+
+def make_params(dtype: torch.dtype, seed: int = 0, shapes=SHAPES, device="cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=g, dtype=torch.float64) * 0.5).to(device, dtype))
+            for s in shapes]
+
+
+def make_loss(shapes=SHAPES, seed: int = 1, skip: tuple[int, ...] = NO_GRAD, device="cpu"):
+    """A nonlinear loss (clean and perturbed gradients differ); parameters in ``skip`` get none."""
+    g = torch.Generator().manual_seed(seed)
+    cs = [torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in shapes]
+    ds = [torch.rand(s, generator=g, dtype=torch.float64).to(device) for s in shapes]
+
+    def loss(params: list[torch.Tensor]) -> torch.Tensor:
+        tot = 0.0
+        for i, (w, c, d) in enumerate(zip(params, cs, ds)):
+            if i in skip:
+                continue
+            c, d = c.to(w.dtype), d.to(w.dtype)
+            tot = tot + ((w * c).sin().sum() + 0.5 * (d * w * w).sum()).float()
+        return tot
+
+    return loss
+
+
+def groups_of(params: list[torch.Tensor], spec: list[dict[str, Any]] | None) -> Any:
+    if spec is None:
+        return params
+    out, k = [], 0
+    for s in spec:
+        n = s["n"]
+        out.append({**{a: b for a, b in s.items() if a != "n"}, "params": params[k:k + n]})
+        k += n
+    assert k == len(params)
+    return out
+
+
+def run_sam(backend: str, dtype: torch.dtype, base: type, base_kw: dict, sam_kw: dict, *, steps: int = 5,
+            spec=None, shapes=SHAPES, device="cpu", sched: bool = False):
+    params = make_params(dtype, 0, shapes, device)
+    loss = make_loss(shapes, device=device)
+    opt = fastsam.SAM(groups_of(params, spec), base, backend=backend, **sam_kw, **base_kw)
+    lr_s = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if sched else None
+    perturbed = []
+    for s in range(steps):
+        loss(params).backward()
+        opt.first_step(zero_grad=True)
+        perturbed.append([p.detach().clone() for p in params])
+        loss(params).backward()
+        opt.second_step(zero_grad=s < steps - 1)
+        if lr_s is not None:
+            lr_s.step()
+    return params, opt, perturbed
+
+
+def state_tensors(opt: fastsam.SAM) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, w in enumerate(opt._all_params()):
+        for k, v in opt.state.get(w, {}).items():
+            out[f"sam.{i}.{k}"] = v
+        for k, v in opt.base_optimizer.state.get(w, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"base.{i}.{k}"] = v
+    return out
+
+
+def compare_runs(a, b, *, rtol: float) -> None:
+    """Final parameters, the perturbed parameters of every step, and every state entry."""
+    (pa, oa, perta), (pb, ob, pertb) = a, b
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        assert_close(x, y, rtol=rtol, name=f"param {i}")
+    for s, (xs, ys) in enumerate(zip(perta, pertb)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            assert_close(x, y, rtol=rtol, name=f"perturbed param {i} step {s}")
+    sa, sb = state_tensors(oa), state_tensors(ob)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device, k
+        assert_close(sa[k], sb[k], rtol=rtol, name=k)
+
+
+SGD_KW = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}
+ADAMW_KW = {"lr": 1e-2, "weight_decay": 0.05}
+
+OPTIONS = {
+    "sam": {},
+    "asam": {"adaptive": True, "eta": 0.01, "rho": 0.5},
+    "asam_eta0": {"adaptive": True, "rho": 0.5},
+    "fsam": {"fsam_sigma": 1.0, "fsam_lambda": 0.6},
+    "p_inf": {"p": math.inf, "rho": 0.01},
+    "p_3": {"p": 3.0},
+    "p_1.5": {"p": 1.5},
+    "gsam": {"gsam_alpha": 0.3},
+    "esam": {"swp_keep": 0.6, "seed": 7},
+    "fsam+asam+gsam": {"fsam_sigma": 0.8, "fsam_lambda": 0.6, "adaptive": True, "eta": 0.05, "gsam_alpha": 0.2},
+    "all": {"adaptive": True, "eta": 0.02, "rho": 0.3, "fsam_sigma": 0.5, "gsam_alpha": 0.4,
+            "swp_keep": 0.7, "p": 2.5, "seed": 12345},
+}
+
+
+# ------------------------------------------------------------------------------ build / loading
+def test_extension_loaded(cpp_backend):
+    st = cpp_backend
+    assert st.available and st.how in ("jit", "aot")
+    assert _ext.available("cpu")  # cached: no second build
+    assert _ext.status("cpu") is st
+    assert F.resolve_backend("cpp", "cpu") == "cpp"
+    assert F.supports_fused_updates("cpp", "cpu")
+
+
+def test_loader_fallbacks(monkeypatch):
+    """Disabled: unavailable, no warning, ops raise with the reason. Missing ninja: one warning."""
+    monkeypatch.setattr(_ext, "_STATUS", {})
+    monkeypatch.setattr(_ext, "_WARNED", set())
+    monkeypatch.setenv(_ext.ENV_DISABLE, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _ext.available("cpu")
+    with pytest.raises(RuntimeError, match=_ext.ENV_DISABLE):
+        _ext.ops("cpu")
+    assert _ext.could_build("cpu") == (False, f"{_ext.ENV_DISABLE} is set")
+
+    monkeypatch.delenv(_ext.ENV_DISABLE)
+    monkeypatch.setattr(_ext, "_STATUS", {})
+    monkeypatch.setattr(_ext, "_aot_library", lambda kind: None)
+    from torch.utils import cpp_extension as ce
+
+    monkeypatch.setattr(ce, "is_ninja_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="ninja") as rec:
+        assert _ext.load("cpu") is None
+        assert _ext.load("cpu") is None  # cached: no second attempt, no second warning
+    assert len([w for w in rec if "fastsam" in str(w.message)]) == 1
+    monkeypatch.setattr(_ext, "_STATUS", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ext.load("cpu") is None  # one warning per process and kind
+    # a CPU build of torch never builds (nor warns about) the CUDA kind
+    if torch.version.cuda is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not _ext.available("cuda")
+
+
+def test_wrong_device_and_dtype_are_clear_errors():
+    w = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="float32"):
+        F.sam_restore_([w], [w.clone()], backend="cpp")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CPU"):
+            F.sam_restore_([torch.zeros(3, device="cuda")], [torch.zeros(3, device="cuda")], backend="cpp")
+
+
+# ------------------------------------------------------------------------------ ESAM mask
+def test_philox_mask_bit_identical():
+    """The kept elements are exactly those of fastsam._philox, across the 2^32 index boundary,
+    for large steps and seeds, in one call with several tensors and threads."""
+    n = 40000  # > one work item
+    offsets = [2**32 - 17000, 5, 2**33 + 7]
+    params = [torch.zeros(n) for _ in offsets]
+    grads = [torch.ones(n) for _ in offsets]
+    w_old = [torch.empty_like(p) for p in params]
+    for seed, step, beta in ((2**32 - 5, 0, 0.37), (0, 1, 0.5), (123, 2**31 + 3, 0.9), (7, 2**32 + 9, 0.01)):
+        for p in params:
+            p.zero_()
+        ok = F.sam_perturb_(params, grads, w_old, None, None, None, [1.0] * 3, [0.0] * 3, [False] * 3, offsets,
+                            swp_keep=beta, seed=seed, step=step, backend="cpp")
+        assert bool(ok)
+        for p, off in zip(params, offsets):
+            want = _philox.keep_mask(off, n, seed, step, beta)
+            assert torch.equal(p != 0, want)
+
+
+# ------------------------------------------------------------------------------ first step (functional)
+def _perturb_inputs(dtype, shapes, seed, fsam, gsam, ready=None):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    params = [mk(s) for s in shapes]
+    grads = [mk(s) * 0.1 for s in shapes]
+    w_old = [torch.full_like(p, 7.0) for p in params]
+    ema = [mk(s) * 0.1 for s in shapes] if fsam else None
+    rdy = None
+    if fsam:
+        rdy = [torch.tensor(float(r)) for r in (ready or [i % 2 for i in range(len(shapes))])]
+    g_old = [torch.full_like(p, 3.0) for p in params] if gsam else None
+    return params, grads, w_old, ema, rdy, g_old
+
+
+def _clone(x):
+    return None if x is None else [t.clone() for t in x]
+
+
+FUNC_SHAPES = [(1,), (7,), (1023,), (0,), (31, 33), (40000,)]
+FUNC_CASES = [(f"{dt_name}-{opt}", dt, opt) for dt_name, dt in
+              (("fp32", torch.float32), ("fp64", torch.float64), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+              for opt in ("sam", "asam", "fsam", "p_inf", "p_3", "gsam", "esam", "all")]
+
+
+@pytest.mark.parametrize("name,dtype,opt", FUNC_CASES, ids=[c[0] for c in FUNC_CASES])
+def test_perturb_matches_reference(name, dtype, opt):
+    """One first step: params, w_old, EMA, flags, g_old against the reference (w_old, g_old, the
+    untouched grads and the flags exactly)."""
+    opts = OPTIONS[opt]
+    fsam, gsam = opts.get("fsam_sigma") is not None, opts.get("gsam_alpha", 0) > 0
+    shapes = FUNC_SHAPES
+    n = len(shapes)
+    rhos = [opts.get("rho", 0.05) * (1 + 0.5 * i) for i in range(n)]
+    etas = [opts.get("eta", 0.0)] * n
+    adaptive = [bool(opts.get("adaptive", False)) and i % 2 == 0 for i in range(n)]
+    offsets = [100000 * i + 3 for i in range(n)]
+    kw = dict(p=opts.get("p", 2.0), fsam_sigma=opts.get("fsam_sigma"), fsam_lambda=0.8,
+              swp_keep=opts.get("swp_keep", 1.0), seed=opts.get("seed", 0), step=3)
+    base = _perturb_inputs(dtype, shapes, 0, fsam, gsam)
+    runs = {}
+    for be in ("cpp", "reference", "foreach"):
+        ins = [_clone(x) for x in base]
+        ok = F.sam_perturb_(*ins, rhos, etas, adaptive, offsets, backend=be, **kw)
+        runs[be] = (ok, ins)
+    if dtype in LOW:  # fp64 truth from the same low-precision inputs
+        ref64 = [_clone([t.double() for t in x]) if x is not None else None for x in base]
+        if ref64[4] is not None:
+            ref64[4] = [t.float() for t in ref64[4]]
+        R.sam_perturb_(*ref64, rhos, etas, adaptive, offsets, **kw)
+    ok, ins = runs["cpp"]
+    assert bool(ok) and ok.dtype == torch.bool and ok.dim() == 0
+    for k, label in enumerate(("params", "grads", "w_old", "ema", "ready", "g_old")):
+        if ins[k] is None:
+            continue
+        for i, (x, y) in enumerate(zip(ins[k], runs["reference"][1][k])):
+            assert x.dtype == y.dtype, label
+            if label in ("w_old", "g_old", "grads", "ready"):
+                assert torch.equal(x, y), f"{label} {i} must be exact"
+            elif dtype in LOW:
+                assert_2x_rule(x, runs["foreach"][1][k][i], ref64[k][i], name=f"{label} {i}")
+            else:
+                assert_close(x, y, rtol=1e-12 if dtype == torch.float64 else 2e-6, name=f"{label} {i}")
+
+
+def test_perturb_nonfinite_norm_changes_nothing():
+    """inf in one tensor: no tensor (of any dtype) is perturbed, EMA and flags stay, w_old gets w,
+    g_old gets zeros, the returned flag is False; NaN likewise."""
+    shapes = [(5,), (70000,), (3, 3)]
+    dts = [torch.float32, torch.bfloat16, torch.float64]
+    for bad in (float("inf"), float("nan")):
+        ins = list(_perturb_inputs(torch.float32, shapes, 1, True, True, ready=[1, 0, 1]))
+        for k in (0, 1, 2, 3, 5):
+            ins[k] = [t.to(dt) for t, dt in zip(ins[k], dts)]
+        ins[1][1][40000] = bad
+        before = [_clone(x) for x in ins]
+        ok = F.sam_perturb_(*ins, [0.1] * 3, [0.0] * 3, [False, True, False], [0, 5, 70005], fsam_sigma=1.0,
+                            backend="cpp")
+        assert not bool(ok)
+        for i in range(3):
+            assert bits_equal(ins[0][i], before[0][i])
+            assert bits_equal(ins[2][i], before[0][i])
+            assert bits_equal(ins[3][i], before[3][i])
+            assert torch.equal(ins[4][i], before[4][i])
+            assert torch.equal(ins[5][i], torch.zeros_like(ins[5][i]))
+
+
+def test_mixed_dtypes_one_global_norm():
+    """fp32 + bf16 + fp16 + fp64 tensors in one call share one norm."""
+    dts = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    shapes = [(50,), (70,), (20, 3), (1,), (9,)]
+    params, grads, w_old, _, _, _ = _perturb_inputs(torch.float32, shapes, 2, False, False)
+    params = [p.to(dt) for p, dt in zip(params, dts)]
+    grads = [g.to(dt) for g, dt in zip(grads, dts)]
+    w_old = [torch.empty_like(p) for p in params]
+    ref = _clone(params)
+    offs = [0, 50, 120, 180, 181]
+    F.sam_perturb_(params, grads, w_old, None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, offs, backend="cpp")
+    R.sam_perturb_(ref, grads, _clone(w_old), None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, offs)
+    for x, y in zip(params, ref):
+        assert_close(x, y, rtol=2 * _ulp(x.dtype) if x.dtype in LOW else 2e-6)
+
+
+def test_noncontiguous_tensors_are_staged():
+    base = torch.randn(6, 9)
+    w = base.t()  # a non-contiguous parameter
+    g = torch.randn(6, 9).t()
+    ref_w = w.clone()
+    wo, wo_ref = torch.empty_like(w), torch.empty_like(w)
+    F.sam_perturb_([w], [g], [wo], None, None, None, [0.1], [0.0], [False], [11], swp_keep=0.5, backend="cpp")
+    R.sam_perturb_([ref_w], [g], [wo_ref], None, None, None, [0.1], [0.0], [False], [11], swp_keep=0.5)
+    assert_close(w, ref_w, rtol=2e-6)
+    assert torch.equal(wo, wo_ref)
+    F.sam_restore_([w], [wo], backend="cpp")
+    assert torch.equal(w, wo_ref)
+
+
+def test_empty_lists_and_empty_tensors():
+    ok = F.sam_perturb_([], [], [], None, None, None, [], [], [], [], backend="cpp")
+    assert bool(ok)
+    e = torch.empty(0)
+    ok = F.sam_perturb_([e], [e.clone()], [e.clone()], None, None, None, [0.1], [0.0], [False], [0], backend="cpp")
+    assert bool(ok)
+    F.sam_restore_([e], [e.clone()], backend="cpp")
+    F.gsam_combine_([e], [e.clone()], 0.5, backend="cpp")
+
+
+# ------------------------------------------------------------------------------ storage conversions
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_low_precision_conversions_match_torch(dtype):
+    """Every 16-bit pattern: widening then narrowing is the identity (SGD with lr = 0 and g = 0
+    stores w_old back through float32), and float32 -> dtype rounding equals torch's
+    round-to-nearest-even (SGD with w = 0, lr = -x stores the float32 value 0 - (-x) * g, rounded once);
+    NaN stays NaN."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    src = bits.view(dtype).clone()
+    nan = torch.isnan(src)
+    w = torch.zeros_like(src)
+    F.sam_restore_sgd_([w], [torch.zeros_like(src)], [src], None, [None], lr=0.0, backend="cpp")
+    assert bits_equal(w[~nan], src[~nan]) and torch.isnan(w[nan]).all()
+    for x in (1.2345678, 3.0e-3, 7.1e4, 0.5):
+        w = torch.zeros_like(src)
+        F.sam_restore_sgd_([w], [src.clone()], [None], None, [None], lr=-x, backend="cpp")
+        want = (torch.zeros(()) - torch.tensor(-x, dtype=torch.float32) * src.float()).to(dtype)
+        ok = ~torch.isnan(want)
+        assert bits_equal(w[ok], want[ok]), f"x={x}"
+        assert torch.isnan(w[~ok]).all()
+
+
+# ------------------------------------------------------------------------------ optimizer: fp32 parity
+@pytest.mark.parametrize("opt_name", list(OPTIONS))
+@pytest.mark.parametrize("base,base_kw", [(torch.optim.SGD, SGD_KW), (torch.optim.AdamW, ADAMW_KW)],
+                         ids=["sgd", "adamw"])
+def test_sam_fp32_matches_reference(opt_name, base, base_kw):
+    """Every option alone and combined, 5 steps: params, perturbed params, every state entry."""
+    a = run_sam("cpp", torch.float32, base, base_kw, OPTIONS[opt_name])
+    b = run_sam("reference", torch.float32, base, base_kw, OPTIONS[opt_name])
+    compare_runs(a, b, rtol=1e-5)
+
+
+BASES = [
+    ("sgd-plain", torch.optim.SGD, {"lr": 0.1}),
+    ("sgd-damp-maximize", torch.optim.SGD, {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "maximize": True}),
+    ("sgd-wd-no-momentum", torch.optim.SGD, {"lr": 0.05, "weight_decay": 0.1}),
+    ("adam-l2-amsgrad", torch.optim.Adam, {"lr": 1e-2, "weight_decay": 1e-2, "amsgrad": True, "betas": (0.8, 0.95)}),
+    ("adamw-maximize-eps", torch.optim.AdamW, {"lr": 3e-3, "eps": 1e-3, "maximize": True}),
+    ("adamw-amsgrad", torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
+    ("rmsprop-unfused", torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.5, "eps": 0.1}),  # eps: see BASES note
+]
+
+
+@pytest.mark.parametrize("opts", ["sam", "all"])
+@pytest.mark.parametrize("name,base,base_kw", BASES, ids=[b[0] for b in BASES])
+def test_sam_bases_fp32_match_torch(name, base, base_kw, opts):
+    """Fused restore + update against restore + the real torch optimizer."""
+    a = run_sam("cpp", torch.float32, base, base_kw, OPTIONS[opts])
+    b = run_sam("reference", torch.float32, base, base_kw, OPTIONS[opts])
+    compare_runs(a, b, rtol=1e-5)
+
+
+GROUP_SPEC = [
+    {"n": 2, "rho": 0.05, "adaptive": True, "eta": 0.0, "lr": 0.02, "weight_decay": 0.0},
+    {"n": 3, "rho": 0.2, "adaptive": False, "lr": 0.01},
+    {"n": 2, "rho": 0.0, "weight_decay": 0.0},  # LSAM: not perturbed, still updated
+]
+
+
+@pytest.mark.parametrize("base,base_kw", [(torch.optim.SGD, SGD_KW), (torch.optim.AdamW, ADAMW_KW)],
+                         ids=["sgd", "adamw"])
+def test_sam_param_groups_and_scheduler(base, base_kw):
+    kw = {"fsam_sigma": 1.0, "gsam_alpha": 0.2, "swp_keep": 0.8}
+    a = run_sam("cpp", torch.float32, base, base_kw, kw, spec=GROUP_SPEC, sched=True)
+    b = run_sam("reference", torch.float32, base, base_kw, kw, spec=GROUP_SPEC, sched=True)
+    compare_runs(a, b, rtol=1e-5)
+    assert a[1].param_groups[0]["lr"] == pytest.approx(0.02 * 0.25)
+
+
+@pytest.mark.parametrize("base,base_kw", [(torch.optim.SGD, SGD_KW), (torch.optim.AdamW, ADAMW_KW)],
+                         ids=["sgd", "adamw"])
+def test_sam_float64_params(base, base_kw):
+    a = run_sam("cpp", torch.float64, base, base_kw, OPTIONS["all"])
+    b = run_sam("reference", torch.float64, base, base_kw, OPTIONS["all"])
+    compare_runs(a, b, rtol=1e-11)
+
+
+# ------------------------------------------------------------------------------ optimizer: bf16 / fp16
+LOW_CASES = [
+    (torch.bfloat16, torch.optim.SGD, SGD_KW, "all"),
+    (torch.bfloat16, torch.optim.AdamW, ADAMW_KW, "all"),
+    (torch.bfloat16, torch.optim.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-3}, "fsam"),
+    (torch.float16, torch.optim.SGD, SGD_KW, "all"),
+    (torch.float16, torch.optim.SGD, {"lr": 0.05, "momentum": 0.5}, "fsam+asam+gsam"),
+]
+
+
+# fp16 runs with SGD only: torch's Adam on fp16 *storage* rounds small v to 0 and divides by
+# zero (plain PyTorch gives NaN here, so there is no error to be within 2x of).
+@pytest.mark.parametrize("dtype,base,base_kw,opts", LOW_CASES,
+                         ids=["bf16-sgd-all", "bf16-adamw-all", "bf16-adam-amsgrad-fsam", "fp16-sgd-all",
+                              "fp16-sgd-fsam-asam-gsam"])
+def test_sam_low_precision_2x_rule(dtype, base, base_kw, opts):
+    kw = OPTIONS[opts]
+    got = run_sam("cpp", dtype, base, base_kw, kw)
+    plain = run_sam("foreach", dtype, base, base_kw, kw)
+    ref = run_sam("reference", torch.float64, base, base_kw, kw)
+    for i, (x, y, z) in enumerate(zip(got[0], plain[0], ref[0])):
+        assert x.dtype == dtype
+        assert_2x_rule(x, y, z, name=f"param {i}")
+    sg, sp, sr = state_tensors(got[1]), state_tensors(plain[1]), state_tensors(ref[1])
+    assert sg.keys() == sr.keys()
+    for k in sg:
+        if k.endswith("step") or k.endswith("fsam_ready"):
+            assert torch.equal(sg[k], sp[k]), k
+        else:
+            assert sg[k].dtype == dtype, k
+            assert_2x_rule(sg[k], sp[k], sr[k], name=k)
+
+
+# ------------------------------------------------------------------------------ fused ops vs twins
+def _fused_lists(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(5,), (40000,), (0,), (3, 7), (1,), (70,)]
+    mk = lambda s, k=1.0: (torch.randn(s, generator=gen, dtype=torch.float64) * k).to(dtype)  # noqa: E731
+    params = [mk(s) for s in shapes]
+    grads = [mk(s, 0.3) if i != 4 else None for i, s in enumerate(shapes)]  # tensor 4: restore only
+    w_old = [mk(s) if i != 5 else None for i, s in enumerate(shapes)]  # tensor 5: update only
+    g_old = [mk(s, 0.3) if i not in (1, 5) else None for i, s in enumerate(shapes)]
+    return params, grads, w_old, g_old
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("gsam", [0.0, 0.5])
+@pytest.mark.parametrize("kw", [
+    {"lr": [0.1, 0.2, 0.1, 0.05, 0.1, 0.3], "momentum": 0.9, "dampening": 0.1, "weight_decay": [0.0, 0.1] * 3},
+    {"lr": 0.1, "momentum": 0.9, "nesterov": True, "maximize": True},
+    {"lr": 0.1},
+], ids=["mom-damp-lists", "nesterov-max", "plain"])
+def test_fused_sgd_matches_twin(dtype, gsam, kw):
+    runs = {}
+    for be in ("cpp", "reference"):
+        params, grads, w_old, g_old = _fused_lists(dtype, 3)
+        bufs: list = [None] * len(params)
+        for step in range(5):
+            fresh = _fused_lists(dtype, 10 + step)
+            for g, g2 in zip(grads, fresh[1]):
+                if g is not None:
+                    g.copy_(g2)
+            F.sam_restore_sgd_(params, grads, w_old, g_old if gsam else None, bufs, gsam_alpha=gsam, backend=be, **kw)
+        runs[be] = (params, grads, bufs)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    for k in range(3):
+        for i, (x, y) in enumerate(zip(runs["cpp"][k], runs["reference"][k])):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.dtype == y.dtype
+                assert_close(x, y, rtol=rtol, name=f"list {k} tensor {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kw", [
+    {"lr": [1e-2, 2e-2, 1e-2, 1e-2, 1e-2, 5e-3], "weight_decay": 0.1, "decoupled_weight_decay": True},
+    {"lr": 1e-2, "weight_decay": 0.01, "amsgrad": True, "beta1": 0.5, "beta2": 0.9, "eps": 1e-4},
+    {"lr": 1e-2, "maximize": True, "gsam_alpha": 0.4, "amsgrad": True, "weight_decay": 0.1,
+     "decoupled_weight_decay": True},
+], ids=["adamw-lists", "adam-amsgrad", "maximize-gsam-amsgrad"])
+def test_fused_adam_matches_twin(dtype, kw):
+    runs = {}
+    for be in ("cpp", "reference"):
+        params, grads, w_old, g_old = _fused_lists(dtype, 4)
+        n = len(params)
+        m = [torch.zeros_like(p) for p in params]
+        v = [torch.zeros_like(p) for p in params]
+        vmax = [torch.zeros_like(p) for p in params]
+        steps = [torch.tensor(float(i % 2)) for i in range(n)]  # tensors at different steps
+        for step in range(5):
+            fresh = _fused_lists(dtype, 20 + step)
+            for g, g2 in zip(grads, fresh[1]):
+                if g is not None:
+                    g.copy_(g2)
+            F.sam_restore_adam_(params, grads, w_old, g_old, m, v, vmax, steps, backend=be, **kw)
+        runs[be] = (params, grads, m, v, vmax, steps)
+    rtol = 1e-12 if dtype == torch.float64 else 5e-6
+    for k in range(6):
+        for i, (x, y) in enumerate(zip(runs["cpp"][k], runs["reference"][k])):
+            if x is not None:
+                assert_close(x, y, rtol=rtol, name=f"list {k} tensor {i}")
+
+
+def test_gsam_combine_matches_reference():
+    for dtype, rtol in ((torch.float32, 2e-6), (torch.float64, 1e-12)):
+        gen = torch.Generator().manual_seed(5)
+        shapes = [(3,), (40000,), (0,), (17, 3)]
+        gs = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        go = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        a, b = _clone(gs), _clone(gs)
+        F.gsam_combine_(a, go, 0.7, backend="cpp")
+        R.gsam_combine_(b, go, 0.7)
+        for x, y in zip(a, b):
+            assert_close(x, y, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------ determinism, threads, streaming
+def _one_step(threads: int, nt_min: int, dtype=torch.float32):
+    from fastsam.kernels import cpp_sam
+
+    old_t, old_nt = torch.get_num_threads(), cpp_sam.NT_MIN_BYTES
+    torch.set_num_threads(threads)
+    cpp_sam.NT_MIN_BYTES = nt_min
+    try:
+        shapes = [(300001,), (5, 7), (65536,), (1,)]
+        return run_sam("cpp", dtype, torch.optim.AdamW, ADAMW_KW,
+                       {"fsam_sigma": 0.5, "adaptive": True, "gsam_alpha": 0.3, "swp_keep": 0.9},
+                       steps=3, shapes=shapes)
+    finally:
+        torch.set_num_threads(old_t)
+        cpp_sam.NT_MIN_BYTES = old_nt
+
+
+def test_bitwise_independent_of_threads_and_streaming_stores():
+    """Fixed work partition and float64 partials in item order: 1 or several threads, plain or
+    non-temporal stores, the bits are the same (parameters, perturbed points, state)."""
+    base = _one_step(1, 1 << 62)
+    for threads, nt_min in ((max(2, torch.get_num_threads()), 1 << 62), (1, 0), (max(2, torch.get_num_threads()), 0)):
+        other = _one_step(threads, nt_min)
+        for x, y in zip(base[0], other[0]):
+            assert bits_equal(x.detach(), y.detach())
+        for xs, ys in zip(base[2], other[2]):
+            for x, y in zip(xs, ys):
+                assert bits_equal(x, y)
+        sa, sb = state_tensors(base[1]), state_tensors(other[1])
+        for k in sa:
+            assert bits_equal(sa[k], sb[k]), k
+
+
+# ------------------------------------------------------------------------------ state layout / dispatch
+@pytest.mark.parametrize("base,base_kw", [
+    (torch.optim.SGD, SGD_KW), (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}), (torch.optim.AdamW, ADAMW_KW),
+], ids=["sgd", "adam", "adamw"])
+def test_fused_state_dict_loads_into_plain_torch(base, base_kw):
+    params, opt, _ = run_sam("cpp", torch.float32, base, base_kw, {}, steps=3)
+    _, ref_opt, _ = run_sam("reference", torch.float32, base, base_kw, {}, steps=3)
+    sd, ref_sd = opt.base_optimizer.state_dict(), ref_opt.base_optimizer.state_dict()
+    assert sd["state"].keys() == ref_sd["state"].keys()
+    for k in sd["state"]:
+        assert sd["state"][k].keys() == ref_sd["state"][k].keys()
+        for name, v in sd["state"][k].items():
+            r = ref_sd["state"][k][name]
+            assert type(v) is type(r)
+            if isinstance(v, torch.Tensor):
+                assert (v.dtype, v.device, v.shape) == (r.dtype, r.device, r.shape), name
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = base(clones, **base_kw)
+    plain.load_state_dict(copy.deepcopy(sd))
+    for p, c in zip(params, clones):
+        g = torch.randn_like(p) if p.grad is not None else None
+        p.grad, c.grad = g, None if g is None else g.clone()
+    opt.base_optimizer.step()
+    plain.step()
+    for p, c in zip(params, clones):
+        assert torch.equal(p, c)
+
+
+def test_fused_path_taken():
+    params = make_params(torch.float32)
+    loss = make_loss()
+    opt = fastsam.SAM(params, torch.optim.AdamW, backend="cpp", lr=1e-2)
+    loss(params).backward()
+    opt.first_step(zero_grad=True)
+    loss(params).backward()
+    assert fused_second_step(opt, opt._perturbed)
+
+
+def test_restore_is_exact_after_many_steps():
+    """restore() puts back the exact bits (fp32 and bf16, every step)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        params = make_params(dtype)
+        loss = make_loss()
+        opt = fastsam.SAM(params, torch.optim.SGD, backend="cpp", lr=0.1, rho=0.3, swp_keep=0.5)
+        for _ in range(3):
+            before = [p.detach().clone() for p in params]
+            loss(params).backward()
+            opt.first_step(zero_grad=True)
+            assert any(not torch.equal(p, b) for p, b in zip(params, before) if p.numel())
+            opt.restore()
+            for p, b in zip(params, before):
+                assert bits_equal(p.detach(), b)
+            opt.zero_grad()
+
+
+def test_ops_schema_and_fake_kernels():
+    """The registered schemas declare every in-place mutation and the fake kernels match the real
+    ones (what torch.compile relies on)."""
+    from fastsam.kernels import cpp_sam
+
+    ops = cpp_sam._BACKEND.ops()
+    params, grads, w_old, ema, rdy, g_old = _perturb_inputs(torch.float32, [(5,), (9,)], 0, True, True)
+    args = (params, grads, w_old, ema, rdy, g_old, [0.1, 0.2], [0.0, 0.0], [1, 0], [0, 5],
+            2.0, True, 1.0, 0.9, 0.5, 3, 1, False)
+    torch.library.opcheck(ops.sam_perturb.default, args, test_utils=("test_schema", "test_faketensor"))
+    gs = [g.clone() for g in grads]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    hyp = [0.0, 0.1, 0.999, 0.001, 1e-8, 1e-3, 0.5, 1.0] * 2
+    args = (2, params, gs, [0, 1], w_old, [0, 1], g_old, [0, 1], m, [0, 1], v, [0, 1], [], [], hyp, [0, 0],
+            0.3, False, False, False, True, False)
+    torch.library.opcheck(ops.sam_second_step.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------ CUDA backend (GPU)
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt_name", ["sam", "asam", "fsam", "p_inf", "p_3", "gsam", "esam", "all"])
+@pytest.mark.parametrize("base,base_kw", [(torch.optim.SGD, SGD_KW), (torch.optim.AdamW, ADAMW_KW)],
+                         ids=["sgd", "adamw"])
+def test_cuda_fp32_matches_reference(opt_name, base, base_kw):
+    if not _ext.available("cuda"):
+        pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
+    a = run_sam("cuda", torch.float32, base, base_kw, OPTIONS[opt_name], device="cuda")
+    b = run_sam("reference", torch.float32, base, base_kw, OPTIONS[opt_name], device="cuda")
+    compare_runs(a, b, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_cuda_low_precision_2x_rule(dtype):
+    if not _ext.available("cuda"):
+        pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
+    kw = OPTIONS["all"]
+    got = run_sam("cuda", dtype, torch.optim.AdamW, ADAMW_KW, kw, device="cuda")
+    plain = run_sam("foreach", dtype, torch.optim.AdamW, ADAMW_KW, kw, device="cuda")
+    ref = run_sam("reference", torch.float64, torch.optim.AdamW, ADAMW_KW, kw, device="cuda")
+    for i, (x, y, z) in enumerate(zip(got[0], plain[0], ref[0])):
+        assert_2x_rule(x, y, z, name=f"param {i}")
+
+
+@pytest.mark.gpu
+def test_cuda_mask_and_nonfinite():
+    if not _ext.available("cuda"):
+        pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
+    n = 40000
+    offsets = [2**32 - 17000, 5]
+    params = [torch.zeros(n, device="cuda") for _ in offsets]
+    grads = [torch.ones(n, device="cuda") for _ in offsets]
+    w_old = [torch.empty_like(p) for p in params]
+    ok = F.sam_perturb_(params, grads, w_old, None, None, None, [1.0] * 2, [0.0] * 2, [False] * 2, offsets,
+                        swp_keep=0.37, seed=2**32 - 5, step=2**31 + 3, backend="cuda")
+    assert bool(ok)
+    for p, off in zip(params, offsets):
+        assert torch.equal((p != 0).cpu(), _philox.keep_mask(off, n, 2**32 - 5, 2**31 + 3, 0.37))
+    grads[1][123] = float("inf")
+    before = [p.clone() for p in params]
+    ok = F.sam_perturb_(params, grads, w_old, None, None, None, [1.0] * 2, [0.0] * 2, [False] * 2, offsets,
+                        backend="cuda")
+    assert not bool(ok)
+    for p, b, wo in zip(params, before, w_old):
+        assert torch.equal(p, b) and torch.equal(wo, b)
+
+
+@pytest.mark.gpu
+def test_cuda_fused_twins_and_threads_free_determinism():
+    if not _ext.available("cuda"):
+        pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
+    outs = []
+    for _ in range(2):  # run twice: bitwise identical (no atomics on floats)
+        params, grads, w_old, g_old = [[None if t is None else t.cuda() for t in x]
+                                       for x in _fused_lists(torch.float32, 4)]
+        n = len(params)
+        m = [torch.zeros_like(p) for p in params]
+        v = [torch.zeros_like(p) for p in params]
+        steps = [torch.tensor(0.0) for _ in range(n)]
+        F.sam_restore_adam_(params, grads, w_old, g_old, m, v, None, steps, lr=1e-2, weight_decay=0.1,
+                            decoupled_weight_decay=True, gsam_alpha=0.4, backend="cuda")
+        outs.append(params)
+    ref = [[None if t is None else t.cuda() for t in x] for x in _fused_lists(torch.float32, 4)]
+    m = [torch.zeros_like(p) for p in ref[0]]
+    v = [torch.zeros_like(p) for p in ref[0]]
+    R.sam_restore_adam_(ref[0], ref[1], ref[2], ref[3], m, v, None, [torch.tensor(0.0) for _ in ref[0]], lr=1e-2,
+                        weight_decay=0.1, decoupled_weight_decay=True, gsam_alpha=0.4)
+    for x, y, z in zip(outs[0], outs[1], ref[0]):
+        assert bits_equal(x, y)
+        assert_close(x, z, rtol=5e-6)

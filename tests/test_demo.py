@@ -1,0 +1,176 @@
+"""The demo (fastsam.demo), its toy (fastsam.toy) and model (fastsam.models) on tiny configs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastsam
+from fastsam import demo
+from fastsam.models import TinyViT
+from fastsam.toy import (
+    DisentangledNet,
+    ToyConfig,
+    bce_loss,
+    lsam_optimizer,
+    make_two_feature_data,
+    threshold_probe_error,
+    train_toy,
+)
+
+
+# ------------------------------------------------------------------------------------ toy
+def test_two_feature_data_follows_the_paper() -> None:
+    cfg = ToyConfig(complexity=360.0)
+    x, y = make_two_feature_data(1000, cfg, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (1000, 4) and y.shape == (1000,)
+    assert int(y.sum()) == 500  # balanced
+    s = 2 * y - 1
+    # easy feature: a_easy * [z, z], sign of z = label, |z| <= 1
+    assert torch.equal(x[:, 0], x[:, 1])
+    assert bool((torch.sign(x[:, 0]) == s).all()) and float(x[:, 0].abs().max()) <= cfg.a_easy
+    # hard feature: a_hard * |z| * (unit vector) + U([0, 0.5]^2) noise, |z| <= 2 pi chi / 360
+    r_max = cfg.a_hard * 2 * math.pi * cfg.complexity / 360
+    assert float((x[:, 2:] - cfg.noise / 2).norm(dim=1).max()) <= r_max + cfg.noise / math.sqrt(2) + 1e-5
+
+
+def test_threshold_probe_error() -> None:
+    s = torch.arange(10.0)
+    y = (s >= 5).float()
+    assert threshold_probe_error(s, y, s, y) == 0.0
+    assert threshold_probe_error(-s, y, -s, y) == 0.0  # the probe picks the sign
+    assert threshold_probe_error(s, y, s, 1 - y) == 1.0
+    g = torch.Generator().manual_seed(0)
+    noise = threshold_probe_error(torch.randn(2000, generator=g), (torch.rand(2000, generator=g) < 0.5).float(),
+                                  torch.randn(2000, generator=g), (torch.rand(2000, generator=g) < 0.5).float())
+    assert 0.4 < noise < 0.6
+
+
+def test_disentangled_net_features() -> None:
+    torch.manual_seed(0)
+    m = DisentangledNet(hidden=8)
+    x = torch.randn(5, 4)
+    f = m.features(x)
+    zeros = torch.zeros(5, 2)
+    torch.testing.assert_close(f[:, 0], m.phi(torch.cat([x[:, :2], zeros], 1))[:, 0])
+    torch.testing.assert_close(f[:, 1], m.phi(torch.cat([zeros, x[:, 2:]], 1))[:, 0])
+    torch.testing.assert_close(m(x), f @ m.head.weight[0])
+
+
+def test_lsam_perturbs_only_the_last_layer() -> None:
+    """The ascent step moves v (by exactly rho) and nothing else; the descent updates everything."""
+    torch.manual_seed(0)
+    model = DisentangledNet(hidden=16)
+    x, y = make_two_feature_data(20, ToyConfig(), generator=torch.Generator().manual_seed(1))
+    rho = 0.3
+    opt = lsam_optimizer(model, rho, lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # by hand: the perturbed point
+    bce_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    for n, p in model.named_parameters():
+        if n.startswith("phi."):
+            assert torch.equal(p, before[n]), n
+    dv = model.head.weight - before["head.weight"]
+    torch.testing.assert_close(dv.norm(), torch.tensor(rho), rtol=1e-5, atol=0)
+    opt.restore()
+
+    # through sam_step: record the weights the second forward pass sees
+    seen: list[dict[str, torch.Tensor]] = []
+    hook = model.head.register_forward_pre_hook(
+        lambda mod, inp: seen.append({n: p.detach().clone() for n, p in model.named_parameters()}))
+    fastsam.sam_step(model, opt, x, y, bce_loss)
+    hook.remove()
+    assert len(seen) == 2  # the pass at w, the pass at w + e
+    for n in before:
+        if n.startswith("phi."):
+            assert torch.equal(seen[1][n], before[n]), n  # not perturbed ...
+            assert not torch.equal(dict(model.named_parameters())[n], before[n]), n  # ... but updated
+    torch.testing.assert_close((seen[1]["head.weight"] - before["head.weight"]).norm(), torch.tensor(rho))
+
+
+def test_train_toy_runs_and_reports() -> None:
+    cfg = ToyConfig(n_train=40, n_test=200, hidden=8, epochs=2)
+    for rho in (0.0, 0.5):
+        r = train_toy(rho, seed=0, cfg=cfg)
+        assert r["steps"] == 2 * 2  # 40 points / batch 20, 2 epochs
+        for k in ("hard_probe_error", "easy_probe_error", "hard_sign_error", "test_error"):
+            assert 0.0 <= r[k] <= 1.0
+    a, b = train_toy(0.5, 3, cfg), train_toy(0.5, 3, cfg)
+    a.pop("train_s"), b.pop("train_s")
+    assert a == b  # a pure function of (rho, seed, cfg)
+
+
+# ------------------------------------------------------------------------------------ model
+def test_tiny_vit() -> None:
+    m = TinyViT()
+    assert 5_000 < m.num_parameters() < 50_000
+    x = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
+    # 4x4 patches: 4 tokens; patch 1 is the top-right 4x4 block of the 8x8 image, row-major
+    assert m.patchify(x).shape == (2, 4, 16)
+    assert m.patchify(x)[0, 1].tolist() == [4.0, 5.0, 6.0, 7.0, 12.0, 13.0, 14.0, 15.0,
+                                            20.0, 21.0, 22.0, 23.0, 28.0, 29.0, 30.0, 31.0]
+    assert TinyViT(patch_size=2).patchify(x)[0, 0].tolist() == [0.0, 1.0, 8.0, 9.0]
+    assert m(x).shape == (2, 10)
+    assert m(x.view(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        TinyViT(image_size=8, patch_size=3)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_main_tiny_run_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    rc = demo.main(["--quick", "--epochs", "1", "--steps", "5", "--seeds", "1", "--toy-epochs", "1", "--toy-seeds", "1",
+                    "--toy-rhos", "0,0.5", "--workers", "0", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"fastsam", "torch", "device", "toy", "digits", "elapsed_s"} <= set(res)
+    toy = res["toy"]
+    assert [r["rho"] for r in toy["summary"]] == [0.0, 0.5]
+    assert [r["method"] for r in toy["summary"]] == ["SGD", "LSAM"]
+    rows = {v["name"]: v for v in res["digits"]["variants"]}
+    assert list(rows) == list(demo.VARIANTS)
+    for name, v in rows.items():
+        assert 0.0 <= v["test_acc_mean"] <= 1.0 and v["test_acc_std"] == 0.0, name
+        assert v["ms_per_step"] > 0 and math.isfinite(v["runs"][0]["final_train_loss"]), name
+        assert v["skipped_steps"] == 0, name
+        assert v["backend"] == ("torch" if name == "base" else fastsam.functional.resolve_backend("auto", "cpu")
+                                + (" + reference loss" if name in ("sam+obf", "sam+bisam") else "")), name
+    assert rows["base"]["runs"][0]["steps"] == 5
+    printed = capsys.readouterr().out
+    assert "| SAM+BiSAM |" in printed and "| LSAM |" in printed and "results.json" in printed
+
+
+def test_main_rejects_unknown_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--variants", "sam,bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'bogus'" in err and all(n in err for n in demo.VARIANTS)
+
+
+@pytest.mark.parametrize("text,seeds", [("3", [0, 1, 2]), ("0,5,7", [0, 5, 7])])
+def test_parse_seeds(text: str, seeds: list[int]) -> None:
+    assert demo._parse_seeds(text) == seeds
+
+
+def test_toy_sweep_in_worker_processes_matches_in_process() -> None:
+    """Each run is a pure function of (rho, seed): worker processes give the same numbers."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    cfg = ToyConfig(n_train=40, n_test=200, hidden=8, epochs=2)
+    here = demo.run_toy([0.0, 0.5], [0, 1], cfg, torch.device("cpu"), progress=False)
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=demo._init_worker) as pool:
+        there = demo.run_toy([0.0, 0.5], [0, 1], cfg, torch.device("cpu"), pool=pool, progress=False)
+    for a, b in zip(here["runs"], there["runs"]):
+        assert (a["rho"], a["seed"]) == (b["rho"], b["seed"])
+        assert a["hard_probe_error"] == b["hard_probe_error"] and a["v_hard"] == pytest.approx(b["v_hard"], abs=1e-6)
