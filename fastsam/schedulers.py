@@ -11,8 +11,9 @@ class ProportionalRho:
     """rho proportional to the learning rate, clamped at 0 (GSAM / OBF recipes).
 
     Per param group: ``rho = min_rho + (max_rho - min_rho) * (lr - min_lr) / (max_lr - min_lr)``,
-    then ``max(rho, 0)``. ``max_lr`` and ``max_rho`` default to each group's ``lr`` and ``rho``
-    at construction; groups created with ``rho = 0`` (LSAM: not perturbed) stay at 0.
+    then ``max(rho, 0)``. ``max_lr`` and ``max_rho`` default to each group's ``initial_lr`` (set
+    by torch's LR schedulers; else ``lr``) and ``rho`` at construction; groups created with
+    ``rho = 0`` (LSAM: not perturbed) stay at 0.
     Call :meth:`step` after the LR scheduler's ``step()``.
 
     ::
@@ -34,7 +35,9 @@ class ProportionalRho:
         for g in optimizer.param_groups:
             if "rho" not in g:
                 raise ValueError("optimizer must be a fastsam.SAM (its param groups carry 'rho')")
-            hi_lr = float(g["lr"] if max_lr is None else max_lr)
+            # torch's LR schedulers record the undecayed lr as "initial_lr": a scheduler with
+            # warmup has already lowered "lr" by the time this is built
+            hi_lr = float(g.get("initial_lr", g["lr"]) if max_lr is None else max_lr)
             if hi_lr <= self.min_lr:
                 raise ValueError(f"max_lr must be > min_lr, got max_lr={hi_lr!r}, min_lr={self.min_lr!r}")
             hi_rho = float(g["rho"] if max_rho is None else max_rho) if g["rho"] > 0 else 0.0

@@ -73,6 +73,7 @@ class ToyConfig:
     lr: float = 0.05  # paper: 0.01 at batch 5 (scaled with the batch size here)
     epochs: int = 25  # not given in the paper (longer runs let |v| grow and shrink rho's relative effect)
     test_seed: int = 2**20  # the test set is the same for every run (seed-independent)
+    backend: str = "auto"  # fastsam.SAM backend of the LSAM runs
 
 
 def make_two_feature_data(
@@ -123,11 +124,11 @@ def bce_loss(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
 
 
-def lsam_optimizer(model: DisentangledNet, rho: float, lr: float) -> SAM:
+def lsam_optimizer(model: DisentangledNet, rho: float, lr: float, backend: str = "auto") -> SAM:
     """LSAM over plain SGD: ``phi`` in a ``rho = 0`` group (updated, never perturbed), ``v`` perturbed."""
     groups = [{"params": list(model.phi.parameters()), "rho": 0.0},
               {"params": list(model.head.parameters()), "rho": float(rho)}]
-    return SAM(groups, torch.optim.SGD, lr=lr)
+    return SAM(groups, torch.optim.SGD, lr=lr, backend=backend)
 
 
 def threshold_probe_error(score_fit: Tensor, y_fit: Tensor, score_eval: Tensor, y_eval: Tensor) -> float:
@@ -194,7 +195,7 @@ def train_toy(
     torch.manual_seed(seed)
     model = DisentangledNet(cfg.hidden).to(device)
     opt: torch.optim.Optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr) if rho == 0
-                                  else lsam_optimizer(model, rho, cfg.lr))
+                                  else lsam_optimizer(model, rho, cfg.lr, cfg.backend))
     steps = 0
     t0 = time.perf_counter()
     for _ in range(cfg.epochs):

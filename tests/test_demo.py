@@ -167,10 +167,50 @@ def test_toy_sweep_in_worker_processes_matches_in_process() -> None:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    cfg = ToyConfig(n_train=40, n_test=200, hidden=8, epochs=2)
+    # foreach: a worker must not JIT-build the C++ extension (tens of seconds after a csrc change)
+    cfg = ToyConfig(n_train=40, n_test=200, hidden=8, epochs=2, backend="foreach")
     here = demo.run_toy([0.0, 0.5], [0, 1], cfg, torch.device("cpu"), progress=False)
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=demo._init_worker) as pool:
         there = demo.run_toy([0.0, 0.5], [0, 1], cfg, torch.device("cpu"), pool=pool, progress=False)
     for a, b in zip(here["runs"], there["runs"]):
         assert (a["rho"], a["seed"]) == (b["rho"], b["seed"])
         assert a["hard_probe_error"] == b["hard_probe_error"] and a["v_hard"] == pytest.approx(b["v_hard"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ bench tables
+def _bench_module(name: str):
+    import importlib
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"bench.{name}")
+
+
+def test_make_tables_block_and_generic_rows(tmp_path: Path) -> None:
+    mt = _bench_module("make_tables")
+    text = "intro\n<!-- perf:begin -->\nold\n<!-- perf:end -->\noutro\n"
+    assert mt.replace_block(text, "new") == "intro\n<!-- perf:begin -->\nnew\n<!-- perf:end -->\noutro\n"
+    assert mt.replace_block("no markers", "new") is None
+    # nested layouts of other benchmarks: scalars of every level become columns
+    res = {"device": "cpu", "cases": [{"preset": "tiny", "impls": {"a": {"ms": 1.0}, "b": {"ms": 2.0}}}]}
+    assert mt.find_rows(res) == [{"device": "cpu", "preset": "tiny", "impls": "a", "ms": 1.0},
+                                 {"device": "cpu", "preset": "tiny", "impls": "b", "ms": 2.0}]
+    assert mt.find_rows({"by": {"1": {"m": {"x": {"ms": 3.0}}}}}) == [{"by": "1", "m": "x", "ms": 3.0}]
+    table = mt.table(mt.find_rows(res))
+    assert "device: cpu; preset: tiny" in table and "| impls | ms |" in table
+    # a results folder -> the block, with the environment line
+    env = {"cpu": "X", "cpu_count": 2, "torch_threads": 1, "torch": "2", "commit": "abc", "date": "today"}
+    (tmp_path / "r.json").write_text(json.dumps({"env": env, "results": {"rows": [{"k": 1}, {"k": 2}]}}))
+    block = mt.build_block(tmp_path)
+    assert "### r" in block and "Measured on X (2 cores, 1 torch thread)" in block and "| 2 |" in block
+
+
+def test_run_all_converts_pytest_benchmark_json() -> None:
+    ra = _bench_module("run_all")
+    raw = {"version": "5", "benchmarks": [{"group": "g", "name": "t", "extra_info": {"impl": "foreach"}, "stats": {
+        "median": 0.002, "mean": 0.0021, "stddev": 0.0001, "min": 0.0019, "iqr": 0.0002, "rounds": 9,
+        "iterations": 3}}]}
+    row = ra.convert_pytest_benchmark(raw)["rows"][0]
+    assert row["impl"] == "foreach" and row["median_ms"] == pytest.approx(2.0) and row["rounds"] == 9

@@ -317,6 +317,21 @@ def test_proportional_rho():
         fastsam.ProportionalRho(opt, max_lr=0.01, min_lr=0.05)
 
 
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+def test_proportional_rho_after_warmup_scheduler():
+    """Built after a warmup scheduler lowered lr: max_lr must be the undecayed lr."""
+    m = torch.nn.Linear(4, 2)
+    opt = fastsam.GSAM(m.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 21 if s < 21 else 1.0)
+    rs = fastsam.ProportionalRho(opt)
+    seen = []
+    for _ in range(30):
+        sched.step()
+        seen.append(rs.step()[0])
+    assert max(seen) == pytest.approx(0.05)
+    assert seen[0] == pytest.approx(0.05 * 2 / 21)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
