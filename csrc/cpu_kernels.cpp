@@ -480,6 +480,51 @@ void combine_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
   for (int64_t i = b; i < e; ++i) io::st(g, i, coef * io::ld(g, i) - alpha * io::ld(go, i));
 }
 
+// m-SAM micro-batch (see fastsam.reference.sam_restore_accumulate_): w <- w_old (when perturbed),
+// acc <- scale * ((0 if reset else acc) + weight * g), g GSAM-combined (not written back), 0 without g.
+template <class Tag, bool GS, bool HAS_G, bool RESET>
+void accum_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
+  using io = IO<Tag>;
+  using S = typename io::S;
+  using C = typename io::C;
+  S* acc = static_cast<S*>(r.s1);
+  const S* g = static_cast<const S*>(r.g);
+  const S* go = static_cast<const S*>(r.g_old);
+  const C weight = static_cast<C>(r.hyp[0]), scale = static_cast<C>(r.hyp[1]);
+  const C coef = static_cast<C>(k.coef), alpha = static_cast<C>(k.alpha);
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) {
+    C v = C(0);
+    if constexpr (HAS_G) {
+      C gv = io::ld(g, i);
+      if constexpr (GS) gv = coef * gv - alpha * io::ld(go, i);
+      v = weight * gv;
+    }
+    if constexpr (!RESET) v = io::ld(acc, i) + v;
+    io::st(acc, i, scale * v);
+  }
+}
+
+template <class Tag>
+void accum_dispatch(const StepRow& r, int64_t b, int64_t e, bool gs, const StepConst& k) {
+  if (r.w_old != nullptr) {
+    const size_t es = sizeof(typename IO<Tag>::S);
+    copy_bytes(static_cast<char*>(r.w) + b * es, static_cast<const char*>(r.w_old) + b * es, (e - b) * es, k.nt);
+  }
+  if (r.s1 == nullptr) return;
+  const bool reset = r.fresh != 0;
+  if (r.g == nullptr) {
+    if (reset) accum_item<Tag, false, false, true>(r, b, e, k);
+    else accum_item<Tag, false, false, false>(r, b, e, k);
+  } else if (gs) {
+    if (reset) accum_item<Tag, true, true, true>(r, b, e, k);
+    else accum_item<Tag, true, true, false>(r, b, e, k);
+  } else {
+    if (reset) accum_item<Tag, false, true, true>(r, b, e, k);
+    else accum_item<Tag, false, true, false>(r, b, e, k);
+  }
+}
+
 template <class Tag>
 void gsam_sums_item(const StepRow& r, int64_t b, int64_t e, double* out) {
   using io = IO<Tag>;
@@ -504,6 +549,10 @@ void step_item(const StepRow& r, int64_t b, int64_t e, const StepScalars& s, con
   const bool gs = s.gsam && r.g != nullptr && r.g_old != nullptr;
   if (s.mode == kModeCombine) {
     if (gs) combine_item<Tag>(r, b, e, k);
+    return;
+  }
+  if (s.mode == kModeAccum) {
+    accum_dispatch<Tag>(r, b, e, gs, k);
     return;
   }
   if (r.g == nullptr || s.mode == kModeRestore) {

@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) gsam_sums_kernel(const StepRow* rows
   }
 }
 
-// MODE: kModeRestore / kModeCombine (copies and the GSAM combine), kModeSGD, kModeAdam.
+// MODE: kModeRestore / kModeCombine (copies and the GSAM combine), kModeSGD, kModeAdam, kModeAccum.
 template <class Tag, int MODE>
 __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* rows, const Item* items, int64_t count,
                                                                StepScalars s, const double* part, int64_t nslots) {
@@ -332,6 +332,32 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
     const S* go = static_cast<const S*>(r.g_old);
     const int64_t stride = static_cast<int64_t>(kThreads) * N;
     const int64_t first = start + static_cast<int64_t>(threadIdx.x) * N;
+    if (MODE == kModeAccum) {  // m-SAM micro-batch: restore, acc <- scale * ((reset ? 0 : acc) + weight * g)
+      S* acc = static_cast<S*>(r.s1);
+      const C weight = static_cast<C>(r.hyp[0]), scale = static_cast<C>(r.hyp[1]);
+      const bool reset = r.fresh != 0;
+      for (int64_t i = first; i < end; i += stride) {
+        if (wo != nullptr) stp(w, i, end, vec, ldp(wo, i, end, vec));
+        if (acc == nullptr) continue;
+        Pack<S> ap{}, gp{}, gop{};
+        if (!reset) ap = ldp(acc, i, end, vec);
+        if (g != nullptr) gp = ldp(g, i, end, vec);
+        if (gs) gop = ldp(go, i, end, vec);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          C v = C(0);
+          if (g != nullptr) {
+            C gv = io::cv(gp.v[j]);
+            if (gs) gv = coef * gv - alpha * io::cv(gop.v[j]);
+            v = weight * gv;
+          }
+          if (!reset) v = io::cv(ap.v[j]) + v;
+          ap.v[j] = io::to(scale * v);
+        }
+        stp(acc, i, end, vec, ap);
+      }
+      continue;
+    }
     if (MODE == kModeRestore || MODE == kModeCombine || g == nullptr) {
       for (int64_t i = first; i < end; i += stride) {
         if (MODE != kModeCombine && wo != nullptr) stp(w, i, end, vec, ldp(wo, i, end, vec));
@@ -476,6 +502,9 @@ struct LaunchStep {
       case kModeAdam: second_step_kernel<Tag, kModeAdam><<<g, b, 0, st>>>(rows, items, count, s, part, nslots); break;
       case kModeCombine:
         second_step_kernel<Tag, kModeCombine><<<g, b, 0, st>>>(rows, items, count, s, part, nslots);
+        break;
+      case kModeAccum:
+        second_step_kernel<Tag, kModeAccum><<<g, b, 0, st>>>(rows, items, count, s, part, nslots);
         break;
       default: second_step_kernel<Tag, kModeRestore><<<g, b, 0, st>>>(rows, items, count, s, part, nslots); break;
     }

@@ -51,10 +51,13 @@ struct PerturbScalars {
 };
 
 // ---------------------------------------------------------------------------------- second step
-enum StepMode : int32_t { kModeRestore = 0, kModeSGD = 1, kModeAdam = 2, kModeCombine = 3 };
+enum StepMode : int32_t { kModeRestore = 0, kModeSGD = 1, kModeAdam = 2, kModeCombine = 3, kModeAccum = 4 };
 
 // SGD hyp:  lr, weight_decay, momentum, 1 - dampening, -, -, -, -
 // Adam hyp: weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd
+// Accum hyp (m-SAM micro-batch): weight, scale, -, ...; fresh = reset. Rows with s1 (the accumulator):
+//   s1 <- scale * ((0 if reset else s1) + weight * g), g the GSAM-combined gradient (not written back), 0 if
+//   the row has no gradient; every row with w_old is restored.
 constexpr int kNumHyp = 8;
 
 struct StepRow {
@@ -62,13 +65,13 @@ struct StepRow {
   void* g;             // gradient (nullptr: no update, restore only); GSAM writes the combined one back
   const void* w_old;   // restore source (nullptr: not perturbed, the update starts from w)
   const void* g_old;   // GSAM first-step gradient (nullptr: not combined)
-  void* s1;            // SGD momentum buffer / Adam exp_avg
+  void* s1;            // SGD momentum buffer / Adam exp_avg / accumulator (kModeAccum)
   void* s2;            // Adam exp_avg_sq
   void* s3;            // Adam max_exp_avg_sq (amsgrad)
   int64_t numel;
   double hyp[kNumHyp];
   int32_t dtype;
-  int32_t fresh;       // SGD: momentum buffer not initialised yet (buf = d)
+  int32_t fresh;       // SGD: momentum buffer not initialised yet (buf = d); kModeAccum: reset
   int32_t vec;         // CUDA: every pointer of the row is 16-byte aligned (vector loads/stores)
   int32_t pad_;
 };

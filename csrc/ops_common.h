@@ -17,7 +17,8 @@
 //     Optional per-tensor entries travel as dense lists plus the index of the parameter each
 //     belongs to (schemas have no list of optional tensors that can be mutated). hyp holds
 //     kNumHyp floats per parameter (see kernels.h). mode: kernels.h StepMode; in kModeCombine
-//     params are the gradients themselves and only g <- coef * g - alpha * g_old is done.
+//     params are the gradients themselves and only g <- coef * g - alpha * g_old is done; in
+//     kModeAccum s1 holds the accumulators (grads only read), hyp[0..1] = weight, scale, fresh = reset.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -171,9 +172,9 @@ inline StepArgs step_rows(int64_t mode, at::TensorList params, at::TensorList gr
                           at::ArrayRef<double> hyp, at::IntArrayRef fresh, double alpha, bool nesterov,
                           bool maximize, bool amsgrad, bool decoupled, bool nt, c10::DeviceType dev) {
   const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(mode >= kModeRestore && mode <= kModeCombine, "fastsam: bad second-step mode ", mode);
+  TORCH_CHECK(mode >= kModeRestore && mode <= kModeAccum, "fastsam: bad second-step mode ", mode);
   const bool updates = mode == kModeSGD || mode == kModeAdam;
-  TORCH_CHECK(!updates || (static_cast<int64_t>(hyp.size()) == n * kNumHyp &&
+  TORCH_CHECK(!(updates || mode == kModeAccum) || (static_cast<int64_t>(hyp.size()) == n * kNumHyp &&
                            static_cast<int64_t>(fresh.size()) == n),
               "fastsam: hyp must hold ", kNumHyp, " values and fresh one per parameter");
   const auto G = scatter(grads, grad_idx, n, "grads");
@@ -206,6 +207,16 @@ inline StepArgs step_rows(int64_t mode, at::TensorList params, at::TensorList gr
       r.g_old = GO[i]->data_ptr();
     }
     any_pair = any_pair || (r.g != nullptr && r.g_old != nullptr);
+    if (mode == kModeAccum) {
+      TORCH_CHECK(r.g == nullptr || A[i] != nullptr, "fastsam: params[", i, "] has a gradient but no acc buffer");
+      if (A[i]) {
+        check_companion(*A[i], w, "acc", i);
+        r.s1 = A[i]->data_ptr();
+        for (int k = 0; k < kNumHyp; ++k) r.hyp[k] = hyp[i * kNumHyp + k];
+        r.fresh = fresh[i] != 0;
+      }
+      continue;
+    }
     if (updates && r.g != nullptr) {
       for (int k = 0; k < kNumHyp; ++k) r.hyp[k] = hyp[i * kNumHyp + k];
       r.fresh = fresh[i] != 0;

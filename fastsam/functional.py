@@ -1,9 +1,10 @@
 """One dispatcher per fused SAM op; every backend implements the same signature.
 
-Backends are modules exposing ``sam_perturb_``, ``gsam_combine_`` and ``sam_restore_`` with the
-signatures of :mod:`fastsam.reference` (the definition of correct). Backends with
-``FUSED_UPDATES = True`` (triton) also implement the fused second step for torch's SGD and
-Adam/AdamW (``sam_restore_sgd_``, ``sam_restore_adam_``; the reference twins define them).
+Backends are modules exposing ``sam_perturb_``, ``gsam_combine_``, ``sam_restore_`` and
+``sam_restore_accumulate_`` (m-SAM micro-batches) with the signatures of :mod:`fastsam.reference`
+(the definition of correct). Backends with ``FUSED_UPDATES = True`` (triton, cpp, cuda) also
+implement the fused second step for torch's SGD and Adam/AdamW (``sam_restore_sgd_``,
+``sam_restore_adam_``; the reference twins define them).
 ``resolve_backend`` turns a user's ``backend=`` choice into the name of an available
 implementation; an explicitly requested backend that is not available is an error, never a
 silent fallback.
@@ -214,6 +215,28 @@ def sam_restore_(params: list[Tensor], w_old: list[Tensor], *, backend: str = "a
     """``w <- w_old`` exactly."""
     dev = params[0].device if params else None
     _impl(resolve_backend(backend, dev)).sam_restore_(params, w_old)
+
+
+def sam_restore_accumulate_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    acc: list[Tensor | None],
+    reset: list[bool],
+    *,
+    weight: float,
+    scale: float = 1.0,
+    gsam_alpha: float = 0.0,
+    backend: str = "auto",
+) -> None:
+    """m-SAM per micro-batch in one pass: ``w <- w_old``, GSAM combine (``grads`` only read),
+    ``acc <- scale * ((0 if reset else acc) + weight * g)``; see
+    :func:`fastsam.reference.sam_restore_accumulate_`."""
+    dev = params[0].device if params else None
+    _impl(resolve_backend(backend, dev)).sam_restore_accumulate_(
+        params, grads, w_old, g_old, acc, reset, weight=weight, scale=scale, gsam_alpha=gsam_alpha,
+    )
 
 
 def _fused_impl(backend: str, dev: torch.device | None, op: str) -> ModuleType:

@@ -202,12 +202,13 @@ def _per_tensor(x: float | list[float] | tuple[float, ...], n: int, name: str) -
 
 
 def _gsam_combined64(
-    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float
+    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float, write_back: bool = True
 ) -> list[Tensor | None]:
     """float64 combined gradients (None where the tensor has no gradient); GSAM when alpha > 0.
 
     ``gs' = gs - alpha * (g_old - cos * |g_old| * gs / (|gs| + 1e-12))`` over the tensors with
-    both ``g_old`` and ``grads``; the others keep ``gs``.
+    both ``g_old`` and ``grads``; the others keep ``gs``. ``write_back``: also store ``gs'``
+    into ``grads`` (rounded to their dtype).
     """
     f64 = torch.float64
     out: list[Tensor | None] = [None if g is None else g.to(f64) for g in grads]
@@ -230,8 +231,57 @@ def _gsam_combined64(
     for i in pairs:
         gs64, go64 = out[i], g_old[i].to(f64)  # type: ignore[union-attr]
         out[i] = gs64 - alpha * (go64 - cos * n_old * gs64 / (n_new + PERTURB_EPS))  # type: ignore[operator]
-        grads[i].copy_(out[i])  # type: ignore[union-attr,arg-type]
+        if write_back:
+            grads[i].copy_(out[i])  # type: ignore[union-attr,arg-type]
     return out
+
+
+@torch.no_grad()
+def sam_restore_accumulate_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    acc: list[Tensor | None],
+    reset: list[bool],
+    *,
+    weight: float,
+    scale: float = 1.0,
+    gsam_alpha: float = 0.0,
+) -> None:
+    """m-SAM, once per micro-batch: restore + GSAM combine + gradient accumulation, in float64.
+
+    Per tensor ``i`` (lists aligned with ``params``; ``g_i`` the GSAM-combined gradient of
+    :func:`_gsam_combined64`, or 0 where ``grads[i] is None``)::
+
+        w_i   <- w_old_i                                            (if w_old[i] is not None)
+        acc_i <- scale * ((0 if reset[i] else acc_i) + weight * g_i)   (if acc[i] is not None)
+
+    ``grads`` are only read (the combined gradient goes into ``acc``, not back into ``.grad``).
+    Every tensor with a gradient needs an ``acc`` entry (same shape and dtype as the parameter).
+    A training step calls it with ``weight = n_k / n_ref`` per micro-batch ``k`` and, on the last
+    micro-batch before the base update, ``scale = n_ref / sum(n_k)``, so ``acc`` ends as the
+    size-weighted mean of the micro-batch gradients with one rounding per micro-batch.
+    """
+    n = len(params)
+    if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
+        raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
+    for i in range(n):
+        if grads[i] is not None and acc[i] is None:
+            raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
+    f64 = torch.float64
+    gs = _gsam_combined64(grads, g_old, gsam_alpha, write_back=False)
+    for i, w in enumerate(params):
+        if w_old[i] is not None:
+            w.copy_(w_old[i])  # type: ignore[arg-type]
+        a = acc[i]
+        if a is None:
+            continue
+        g = gs[i]
+        v = torch.zeros(a.shape, dtype=f64, device=a.device) if g is None else weight * g
+        if not reset[i]:
+            v = a.to(f64) + v
+        a.copy_(scale * v)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,14 +241,19 @@ def sam_step(
     step0 = optimizer._sam_step
     keys: list[_ScalerKey] = list(accum["keys"]) if accum else []
     flags: list[Tensor] = list(accum["flags"]) if accum else []
+    # Micro-batch gradients are summed by optimizer.accumulate() (restore + GSAM + acc in one
+    # pass on fused backends) with weight n_k / ref; the last one of an update scales the sum by
+    # ref / (all samples since the accumulation began), so .grad ends as the size-weighted mean.
+    ref = float(accum["ref"]) if accum else float(B)
+    samples = (accum["samples"] if accum else 0) + B
+    # one micro-batch, no accumulation: .grad already is the final gradient (no copy)
+    keep_grad = len(bounds) == 1 and update and accum is None
     outs: list[Any] = []
     loss2_sum: Tensor | None = None
     loss1_sum: Tensor | None = None
     n2_total = 0
-    acc_params: list[Tensor] | None = None
-    acc_bufs: list[Tensor] | None = None
     try:
-        for lo, hi in bounds:
+        for mb, (lo, hi) in enumerate(bounds):
             n_k = hi - lo
             x, y = inputs, targets
             if len(bounds) > 1:
@@ -296,37 +301,23 @@ def sam_step(
                     keys.append(k)
             if fast:
                 break
-            optimizer.restore(apply_gsam=True)
-            ps, gs = _grads(optimizer)
-            wk = n_k / B
-            if acc_params is None:
-                acc_params, acc_bufs = ps, torch._foreach_mul(gs, wk)
+            if keep_grad:
+                optimizer.restore(apply_gsam=True)
             else:
-                assert acc_bufs is not None
-                if len(ps) == len(acc_params) and all(a is b for a, b in zip(ps, acc_params)):
-                    torch._foreach_add_(acc_bufs, gs, alpha=wk)
-                else:  # the set of parameters with a gradient changed between micro-batches
-                    have = {id(p): i for i, p in enumerate(acc_params)}
-                    for p, g in zip(ps, gs):
-                        if id(p) in have:
-                            acc_bufs[have[id(p)]].add_(g, alpha=wk)
-                        else:
-                            acc_params.append(p)
-                            acc_bufs.append(g * wk)
+                last = update and mb == len(bounds) - 1
+                optimizer.accumulate(n_k / ref, scale=ref / samples if last else 1.0)
 
-        if not fast:
+        if not fast and not keep_grad:
             optimizer.zero_grad(set_to_none=True)
-            if acc_params is not None:
-                assert acc_bufs is not None
-                for p, g in zip(acc_params, acc_bufs):
-                    p.grad = g
+            if update:
+                optimizer.load_accumulated()
 
         assert loss1_sum is not None and loss2_sum is not None
         if not update:
-            _accumulate(optimizer, B, keys, flags)
+            optimizer._fastsam_accum = {"ref": ref, "samples": samples, "keys": keys, "flags": flags}  # type: ignore
             return SAMStepResult(loss2_sum, loss1_sum, False, False, _cat(outs), n2_total)
         if accum is not None:
-            _merge_accumulated(optimizer, accum, B)
+            del optimizer._fastsam_accum  # type: ignore[attr-defined]
 
         ps, gs = _grads(optimizer)
         if manual_sync and gs:
@@ -363,44 +354,9 @@ def sam_step(
     except BaseException:
         optimizer.restore()
         optimizer.zero_grad(set_to_none=True)
+        optimizer.clear_accumulated()
         _drop_keys(scaler, keys)
         if hasattr(optimizer, "_fastsam_accum"):
             del optimizer._fastsam_accum
         raise
 
-
-def _accumulate(optimizer: SAM, B: int, keys: Sequence[_ScalerKey], flags: Sequence[Tensor]) -> None:
-    """Add ``B * grad`` to the optimizer's accumulation buffers and clear ``.grad``."""
-    ps, gs = _grads(optimizer)
-    acc = getattr(optimizer, "_fastsam_accum", None)
-    if acc is None:
-        acc = {"params": ps, "bufs": torch._foreach_mul(gs, float(B)) if gs else [], "weight": 0.0}
-    else:
-        have = {id(p): i for i, p in enumerate(acc["params"])}
-        for p, g in zip(ps, gs):
-            if id(p) in have:
-                acc["bufs"][have[id(p)]].add_(g, alpha=float(B))
-            else:
-                acc["params"].append(p)
-                acc["bufs"].append(g * float(B))
-    acc["weight"] += B
-    acc["keys"] = list(keys)
-    acc["flags"] = list(flags)
-    optimizer._fastsam_accum = acc  # type: ignore[attr-defined]
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _merge_accumulated(optimizer: SAM, acc: dict[str, Any], B: int) -> None:
-    """``.grad <- (sum_c B_c g_c + B g) / (sum_c B_c + B)`` and clear the buffers."""
-    ps, gs = _grads(optimizer)
-    have = {id(p): i for i, p in enumerate(acc["params"])}
-    total = acc["weight"] + B
-    for p, g in zip(ps, gs):
-        if id(p) in have:
-            buf = acc["bufs"][have.pop(id(p))]
-            p.grad = buf.add_(g, alpha=float(B)).div_(total)
-        else:
-            p.grad = g.mul(B / total)
-    for i in have.values():  # accumulated earlier, no gradient in this call
-        acc["params"][i].grad = acc["bufs"][i].div_(total)
-    del optimizer._fastsam_accum  # type: ignore[attr-defined]

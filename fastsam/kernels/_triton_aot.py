@@ -51,7 +51,9 @@ def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
         for mode, gsam, nest, maxi, ams, dec in ((0, True, False, False, False, False),
                                                  (1, True, True, True, False, False),
                                                  (2, True, False, True, True, False),
-                                                 (2, False, False, False, False, True)):
+                                                 (2, False, False, False, False, True),
+                                                 (3, True, False, False, False, False),
+                                                 (3, False, False, False, False, False)):
             c4 = dict(base, MODE=mode, GSAM=gsam, NESTEROV=nest, MAXIMIZE=maxi, AMSGRAD=ams, DECOUPLED=dec,
                       RNE_BF16=False, PBLOCK=1024)
             names4 = ["tab", "ntab", "hyp", "scal", "blocks", "nblk", "part", "npart", "part_stride", *c4]

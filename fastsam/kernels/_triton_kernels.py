@@ -56,7 +56,8 @@ S_NCOL = tl.constexpr(8)
 S_NHYP = tl.constexpr(8)
 S_NSCAL = tl.constexpr(1)  # gsam_alpha
 
-MODE_RESTORE, MODE_SGD, MODE_ADAM = 0, 1, 2
+# Accumulate hyp (m-SAM micro-batches): weight, scale, reset (1: acc starts from 0)
+MODE_RESTORE, MODE_SGD, MODE_ADAM, MODE_ACCUM = 0, 1, 2, 3
 
 
 @triton.jit
@@ -276,7 +277,9 @@ def second_step_kernel(
     ``c = cos * |g_old| / (|gs| + 1e-12)``, written back to the gradient.
     MODE 0: restore (+ GSAM) only. MODE 1: torch.optim.SGD step; MODE 2: Adam / AdamW step (see
     :mod:`fastsam.reference` ``sam_restore_sgd_`` / ``sam_restore_adam_`` for the formulas).
-    Tensors without a gradient are only restored.
+    Tensors without a gradient are only restored. MODE 3 (m-SAM micro-batch): restore, then
+    ``acc = scale * ((0 if reset else acc) + weight * g)`` into column ``S_1`` with the combined
+    gradient (not written back: the caller discards ``.grad``); ``g = 0`` without a gradient.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -317,6 +320,31 @@ def second_step_kernel(
                         tl.store(pg + offs, _bf16_rne(coef * gs - alpha * go), mask=inb)
                     else:
                         tl.store(pg + offs, (coef * gs - alpha * go).to(DT), mask=inb)
+        elif MODE == 3:
+            if a_wo != 0:
+                tl.store(pw + offs, tl.load(src + offs, mask=inb), mask=inb)
+            a_acc = tl.load(row + S_1 * ntab)
+            if a_acc != 0:
+                weight = tl.load(hrow + 0 * ntab)
+                scale = tl.load(hrow + 1 * ntab)
+                reset = tl.load(hrow + 2 * ntab)
+                pa = a_acc.to(tl.pointer_type(DT))
+                val = tl.zeros([BLOCK], dtype=CT)
+                if a_g != 0:
+                    g = tl.load(a_g.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+                    if GSAM:
+                        a_go = tl.load(row + S_GOLD * ntab)
+                        if a_go != 0:
+                            go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+                            g = coef * g - alpha * go
+                    val = weight * g
+                if reset == 0:
+                    val = tl.load(pa + offs, mask=inb, other=0.0).to(CT) + val
+                val = scale * val
+                if RNE_BF16:
+                    tl.store(pa + offs, _bf16_rne(val), mask=inb)
+                else:
+                    tl.store(pa + offs, val.to(DT), mask=inb)
         else:
             w_raw = tl.load(src + offs, mask=inb, other=0.0)
             if a_g == 0:

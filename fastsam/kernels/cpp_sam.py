@@ -48,7 +48,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # cost that reuse.
 NT_MIN_BYTES = int(os.environ.get("FASTSAM_CPP_NT_MIN_BYTES", 64 << 20))
 
-_MODE_RESTORE, _MODE_SGD, _MODE_ADAM, _MODE_COMBINE = 0, 1, 2, 3
+_MODE_RESTORE, _MODE_SGD, _MODE_ADAM, _MODE_COMBINE, _MODE_ACCUM = 0, 1, 2, 3, 4
 _NUM_HYP = 8  # csrc/kernels.h kNumHyp
 _MASK32 = 0xFFFFFFFF
 
@@ -232,7 +232,7 @@ class CsrcBackend:
         st = _Staging()
         ps = st.many(params, True)
         use_gsam = gsam_alpha > 0 and g_old is not None
-        gd, gi = _dense(grads, st, use_gsam)
+        gd, gi = _dense(grads, st, use_gsam and mode != _MODE_ACCUM)
         wd_, wi = _dense(w_old, st, False)
         god, goi = _dense(g_old if use_gsam else None, st, False)
         ad, ai = _dense(s1, st, True)
@@ -343,6 +343,43 @@ class CsrcBackend:
                           maximize=maximize, amsgrad=amsgrad, decoupled=decoupled_weight_decay)
 
 
+    @torch.no_grad()
+    def sam_restore_accumulate_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        w_old: list[Tensor | None],
+        g_old: list[Tensor | None] | None,
+        acc: list[Tensor | None],
+        reset: list[bool],
+        *,
+        weight: float,
+        scale: float = 1.0,
+        gsam_alpha: float = 0.0,
+    ) -> None:
+        """m-SAM micro-batch in one call: restore, GSAM combine (``grads`` only read),
+        ``acc <- scale * ((0 if reset else acc) + weight * g)`` (formulas:
+        :func:`fastsam.reference.sam_restore_accumulate_`). 5 parameter-sized passes (8 with
+        GSAM) against 5 (10) for restore, combine and ``acc += weight * g`` as separate ops."""
+        n = len(params)
+        if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
+            raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
+        for i in range(n):
+            if grads[i] is not None and acc[i] is None:
+                raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
+        if n == 0:
+            return
+        self.check(params)
+        hyp = [0.0] * (n * _NUM_HYP)
+        for i in range(n):
+            if acc[i] is not None:
+                hyp[i * _NUM_HYP] = float(weight)
+                hyp[i * _NUM_HYP + 1] = float(scale)
+        fresh = [1 if r else 0 for r in reset]
+        self._second_step(_MODE_ACCUM, params, grads, w_old, g_old if gsam_alpha > 0 else None, acc, None, None,
+                          hyp, fresh, float(gsam_alpha) if gsam_alpha > 0 else 0.0)
+
+
 _BACKEND = CsrcBackend("cpu", "cpu", "cpp")
 
 sam_perturb_ = _BACKEND.sam_perturb_
@@ -350,6 +387,7 @@ gsam_combine_ = _BACKEND.gsam_combine_
 sam_restore_ = _BACKEND.sam_restore_
 sam_restore_sgd_ = _BACKEND.sam_restore_sgd_
 sam_restore_adam_ = _BACKEND.sam_restore_adam_
+sam_restore_accumulate_ = _BACKEND.sam_restore_accumulate_
 
 
 def available() -> bool:

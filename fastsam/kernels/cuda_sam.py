@@ -27,7 +27,7 @@ from .cpp_sam import SUPPORTED_DTYPES, CsrcBackend
 
 FUSED_UPDATES = True
 __all__ = ["FUSED_UPDATES", "SUPPORTED_DTYPES", "available", "gsam_combine_", "sam_perturb_", "sam_restore_",
-           "sam_restore_adam_", "sam_restore_sgd_"]
+           "sam_restore_accumulate_", "sam_restore_adam_", "sam_restore_sgd_"]
 
 _BACKEND = CsrcBackend("cuda", "cuda", "cuda")
 
@@ -36,6 +36,7 @@ gsam_combine_ = _BACKEND.gsam_combine_
 sam_restore_ = _BACKEND.sam_restore_
 sam_restore_sgd_ = _BACKEND.sam_restore_sgd_
 sam_restore_adam_ = _BACKEND.sam_restore_adam_
+sam_restore_accumulate_ = _BACKEND.sam_restore_accumulate_
 
 
 def available() -> bool:

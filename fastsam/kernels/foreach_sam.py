@@ -206,6 +206,12 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
     """
     if not grads:
         return
+    torch._foreach_mul_(grads, _gsam_coef(grads, g_old, alpha))
+    torch._foreach_add_(grads, g_old, alpha=-alpha)
+
+
+def _gsam_coef(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Tensor:
+    """0-dim ``1 + alpha * cos * |g_old| / (|gs| + eps)`` (device tensor, no host sync)."""
     dev = grads[0].device
     acc = _acc_dtype(grads)
     n_new = _global_norm(grads, 2, acc, dev)
@@ -214,9 +220,7 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
     pos = _global_norm(torch._foreach_clamp_min(prod, 0.0), 1, acc, dev)
     neg = _global_norm(torch._foreach_clamp_max(prod, 0.0), 1, acc, dev)
     cos = (pos - neg) / (n_new * n_old + PERTURB_EPS)
-    c = cos * n_old / (n_new + PERTURB_EPS)
-    torch._foreach_mul_(grads, 1.0 + alpha * c)
-    torch._foreach_add_(grads, g_old, alpha=-alpha)
+    return 1.0 + alpha * (cos * n_old / (n_new + PERTURB_EPS))
 
 
 @torch.no_grad()
@@ -224,3 +228,52 @@ def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
     """``w <- w_old`` exactly, one multi-tensor copy."""
     if params:
         torch._foreach_copy_(params, w_old)
+
+
+@torch.no_grad()
+def sam_restore_accumulate_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    w_old: list[Tensor | None],
+    g_old: list[Tensor | None] | None,
+    acc: list[Tensor | None],
+    reset: list[bool],
+    *,
+    weight: float,
+    scale: float = 1.0,
+    gsam_alpha: float = 0.0,
+) -> None:
+    """Foreach twin of :func:`fastsam.reference.sam_restore_accumulate_` (math in the parameter
+    dtype: ``weight * g`` and the sum are each rounded, then the product with ``scale``)."""
+    n = len(params)
+    if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
+        raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
+    for i in range(n):
+        if grads[i] is not None and acc[i] is None:
+            raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
+    rest = [i for i in range(n) if w_old[i] is not None]
+    if rest:
+        torch._foreach_copy_([params[i] for i in rest], [w_old[i] for i in rest])  # type: ignore[misc]
+    gs: list[Tensor | None] = list(grads)
+    if gsam_alpha > 0 and g_old is not None:
+        pairs = [i for i in range(n) if grads[i] is not None and g_old[i] is not None]
+        if pairs:
+            gp = [grads[i] for i in pairs]
+            gop = [g_old[i] for i in pairs]
+            comb = torch._foreach_mul(gp, _gsam_coef(gp, gop, gsam_alpha))  # type: ignore[arg-type]
+            torch._foreach_add_(comb, gop, alpha=-gsam_alpha)  # type: ignore[arg-type]
+            for i, c in zip(pairs, comb):
+                gs[i] = c
+    first = [i for i in range(n) if acc[i] is not None and gs[i] is not None and reset[i]]
+    more = [i for i in range(n) if acc[i] is not None and gs[i] is not None and not reset[i]]
+    empty = [i for i in range(n) if acc[i] is not None and gs[i] is None and reset[i]]
+    if first:
+        torch._foreach_copy_([acc[i] for i in first], torch._foreach_mul([gs[i] for i in first], weight))  # type: ignore
+    if more:
+        torch._foreach_add_([acc[i] for i in more], [gs[i] for i in more], alpha=weight)  # type: ignore
+    if empty:
+        torch._foreach_zero_([acc[i] for i in empty])  # type: ignore[misc]
+    if scale != 1.0:
+        live = [a for a in acc if a is not None]
+        if live:
+            torch._foreach_mul_(live, scale)

@@ -136,6 +136,8 @@ class SAM(torch.optim.Optimizer):
         # transient per-parameter buffers (w_old, g_old), never saved; keyed like self.state
         self._scratch: dict[Tensor, dict[str, Tensor]] = {}
         self._grad_marks: list[tuple[Tensor, Any]] | None = None
+        # ids of the parameters whose scratch "acc" buffer holds a partial sum (see accumulate())
+        self._acc_live: set[int] = set()
 
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -308,6 +310,81 @@ class SAM(torch.optim.Optimizer):
 
     @_eager
     @torch.no_grad()
+    def accumulate(self, weight: float = 1.0, *, scale: float = 1.0) -> None:
+        r"""Restore ``w`` (when perturbed), GSAM-combine the gradient in ``.grad`` (when perturbed
+        and ``gsam_alpha > 0``) and add it into per-parameter accumulation buffers, in one pass
+        per (device, dtype) group on the fused backends (m-sharpness: once per micro-batch)::
+
+            acc <- scale * (acc + weight * g)        (acc = 0 after load_accumulated / clear_accumulated)
+
+        Every parameter of every group with a ``.grad`` is accumulated (groups with ``rho = 0``
+        too); ``.grad`` is only read, so call ``zero_grad()`` before the next backward.
+        :meth:`load_accumulated` then puts the sums into ``.grad`` for :meth:`base_step`.
+        With micro-batches of sizes ``n_k`` and a reference size ``n``: ``weight = n_k / n``
+        each, and ``scale = n / sum(n_k)`` on the last one gives the size-weighted mean.
+        The buffers have the parameter's dtype (as ``.grad``) and are transient (not in
+        :meth:`state_dict`).
+        """
+        for name, v in (("weight", weight), ("scale", scale)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite float, got {v!r}")
+        perturbed = {id(w) for w in self._perturbed} if self._perturbed is not None else set()
+        live = self._acc_live
+        params: list[Tensor] = []
+        grads: list[Tensor | None] = []
+        w_old: list[Tensor | None] = []
+        g_old: list[Tensor | None] = []
+        acc: list[Tensor | None] = []
+        reset: list[bool] = []
+        gsam = self.gsam_alpha > 0 and bool(perturbed)
+        for group in self.param_groups:
+            for w in group["params"]:
+                g = w.grad
+                in_p = id(w) in perturbed
+                is_live = id(w) in live
+                if g is None and not in_p and not (is_live and scale != 1.0):
+                    continue
+                if g is not None and g.is_sparse:
+                    raise ValueError("accumulate() does not support sparse gradients (params: a parameter has one)")
+                params.append(w)
+                grads.append(g)
+                w_old.append(self._scratch[w]["w_old"] if in_p else None)
+                g_old.append(self._scratch[w]["g_old"] if in_p and gsam else None)
+                has_acc = g is not None or is_live
+                acc.append(self._buffer(w, "acc") if has_acc else None)
+                reset.append(not is_live)
+        if params:
+            F.sam_restore_accumulate_(
+                params, grads, w_old, g_old if gsam else None, acc, reset, weight=float(weight),
+                scale=float(scale), gsam_alpha=self.gsam_alpha if gsam else 0.0, backend=self.backend,
+            )
+        self._perturbed = None
+        for w, a in zip(params, acc):
+            if a is not None:
+                live.add(id(w))
+
+    def load_accumulated(self) -> None:
+        """``.grad <- acc`` for every parameter with an accumulated sum (``None`` for the others)
+        and start a new accumulation; see :meth:`accumulate`. The weights must be unperturbed."""
+        if self._perturbed is not None:
+            raise RuntimeError("load_accumulated() while the weights are perturbed; call accumulate() first")
+        live = self._acc_live
+        for group in self.param_groups:
+            for w in group["params"]:
+                w.grad = self._scratch[w]["acc"] if id(w) in live else None
+        live.clear()
+
+    def clear_accumulated(self) -> None:
+        """Drop the partial sums of :meth:`accumulate` (the next call starts from 0)."""
+        self._acc_live.clear()
+
+    @property
+    def has_accumulated(self) -> bool:
+        """True if :meth:`accumulate` holds partial sums not yet loaded or cleared."""
+        return bool(self._acc_live)
+
+    @_eager
+    @torch.no_grad()
     def base_step(self) -> None:
         """Run the base optimizer on the gradients in ``.grad`` (weights must be unperturbed)."""
         if self._perturbed is not None:
@@ -463,3 +540,4 @@ class SAM(torch.optim.Optimizer):
         self._sam_step = int(sam["step"])
         self.seed = int(sam["seed"])
         self._grad_marks = None
+        self._acc_live.clear()
