@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# GPU session, one command: GPU tests of the triton SAM backend + the optimizer benchmark.
+# GPU session: the GPU tests and GPU benchmarks, one stage per device call (each < 10 minutes).
 #
-#   bash bench/gpu_suite.sh            # from the repository root; results under $OUT (else bench/results/gpu)
+#   bash bench/gpu_suite.sh [optim|losses|msam]    # from the repository root; default: optim
+#                                                  # results under $OUT (else bench/results/gpu)
 #
-# Writes (at most 6 files, flat, so a device run can bring them all back):
-#   env.txt             torch / triton / CUDA / GPU versions
-#   gpu_tests.log       pytest tests/test_triton_sam.py on CUDA (all cases + the gpu-marked ones:
-#                       no host sync under torch.cuda.set_sync_debug_mode("error"), profiler kernel count)
-#   bench_optim.json    ViT-B/16 + ViT-L/16, fp32 + bf16: loop / pytorch_optimizer / fastsam foreach /
-#                       fastsam triton / AdamW alone; ms, GB/s vs measured copy bandwidth, kernels, syncs,
-#                       plus a launch-geometry sweep of the triton kernels (ViT-B fp32)
-#   bench_optim.md      the same as a table
-#   bench_optim.log     benchmark progress
-# Budget: the device tool allows 10 minutes per command; each stage has its own timeout so the
-# benchmark runs (and the JSON is written) even if the tests hang or fail.
+# optim  (issue 3) env.txt; gpu_tests.log: pytest tests/test_triton_sam.py on CUDA (all cases + the
+#        gpu-marked ones: no host sync under torch.cuda.set_sync_debug_mode("error"), profiler kernel
+#        count); bench_optim.{json,md,log}: ViT-B/16 + ViT-L/16, fp32 + bf16: loop / pytorch_optimizer /
+#        fastsam foreach / fastsam triton / AdamW alone; ms, GB/s vs measured copy bandwidth, kernels,
+#        syncs, plus a launch-geometry sweep of the triton kernels (ViT-B fp32)
+# losses (issue 4) env.txt; losses_tests.log: tests/test_losses.py on CUDA; losses_gpu.{json,md} +
+#        bench_losses.log: fused OBF / BiSAM vs F.cross_entropy and the eager formula, 5 shapes
+# msam   (issue 6) env.txt; msam_tests.log: tests/test_accumulate.py and the gpu-marked csrc CUDA tests
+#        (builds the CUDA extension, ~1-2 min); msam_cuda.{json,md} + bench_msam.log: per-micro-batch
+#        restore + accumulate, fused vs unfused, ViT-B fp32
+# Each stage's steps have their own timeouts so the benchmark JSON is written even if tests hang.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
@@ -39,12 +40,37 @@ for mod in ("pytest", "pytorch_optimizer"):
         print(mod, "missing:", e)
 PY
 
-echo "== GPU tests" | tee "$OUT/gpu_tests.log"
-timeout 300 python -m pytest tests/test_triton_sam.py -q -rfE -p no:cacheprovider 2>&1 | tail -60 >> "$OUT/gpu_tests.log"
-echo "pytest exit: ${PIPESTATUS[0]}" >> "$OUT/gpu_tests.log"
-tail -5 "$OUT/gpu_tests.log"
-
-echo "== benchmark" | tee "$OUT/bench_optim.log"
-timeout 270 python -m bench.bench_optim --out "$OUT" --sweep 2>&1 | tee -a "$OUT/bench_optim.log" | tail -30
-echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_optim.log"
+STAGE="${1:-optim}"
+case "$STAGE" in
+optim)
+  echo "== GPU tests" | tee "$OUT/gpu_tests.log"
+  timeout 300 python -m pytest tests/test_triton_sam.py -q -rfE -p no:cacheprovider 2>&1 | tail -60 >> "$OUT/gpu_tests.log"
+  echo "pytest exit: ${PIPESTATUS[0]}" >> "$OUT/gpu_tests.log"
+  tail -5 "$OUT/gpu_tests.log"
+  echo "== benchmark" | tee "$OUT/bench_optim.log"
+  timeout 270 python -m bench.bench_optim --out "$OUT" --sweep 2>&1 | tee -a "$OUT/bench_optim.log" | tail -30
+  echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_optim.log"
+  ;;
+losses)
+  echo "== loss tests" | tee "$OUT/losses_tests.log"
+  timeout 240 python -m pytest tests/test_losses.py -q -rfE -p no:cacheprovider 2>&1 | tail -60 >> "$OUT/losses_tests.log"
+  echo "pytest exit: ${PIPESTATUS[0]}" >> "$OUT/losses_tests.log"
+  tail -5 "$OUT/losses_tests.log"
+  echo "== loss benchmark" | tee "$OUT/bench_losses.log"
+  timeout 300 python -m bench.bench_losses --out "$OUT" 2>&1 | tee -a "$OUT/bench_losses.log" | tail -30
+  echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_losses.log"
+  ;;
+msam)
+  echo "== m-SAM + csrc CUDA tests" | tee "$OUT/msam_tests.log"
+  timeout 330 python -m pytest tests/test_accumulate.py tests/test_cpp_sam.py -q -rfE -p no:cacheprovider 2>&1 \
+    | tail -60 >> "$OUT/msam_tests.log"
+  echo "pytest exit: ${PIPESTATUS[0]}" >> "$OUT/msam_tests.log"
+  tail -5 "$OUT/msam_tests.log"
+  echo "== m-SAM benchmark" | tee "$OUT/bench_msam.log"
+  timeout 200 python -m bench.bench_msam --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench_msam.log" | tail -20
+  echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_msam.log"
+  ;;
+*)
+  echo "unknown stage $STAGE (optim | losses | msam)"; exit 2 ;;
+esac
 ls -la "$OUT"

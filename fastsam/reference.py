@@ -236,6 +236,17 @@ def _gsam_combined64(
     return out
 
 
+def check_accumulate_args(params: list[Tensor], grads: list[Tensor | None], w_old: list[Tensor | None],
+                          acc: list[Tensor | None], reset: list[bool]) -> None:
+    """The list rules of :func:`sam_restore_accumulate_`, shared by every backend."""
+    n = len(params)
+    if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
+        raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
+    for i in range(n):
+        if grads[i] is not None and acc[i] is None:
+            raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
+
+
 @torch.no_grad()
 def sam_restore_accumulate_(
     params: list[Tensor],
@@ -263,12 +274,7 @@ def sam_restore_accumulate_(
     micro-batch before the base update, ``scale = n_ref / sum(n_k)``, so ``acc`` ends as the
     size-weighted mean of the micro-batch gradients with one rounding per micro-batch.
     """
-    n = len(params)
-    if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
-        raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
-    for i in range(n):
-        if grads[i] is not None and acc[i] is None:
-            raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
+    check_accumulate_args(params, grads, w_old, acc, reset)
     f64 = torch.float64
     gs = _gsam_combined64(grads, g_old, gsam_alpha, write_back=False)
     for i, w in enumerate(params):

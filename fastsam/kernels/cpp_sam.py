@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..reference import dual_exponent
+from ..reference import check_accumulate_args, dual_exponent
 from . import _ext
 
 FUSED_UPDATES = True  # implements sam_restore_sgd_ / sam_restore_adam_ (fastsam.optim._fused)
@@ -361,12 +361,8 @@ class CsrcBackend:
         ``acc <- scale * ((0 if reset else acc) + weight * g)`` (formulas:
         :func:`fastsam.reference.sam_restore_accumulate_`). 5 parameter-sized passes (8 with
         GSAM) against 5 (10) for restore, combine and ``acc += weight * g`` as separate ops."""
+        check_accumulate_args(params, grads, w_old, acc, reset)
         n = len(params)
-        if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
-            raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
-        for i in range(n):
-            if grads[i] is not None and acc[i] is None:
-                raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
         if n == 0:
             return
         self.check(params)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._philox import keep_mask
-from ..reference import PERTURB_EPS, dual_exponent
+from ..reference import PERTURB_EPS, check_accumulate_args, dual_exponent
 
 _INT_VIEW = {
     torch.float32: torch.int32,
@@ -245,12 +245,8 @@ def sam_restore_accumulate_(
 ) -> None:
     """Foreach twin of :func:`fastsam.reference.sam_restore_accumulate_` (math in the parameter
     dtype: ``weight * g`` and the sum are each rounded, then the product with ``scale``)."""
+    check_accumulate_args(params, grads, w_old, acc, reset)
     n = len(params)
-    if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
-        raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
-    for i in range(n):
-        if grads[i] is not None and acc[i] is None:
-            raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
     rest = [i for i in range(n) if w_old[i] is not None]
     if rest:
         torch._foreach_copy_([params[i] for i in rest], [w_old[i] for i in rest])  # type: ignore[misc]

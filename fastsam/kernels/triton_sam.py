@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import dual_exponent
+from ..reference import check_accumulate_args, dual_exponent
 from . import _tables as T
 from . import _triton_kernels as K
 
@@ -878,12 +878,8 @@ def sam_restore_accumulate_(
     per group, GSAM +1. Reads ``w_old`` and ``g`` (+ ``acc`` unless reset), writes ``w`` and
     ``acc``: 5 parameter-sized passes, against 2 (restore) + 3 (``acc += weight * g``) as
     separate ops, and 8 instead of 10 with GSAM (the combined gradient is not written back)."""
+    check_accumulate_args(params, grads, w_old, acc, reset)
     n = len(params)
-    if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
-        raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
-    for i in range(n):
-        if grads[i] is not None and acc[i] is None:
-            raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
     if n == 0:
         return
     if g_old is None or gsam_alpha <= 0:
