@@ -27,7 +27,10 @@ _GROUP_KEYS = ("rho", "adaptive", "eta")
 # instance when a graph break happens inside its method, which would leave first_step's state
 # unset for second_step. These methods therefore always run eagerly; their kernels are
 # custom ops, so a compiled model around them is unaffected.
-_eager = torch.compiler.disable
+# torch._disable_dynamo is torch.compiler.disable with the import of torch._dynamo deferred to
+# the first call (torch.optim uses it for the same reason): importing dynamo costs ~2 s, which
+# `import fastsam` would otherwise pay even when no SAM step ever runs.
+_eager = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 
 
 def _check_group_options(group: dict[str, Any]) -> None:
