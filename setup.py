@@ -11,8 +11,30 @@
 # compiled and torch is not imported here, so a plain `pip install -e .` stays as fast as before.
 # FASTSAM_EXT_MARCH=native tunes the CPU library for this machine (default: portable, no -march).
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC_SUFFIXES = (".h", ".cpp", ".cu")
+
+
+class _BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package as fastsam/csrc/, so a wheel can JIT-build backend="cpp"
+    (and "cuda") on first use: fastsam/kernels/_ext.py looks for the sources next to the package
+    (source checkout, editable install) and inside it (wheel)."""
+
+    def run(self) -> None:
+        super().run()
+        src = os.path.join(_HERE, "csrc")
+        if self.editable_mode or not os.path.isdir(src):
+            return  # editable installs read csrc/ from the checkout itself
+        dst = os.path.join(self.build_lib, "fastsam", "csrc")
+        os.makedirs(dst, exist_ok=True)
+        for name in sorted(os.listdir(src)):
+            if name.endswith(_CSRC_SUFFIXES):
+                shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
 def _extension_kwargs() -> dict:
@@ -21,8 +43,7 @@ def _extension_kwargs() -> dict:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, include_paths
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    csrc = os.path.join(here, "csrc")
+    csrc = os.path.join(_HERE, "csrc")
     march = os.environ.get("FASTSAM_EXT_MARCH", "").strip()
     # same flags as the JIT build (fastsam/kernels/_ext.py CPU_CFLAGS / CUDA_CFLAGS / NVCC_FLAGS)
     cflags = ["-O3", "-fno-math-errno", "-fopenmp", "-Wall", "-Wextra"] + ([f"-march={march}"] if march else [])
@@ -50,4 +71,6 @@ def _extension_kwargs() -> dict:
     return {"ext_modules": exts, "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**_extension_kwargs())
+_kwargs = _extension_kwargs()
+_kwargs["cmdclass"] = {**_kwargs.get("cmdclass", {}), "build_py": _BuildPyWithSources}
+setup(**_kwargs)
