@@ -230,6 +230,11 @@ def sam_step(
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     accum: dict[str, Any] | None = getattr(optimizer, "_fastsam_accum", None)
+    if accum is None and optimizer.has_accumulated:
+        raise RuntimeError(
+            "the optimizer holds partial sums from SAM.accumulate() that sam_step did not make; call "
+            "optimizer.load_accumulated() (and step) or optimizer.clear_accumulated() first"
+        )
     # DDP syncs the second pass itself only in the simple case; otherwise every pass runs under
     # no_sync and the final gradient is averaged once (per-rank GSAM / micro-batches stay local,
     # which makes N ranks equal to one process with micro_batch = per-rank batch).

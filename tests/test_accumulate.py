@@ -12,6 +12,7 @@ that dtype) plus one unit in the last place of the values' scale.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -289,3 +290,72 @@ def test_restore_accumulate_on_gpu(backend, dtype):
     want, _, _ = _run(R.sam_restore_accumulate_, dtype, calls)
     for i, (a, w) in enumerate(zip(got, want)):
         _assert_close(a, w, 2e-6 if dtype == torch.float32 else 2e-2, f"acc {i}")
+
+
+@pytest.mark.parametrize("backend", ["foreach", "cpp"])
+def test_grad_after_load_does_not_alias_the_next_sum(backend):
+    """After load_accumulated, .grad is handed over: zeroing it in place (set_to_none=False) or
+    keeping a reference must not touch the next step's running sum."""
+    _need(backend)
+    x, y = _data(12)
+    runs = []
+    for set_to_none in (True, False):
+        m = _model()
+        opt = fastsam.GSAM(m.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
+        kept = []
+        for _ in range(3):
+            for xb, yb in zip(x.split(5), y.split(5)):
+                opt.zero_grad(set_to_none=set_to_none)
+                TF.cross_entropy(m(xb), yb).backward()
+                opt.first_step(zero_grad=False)
+                opt.zero_grad(set_to_none=set_to_none)
+                TF.cross_entropy(m(xb), yb).backward()
+                opt.accumulate(len(yb) / len(y))
+            opt.zero_grad(set_to_none=set_to_none)
+            opt.load_accumulated()
+            kept.append([p.grad.clone() for p in m.parameters()])
+            opt.base_step()
+        runs.append((kept, [p.detach().clone() for p in m.parameters()]))
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+    for ga, gb in zip(runs[0][0], runs[1][0]):
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+
+
+def test_load_state_dict_drops_partial_accumulation():
+    """A checkpoint loaded between update=False calls: the next update averages only what came
+    after the load (not a mix with the dropped batches' sample count)."""
+    x, y = _data(16)
+    m1 = _model()
+    o1 = fastsam.SAM(m1.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    fastsam.sam_step(m1, o1, x, y, TF.cross_entropy)  # some state to save
+    sd = copy.deepcopy(o1.state_dict())
+    w = [p.detach().clone() for p in m1.parameters()]
+    fastsam.sam_step(m1, o1, x[:8], y[:8], TF.cross_entropy, update=False)
+    with torch.no_grad():
+        for p, v in zip(m1.parameters(), w):
+            p.copy_(v)
+    o1.load_state_dict(copy.deepcopy(sd))  # torch's load keeps the given tensors: one copy per optimizer
+    assert not o1.has_accumulated
+    fastsam.sam_step(m1, o1, x[8:], y[8:], TF.cross_entropy)
+    m2 = _model()
+    o2 = fastsam.SAM(m2.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        for p, v in zip(m2.parameters(), w):
+            p.copy_(v)
+    o2.load_state_dict(copy.deepcopy(sd))
+    fastsam.sam_step(m2, o2, x[8:], y[8:], TF.cross_entropy)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sam_step_refuses_foreign_partial_sums():
+    m = _model()
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = _data(8)
+    TF.cross_entropy(m(x), y).backward()
+    opt.accumulate(1.0)
+    with pytest.raises(RuntimeError, match="partial sums from SAM.accumulate"):
+        fastsam.sam_step(m, opt, x, y, TF.cross_entropy)
+    opt.clear_accumulated()
+    assert fastsam.sam_step(m, opt, x, y, TF.cross_entropy).updated

@@ -325,8 +325,9 @@ class SAM(torch.optim.Optimizer):
         :meth:`load_accumulated` then puts the sums into ``.grad`` for :meth:`base_step`.
         With micro-batches of sizes ``n_k`` and a reference size ``n``: ``weight = n_k / n``
         each, and ``scale = n / sum(n_k)`` on the last one gives the size-weighted mean.
-        The buffers have the parameter's dtype (as ``.grad``) and are transient (not in
-        :meth:`state_dict`).
+        The buffers have the parameter's dtype (as ``.grad``), become the ``.grad`` tensors on
+        :meth:`load_accumulated` (the next accumulation allocates new ones), and are transient:
+        not in :meth:`state_dict`, dropped by :meth:`load_state_dict`.
         """
         for name, v in (("weight", weight), ("scale", scale)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
@@ -374,7 +375,9 @@ class SAM(torch.optim.Optimizer):
         live = self._acc_live
         for group in self.param_groups:
             for w in group["params"]:
-                w.grad = self._scratch[w]["acc"] if id(w) in live else None
+                # hand the buffer over: .grad must not alias the next step's running sum (an
+                # in-place zero_grad(set_to_none=False) or a kept reference would corrupt it)
+                w.grad = self._scratch[w].pop("acc") if id(w) in live else None
         live.clear()
 
     def clear_accumulated(self) -> None:
@@ -543,4 +546,6 @@ class SAM(torch.optim.Optimizer):
         self._sam_step = int(sam["step"])
         self.seed = int(sam["seed"])
         self._grad_marks = None
+        # partial sums (SAM.accumulate, sam_step(update=False)) belong to the run being replaced
         self._acc_live.clear()
+        self.__dict__.pop("_fastsam_accum", None)
