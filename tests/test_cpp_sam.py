@@ -14,22 +14,40 @@ foreach backend and torch's own optimizer), plus one unit in the last place of t
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
-from typing import Any
+from functools import partial
 
+import _harness
 import pytest
 import torch
+from _harness import (
+    ADAMW_KW,
+    FUSED_SGD_KWS,
+    LOW,
+    SGD_KW,
+    assert_2x_rule,
+    assert_close,
+    bits_equal,
+    check_fused_adam_matches_twin,
+    check_fused_path_taken,
+    check_fused_sgd_matches_twin,
+    check_low_precision_2x_rule,
+    check_matches_reference,
+    check_noncontiguous_staged,
+    check_perturb_matches_reference,
+    check_state_dict_loads_into_plain_torch,
+    clone_list,
+    mixed_dtype_case,
+    perturb_inputs,
+    state_tensors,
+    ulp,
+)
 
 import fastsam
 from fastsam import _philox
 from fastsam import functional as F
 from fastsam import reference as R
 from fastsam.kernels import _ext
-from fastsam.optim._fused import fused_second_step
-
-LOW = (torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,144 +67,15 @@ def cpp_backend():
         F._LOADED.pop(name, None)
 
 
-# ------------------------------------------------------------------------------ helpers
-def _ulp(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, *, rtol: float, name: str = "") -> None:
-    """|got - want| <= rtol * (|want| + 0.1 * max|want|) elementwise in float64 (the absolute
-    part admits the rounding of values that cancel to near zero)."""
-    g, w = got.detach().double().cpu(), want.detach().double().cpu()
-    assert g.shape == w.shape, name
-    if w.numel() == 0:
-        return
-    scale = w.abs().max().item()
-    bad = (g - w).abs() > rtol * (w.abs() + 0.1 * scale) + 1e-30
-    assert not bad.any(), f"{name}: max err {(g - w).abs().max().item():.3e} (scale {scale:.3e}, rtol {rtol})"
-
-
-def assert_2x_rule(got: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, name: str = "") -> None:
-    r = ref64.detach().double().cpu()
-    if r.numel() == 0:
-        return
-    e_got = (got.detach().double().cpu() - r).abs()
-    e_plain = (plain.detach().double().cpu() - r).abs()
-    floor = _ulp(got.dtype) * r.abs().max().item()
-    assert e_got.max() <= 2 * e_plain.max() + floor, f"{name}: max {e_got.max():.3e} vs plain {e_plain.max():.3e}"
-    assert e_got.mean() <= 2 * e_plain.mean() + floor, f"{name}: mean {e_got.mean():.3e} vs plain {e_plain.mean():.3e}"
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    view = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-            torch.float16: torch.int16}[a.dtype]
-    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
-
-
+# ------------------------------------------------------------------------------ helpers (_harness)
 # odd sizes, an empty tensor, one spanning several 32768-element work items
 SHAPES = [(7, 5), (33,), (1,), (0,), (3, 11), (70001,), (1023,)]
-NO_GRAD = (2,)
-
-
-def make_params(dtype: torch.dtype, seed: int = 0, shapes=SHAPES, device="cpu") -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=g, dtype=torch.float64) * 0.5).to(device, dtype))
-            for s in shapes]
-
-
-def make_loss(shapes=SHAPES, seed: int = 1, skip: tuple[int, ...] = NO_GRAD, device="cpu"):
-    """A nonlinear loss (clean and perturbed gradients differ); parameters in ``skip`` get none."""
-    g = torch.Generator().manual_seed(seed)
-    cs = [torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in shapes]
-    ds = [torch.rand(s, generator=g, dtype=torch.float64).to(device) for s in shapes]
-
-    def loss(params: list[torch.Tensor]) -> torch.Tensor:
-        tot = 0.0
-        for i, (w, c, d) in enumerate(zip(params, cs, ds)):
-            if i in skip:
-                continue
-            c, d = c.to(w.dtype), d.to(w.dtype)
-            tot = tot + ((w * c).sin().sum() + 0.5 * (d * w * w).sum()).float()
-        return tot
-
-    return loss
-
-
-def groups_of(params: list[torch.Tensor], spec: list[dict[str, Any]] | None) -> Any:
-    if spec is None:
-        return params
-    out, k = [], 0
-    for s in spec:
-        n = s["n"]
-        out.append({**{a: b for a, b in s.items() if a != "n"}, "params": params[k:k + n]})
-        k += n
-    assert k == len(params)
-    return out
-
-
-def run_sam(backend: str, dtype: torch.dtype, base: type, base_kw: dict, sam_kw: dict, *, steps: int = 5,
-            spec=None, shapes=SHAPES, device="cpu", sched: bool = False):
-    params = make_params(dtype, 0, shapes, device)
-    loss = make_loss(shapes, device=device)
-    opt = fastsam.SAM(groups_of(params, spec), base, backend=backend, **sam_kw, **base_kw)
-    lr_s = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if sched else None
-    perturbed = []
-    for s in range(steps):
-        loss(params).backward()
-        opt.first_step(zero_grad=True)
-        perturbed.append([p.detach().clone() for p in params])
-        loss(params).backward()
-        opt.second_step(zero_grad=s < steps - 1)
-        if lr_s is not None:
-            lr_s.step()
-    return params, opt, perturbed
-
-
-def state_tensors(opt: fastsam.SAM) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, w in enumerate(opt._all_params()):
-        for k, v in opt.state.get(w, {}).items():
-            out[f"sam.{i}.{k}"] = v
-        for k, v in opt.base_optimizer.state.get(w, {}).items():
-            if isinstance(v, torch.Tensor):
-                out[f"base.{i}.{k}"] = v
-    return out
-
-
-def compare_runs(a, b, *, rtol: float) -> None:
-    """Final parameters, the perturbed parameters of every step, and every state entry."""
-    (pa, oa, perta), (pb, ob, pertb) = a, b
-    for i, (x, y) in enumerate(zip(pa, pb)):
-        assert_close(x, y, rtol=rtol, name=f"param {i}")
-    for s, (xs, ys) in enumerate(zip(perta, pertb)):
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            assert_close(x, y, rtol=rtol, name=f"perturbed param {i} step {s}")
-    sa, sb = state_tensors(oa), state_tensors(ob)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device, k
-        assert_close(sa[k], sb[k], rtol=rtol, name=k)
-
-
-SGD_KW = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}
-ADAMW_KW = {"lr": 1e-2, "weight_decay": 0.05}
-
-OPTIONS = {
-    "sam": {},
-    "asam": {"adaptive": True, "eta": 0.01, "rho": 0.5},
-    "asam_eta0": {"adaptive": True, "rho": 0.5},
-    "fsam": {"fsam_sigma": 1.0, "fsam_lambda": 0.6},
-    "p_inf": {"p": math.inf, "rho": 0.01},
-    "p_3": {"p": 3.0},
-    "p_1.5": {"p": 1.5},
-    "gsam": {"gsam_alpha": 0.3},
-    "esam": {"swp_keep": 0.6, "seed": 7},
-    "fsam+asam+gsam": {"fsam_sigma": 0.8, "fsam_lambda": 0.6, "adaptive": True, "eta": 0.05, "gsam_alpha": 0.2},
-    "all": {"adaptive": True, "eta": 0.02, "rho": 0.3, "fsam_sigma": 0.5, "gsam_alpha": 0.4,
-            "swp_keep": 0.7, "p": 2.5, "seed": 12345},
-}
+# the harness on this module's shapes, on the CPU (the CUDA tests pass device="cuda")
+RUN = {"shapes": SHAPES, "device": "cpu"}
+make_params = partial(_harness.make_params, **RUN)
+make_loss = partial(_harness.make_loss, **RUN)
+run_sam = partial(_harness.run_sam, **RUN)
+OPTIONS = _harness.OPTIONS  # every option set
 
 
 # ------------------------------------------------------------------------------ build / loading
@@ -262,24 +151,6 @@ def test_philox_mask_bit_identical():
 
 
 # ------------------------------------------------------------------------------ first step (functional)
-def _perturb_inputs(dtype, shapes, seed, fsam, gsam, ready=None):
-    gen = torch.Generator().manual_seed(seed)
-    mk = lambda s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
-    params = [mk(s) for s in shapes]
-    grads = [mk(s) * 0.1 for s in shapes]
-    w_old = [torch.full_like(p, 7.0) for p in params]
-    ema = [mk(s) * 0.1 for s in shapes] if fsam else None
-    rdy = None
-    if fsam:
-        rdy = [torch.tensor(float(r)) for r in (ready or [i % 2 for i in range(len(shapes))])]
-    g_old = [torch.full_like(p, 3.0) for p in params] if gsam else None
-    return params, grads, w_old, ema, rdy, g_old
-
-
-def _clone(x):
-    return None if x is None else [t.clone() for t in x]
-
-
 FUNC_SHAPES = [(1,), (7,), (1023,), (0,), (31, 33), (40000,)]
 FUNC_CASES = [(f"{dt_name}-{opt}", dt, opt) for dt_name, dt in
               (("fp32", torch.float32), ("fp64", torch.float64), ("bf16", torch.bfloat16), ("fp16", torch.float16))
@@ -290,40 +161,7 @@ FUNC_CASES = [(f"{dt_name}-{opt}", dt, opt) for dt_name, dt in
 def test_perturb_matches_reference(name, dtype, opt):
     """One first step: params, w_old, EMA, flags, g_old against the reference (w_old, g_old, the
     untouched grads and the flags exactly)."""
-    opts = OPTIONS[opt]
-    fsam, gsam = opts.get("fsam_sigma") is not None, opts.get("gsam_alpha", 0) > 0
-    shapes = FUNC_SHAPES
-    n = len(shapes)
-    rhos = [opts.get("rho", 0.05) * (1 + 0.5 * i) for i in range(n)]
-    etas = [opts.get("eta", 0.0)] * n
-    adaptive = [bool(opts.get("adaptive", False)) and i % 2 == 0 for i in range(n)]
-    offsets = [100000 * i + 3 for i in range(n)]
-    kw = dict(p=opts.get("p", 2.0), fsam_sigma=opts.get("fsam_sigma"), fsam_lambda=0.8,
-              swp_keep=opts.get("swp_keep", 1.0), seed=opts.get("seed", 0), step=3)
-    base = _perturb_inputs(dtype, shapes, 0, fsam, gsam)
-    runs = {}
-    for be in ("cpp", "reference", "foreach"):
-        ins = [_clone(x) for x in base]
-        ok = F.sam_perturb_(*ins, rhos, etas, adaptive, offsets, backend=be, **kw)
-        runs[be] = (ok, ins)
-    if dtype in LOW:  # fp64 truth from the same low-precision inputs
-        ref64 = [_clone([t.double() for t in x]) if x is not None else None for x in base]
-        if ref64[4] is not None:
-            ref64[4] = [t.float() for t in ref64[4]]
-        R.sam_perturb_(*ref64, rhos, etas, adaptive, offsets, **kw)
-    ok, ins = runs["cpp"]
-    assert bool(ok) and ok.dtype == torch.bool and ok.dim() == 0
-    for k, label in enumerate(("params", "grads", "w_old", "ema", "ready", "g_old")):
-        if ins[k] is None:
-            continue
-        for i, (x, y) in enumerate(zip(ins[k], runs["reference"][1][k])):
-            assert x.dtype == y.dtype, label
-            if label in ("w_old", "g_old", "grads", "ready"):
-                assert torch.equal(x, y), f"{label} {i} must be exact"
-            elif dtype in LOW:
-                assert_2x_rule(x, runs["foreach"][1][k][i], ref64[k][i], name=f"{label} {i}")
-            else:
-                assert_close(x, y, rtol=1e-12 if dtype == torch.float64 else 2e-6, name=f"{label} {i}")
+    check_perturb_matches_reference("cpp", dtype, FUNC_SHAPES, OPTIONS[opt], offset_stride=100000)
 
 
 def test_perturb_nonfinite_norm_changes_nothing():
@@ -332,11 +170,11 @@ def test_perturb_nonfinite_norm_changes_nothing():
     shapes = [(5,), (70000,), (3, 3)]
     dts = [torch.float32, torch.bfloat16, torch.float64]
     for bad in (float("inf"), float("nan")):
-        ins = list(_perturb_inputs(torch.float32, shapes, 1, True, True, ready=[1, 0, 1]))
+        ins = list(perturb_inputs(torch.float32, shapes, 1, True, True, ready=[1, 0, 1]))
         for k in (0, 1, 2, 3, 5):
             ins[k] = [t.to(dt) for t, dt in zip(ins[k], dts)]
         ins[1][1][40000] = bad
-        before = [_clone(x) for x in ins]
+        before = [clone_list(x) for x in ins]
         ok = F.sam_perturb_(*ins, [0.1] * 3, [0.0] * 3, [False, True, False], [0, 5, 70005], fsam_sigma=1.0,
                             backend="cpp")
         assert not bool(ok)
@@ -350,32 +188,16 @@ def test_perturb_nonfinite_norm_changes_nothing():
 
 def test_mixed_dtypes_one_global_norm():
     """fp32 + bf16 + fp16 + fp64 tensors in one call share one norm."""
-    dts = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64]
-    shapes = [(50,), (70,), (20, 3), (1,), (9,)]
-    params, grads, w_old, _, _, _ = _perturb_inputs(torch.float32, shapes, 2, False, False)
-    params = [p.to(dt) for p, dt in zip(params, dts)]
-    grads = [g.to(dt) for g, dt in zip(grads, dts)]
-    w_old = [torch.empty_like(p) for p in params]
-    ref = _clone(params)
-    offs = [0, 50, 120, 180, 181]
+    params, grads, w_old, offs = mixed_dtype_case()
+    ref = clone_list(params)
     F.sam_perturb_(params, grads, w_old, None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, offs, backend="cpp")
-    R.sam_perturb_(ref, grads, _clone(w_old), None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, offs)
+    R.sam_perturb_(ref, grads, clone_list(w_old), None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, offs)
     for x, y in zip(params, ref):
-        assert_close(x, y, rtol=2 * _ulp(x.dtype) if x.dtype in LOW else 2e-6)
+        assert_close(x, y, rtol=2 * ulp(x.dtype) if x.dtype in LOW else 2e-6)
 
 
 def test_noncontiguous_tensors_are_staged():
-    base = torch.randn(6, 9)
-    w = base.t()  # a non-contiguous parameter
-    g = torch.randn(6, 9).t()
-    ref_w = w.clone()
-    wo, wo_ref = torch.empty_like(w), torch.empty_like(w)
-    F.sam_perturb_([w], [g], [wo], None, None, None, [0.1], [0.0], [False], [11], swp_keep=0.5, backend="cpp")
-    R.sam_perturb_([ref_w], [g], [wo_ref], None, None, None, [0.1], [0.0], [False], [11], swp_keep=0.5)
-    assert_close(w, ref_w, rtol=2e-6)
-    assert torch.equal(wo, wo_ref)
-    F.sam_restore_([w], [wo], backend="cpp")
-    assert torch.equal(w, wo_ref)
+    check_noncontiguous_staged("cpp")
 
 
 def test_empty_lists_and_empty_tensors():
@@ -416,9 +238,7 @@ def test_low_precision_conversions_match_torch(dtype):
                          ids=["sgd", "adamw"])
 def test_sam_fp32_matches_reference(opt_name, base, base_kw):
     """Every option alone and combined, 5 steps: params, perturbed params, every state entry."""
-    a = run_sam("cpp", torch.float32, base, base_kw, OPTIONS[opt_name])
-    b = run_sam("reference", torch.float32, base, base_kw, OPTIONS[opt_name])
-    compare_runs(a, b, rtol=1e-5)
+    check_matches_reference("cpp", torch.float32, base, base_kw, OPTIONS[opt_name], rtol=1e-5, **RUN)
 
 
 BASES = [
@@ -428,7 +248,8 @@ BASES = [
     ("adam-l2-amsgrad", torch.optim.Adam, {"lr": 1e-2, "weight_decay": 1e-2, "amsgrad": True, "betas": (0.8, 0.95)}),
     ("adamw-maximize-eps", torch.optim.AdamW, {"lr": 3e-3, "eps": 1e-3, "maximize": True}),
     ("adamw-amsgrad", torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
-    ("rmsprop-unfused", torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.5, "eps": 0.1}),  # eps: see BASES note
+    # eps keeps g / sqrt(v) well conditioned where g ~ 0 (else fp32 rounding flips O(1) updates)
+    ("rmsprop-unfused", torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.5, "eps": 0.1}),
 ]
 
 
@@ -436,9 +257,7 @@ BASES = [
 @pytest.mark.parametrize("name,base,base_kw", BASES, ids=[b[0] for b in BASES])
 def test_sam_bases_fp32_match_torch(name, base, base_kw, opts):
     """Fused restore + update against restore + the real torch optimizer."""
-    a = run_sam("cpp", torch.float32, base, base_kw, OPTIONS[opts])
-    b = run_sam("reference", torch.float32, base, base_kw, OPTIONS[opts])
-    compare_runs(a, b, rtol=1e-5)
+    check_matches_reference("cpp", torch.float32, base, base_kw, OPTIONS[opts], rtol=1e-5, **RUN)
 
 
 GROUP_SPEC = [
@@ -452,18 +271,15 @@ GROUP_SPEC = [
                          ids=["sgd", "adamw"])
 def test_sam_param_groups_and_scheduler(base, base_kw):
     kw = {"fsam_sigma": 1.0, "gsam_alpha": 0.2, "swp_keep": 0.8}
-    a = run_sam("cpp", torch.float32, base, base_kw, kw, spec=GROUP_SPEC, sched=True)
-    b = run_sam("reference", torch.float32, base, base_kw, kw, spec=GROUP_SPEC, sched=True)
-    compare_runs(a, b, rtol=1e-5)
+    a = check_matches_reference("cpp", torch.float32, base, base_kw, kw, rtol=1e-5, spec=GROUP_SPEC, sched=True,
+                                **RUN)
     assert a[1].param_groups[0]["lr"] == pytest.approx(0.02 * 0.25)
 
 
 @pytest.mark.parametrize("base,base_kw", [(torch.optim.SGD, SGD_KW), (torch.optim.AdamW, ADAMW_KW)],
                          ids=["sgd", "adamw"])
 def test_sam_float64_params(base, base_kw):
-    a = run_sam("cpp", torch.float64, base, base_kw, OPTIONS["all"])
-    b = run_sam("reference", torch.float64, base, base_kw, OPTIONS["all"])
-    compare_runs(a, b, rtol=1e-11)
+    check_matches_reference("cpp", torch.float64, base, base_kw, OPTIONS["all"], rtol=1e-11, **RUN)
 
 
 # ------------------------------------------------------------------------------ optimizer: bf16 / fp16
@@ -482,61 +298,20 @@ LOW_CASES = [
                          ids=["bf16-sgd-all", "bf16-adamw-all", "bf16-adam-amsgrad-fsam", "fp16-sgd-all",
                               "fp16-sgd-fsam-asam-gsam"])
 def test_sam_low_precision_2x_rule(dtype, base, base_kw, opts):
-    kw = OPTIONS[opts]
-    got = run_sam("cpp", dtype, base, base_kw, kw)
-    plain = run_sam("foreach", dtype, base, base_kw, kw)
-    ref = run_sam("reference", torch.float64, base, base_kw, kw)
-    for i, (x, y, z) in enumerate(zip(got[0], plain[0], ref[0])):
-        assert x.dtype == dtype
-        assert_2x_rule(x, y, z, name=f"param {i}")
-    sg, sp, sr = state_tensors(got[1]), state_tensors(plain[1]), state_tensors(ref[1])
-    assert sg.keys() == sr.keys()
-    for k in sg:
-        if k.endswith("step") or k.endswith("fsam_ready"):
-            assert torch.equal(sg[k], sp[k]), k
-        else:
-            assert sg[k].dtype == dtype, k
-            assert_2x_rule(sg[k], sp[k], sr[k], name=k)
+    check_low_precision_2x_rule("cpp", dtype, base, base_kw, OPTIONS[opts], **RUN)
 
 
 # ------------------------------------------------------------------------------ fused ops vs twins
-def _fused_lists(dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(5,), (40000,), (0,), (3, 7), (1,), (70,)]
-    mk = lambda s, k=1.0: (torch.randn(s, generator=gen, dtype=torch.float64) * k).to(dtype)  # noqa: E731
-    params = [mk(s) for s in shapes]
-    grads = [mk(s, 0.3) if i != 4 else None for i, s in enumerate(shapes)]  # tensor 4: restore only
-    w_old = [mk(s) if i != 5 else None for i, s in enumerate(shapes)]  # tensor 5: update only
-    g_old = [mk(s, 0.3) if i not in (1, 5) else None for i, s in enumerate(shapes)]
-    return params, grads, w_old, g_old
+# tensor 1 spans two work items
+FUSED_SHAPES = [(5,), (40000,), (0,), (3, 7), (1,), (70,)]
+fused_lists = partial(_harness.fused_lists, shapes=FUSED_SHAPES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("gsam", [0.0, 0.5])
-@pytest.mark.parametrize("kw", [
-    {"lr": [0.1, 0.2, 0.1, 0.05, 0.1, 0.3], "momentum": 0.9, "dampening": 0.1, "weight_decay": [0.0, 0.1] * 3},
-    {"lr": 0.1, "momentum": 0.9, "nesterov": True, "maximize": True},
-    {"lr": 0.1},
-], ids=["mom-damp-lists", "nesterov-max", "plain"])
+@pytest.mark.parametrize("kw", list(FUSED_SGD_KWS.values()), ids=list(FUSED_SGD_KWS))
 def test_fused_sgd_matches_twin(dtype, gsam, kw):
-    runs = {}
-    for be in ("cpp", "reference"):
-        params, grads, w_old, g_old = _fused_lists(dtype, 3)
-        bufs: list = [None] * len(params)
-        for step in range(5):
-            fresh = _fused_lists(dtype, 10 + step)
-            for g, g2 in zip(grads, fresh[1]):
-                if g is not None:
-                    g.copy_(g2)
-            F.sam_restore_sgd_(params, grads, w_old, g_old if gsam else None, bufs, gsam_alpha=gsam, backend=be, **kw)
-        runs[be] = (params, grads, bufs)
-    rtol = 1e-12 if dtype == torch.float64 else 2e-6
-    for k in range(3):
-        for i, (x, y) in enumerate(zip(runs["cpp"][k], runs["reference"][k])):
-            assert (x is None) == (y is None)
-            if x is not None:
-                assert x.dtype == y.dtype
-                assert_close(x, y, rtol=rtol, name=f"list {k} tensor {i}")
+    check_fused_sgd_matches_twin("cpp", dtype, gsam, kw, fused_lists)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -547,26 +322,7 @@ def test_fused_sgd_matches_twin(dtype, gsam, kw):
      "decoupled_weight_decay": True},
 ], ids=["adamw-lists", "adam-amsgrad", "maximize-gsam-amsgrad"])
 def test_fused_adam_matches_twin(dtype, kw):
-    runs = {}
-    for be in ("cpp", "reference"):
-        params, grads, w_old, g_old = _fused_lists(dtype, 4)
-        n = len(params)
-        m = [torch.zeros_like(p) for p in params]
-        v = [torch.zeros_like(p) for p in params]
-        vmax = [torch.zeros_like(p) for p in params]
-        steps = [torch.tensor(float(i % 2)) for i in range(n)]  # tensors at different steps
-        for step in range(5):
-            fresh = _fused_lists(dtype, 20 + step)
-            for g, g2 in zip(grads, fresh[1]):
-                if g is not None:
-                    g.copy_(g2)
-            F.sam_restore_adam_(params, grads, w_old, g_old, m, v, vmax, steps, backend=be, **kw)
-        runs[be] = (params, grads, m, v, vmax, steps)
-    rtol = 1e-12 if dtype == torch.float64 else 5e-6
-    for k in range(6):
-        for i, (x, y) in enumerate(zip(runs["cpp"][k], runs["reference"][k])):
-            if x is not None:
-                assert_close(x, y, rtol=rtol, name=f"list {k} tensor {i}")
+    check_fused_adam_matches_twin("cpp", dtype, kw, fused_lists)
 
 
 def test_gsam_combine_matches_reference():
@@ -575,7 +331,7 @@ def test_gsam_combine_matches_reference():
         shapes = [(3,), (40000,), (0,), (17, 3)]
         gs = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
         go = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
-        a, b = _clone(gs), _clone(gs)
+        a, b = clone_list(gs), clone_list(gs)
         F.gsam_combine_(a, go, 0.7, backend="cpp")
         R.gsam_combine_(b, go, 0.7)
         for x, y in zip(a, b):
@@ -620,37 +376,11 @@ def test_bitwise_independent_of_threads_and_streaming_stores():
     (torch.optim.SGD, SGD_KW), (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}), (torch.optim.AdamW, ADAMW_KW),
 ], ids=["sgd", "adam", "adamw"])
 def test_fused_state_dict_loads_into_plain_torch(base, base_kw):
-    params, opt, _ = run_sam("cpp", torch.float32, base, base_kw, {}, steps=3)
-    _, ref_opt, _ = run_sam("reference", torch.float32, base, base_kw, {}, steps=3)
-    sd, ref_sd = opt.base_optimizer.state_dict(), ref_opt.base_optimizer.state_dict()
-    assert sd["state"].keys() == ref_sd["state"].keys()
-    for k in sd["state"]:
-        assert sd["state"][k].keys() == ref_sd["state"][k].keys()
-        for name, v in sd["state"][k].items():
-            r = ref_sd["state"][k][name]
-            assert type(v) is type(r)
-            if isinstance(v, torch.Tensor):
-                assert (v.dtype, v.device, v.shape) == (r.dtype, r.device, r.shape), name
-    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    plain = base(clones, **base_kw)
-    plain.load_state_dict(copy.deepcopy(sd))
-    for p, c in zip(params, clones):
-        g = torch.randn_like(p) if p.grad is not None else None
-        p.grad, c.grad = g, None if g is None else g.clone()
-    opt.base_optimizer.step()
-    plain.step()
-    for p, c in zip(params, clones):
-        assert torch.equal(p, c)
+    check_state_dict_loads_into_plain_torch("cpp", base, base_kw, **RUN)
 
 
 def test_fused_path_taken():
-    params = make_params(torch.float32)
-    loss = make_loss()
-    opt = fastsam.SAM(params, torch.optim.AdamW, backend="cpp", lr=1e-2)
-    loss(params).backward()
-    opt.first_step(zero_grad=True)
-    loss(params).backward()
-    assert fused_second_step(opt, opt._perturbed)
+    check_fused_path_taken("cpp", **RUN)
 
 
 def test_restore_is_exact_after_many_steps():
@@ -676,7 +406,7 @@ def test_ops_schema_and_fake_kernels():
     from fastsam.kernels import cpp_sam
 
     ops = cpp_sam._BACKEND.ops()
-    params, grads, w_old, ema, rdy, g_old = _perturb_inputs(torch.float32, [(5,), (9,)], 0, True, True)
+    params, grads, w_old, ema, rdy, g_old = perturb_inputs(torch.float32, [(5,), (9,)], 0, True, True)
     args = (params, grads, w_old, ema, rdy, g_old, [0.1, 0.2], [0.0, 0.0], [1, 0], [0, 5],
             2.0, True, 1.0, 0.9, 0.5, 3, 1, False)
     torch.library.opcheck(ops.sam_perturb.default, args, test_utils=("test_schema", "test_faketensor"))
@@ -702,9 +432,8 @@ def test_ops_schema_and_fake_kernels():
 def test_cuda_fp32_matches_reference(opt_name, base, base_kw):
     if not _ext.available("cuda"):
         pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
-    a = run_sam("cuda", torch.float32, base, base_kw, OPTIONS[opt_name], device="cuda")
-    b = run_sam("reference", torch.float32, base, base_kw, OPTIONS[opt_name], device="cuda")
-    compare_runs(a, b, rtol=1e-5)
+    check_matches_reference("cuda", torch.float32, base, base_kw, OPTIONS[opt_name], rtol=1e-5, shapes=SHAPES,
+                            device="cuda")
 
 
 @pytest.mark.gpu
@@ -750,7 +479,7 @@ def test_cuda_fused_twins_and_threads_free_determinism():
     outs = []
     for _ in range(2):  # run twice: bitwise identical (no atomics on floats)
         params, grads, w_old, g_old = [[None if t is None else t.cuda() for t in x]
-                                       for x in _fused_lists(torch.float32, 4)]
+                                       for x in fused_lists(torch.float32, 4)]
         n = len(params)
         m = [torch.zeros_like(p) for p in params]
         v = [torch.zeros_like(p) for p in params]
@@ -758,7 +487,7 @@ def test_cuda_fused_twins_and_threads_free_determinism():
         F.sam_restore_adam_(params, grads, w_old, g_old, m, v, None, steps, lr=1e-2, weight_decay=0.1,
                             decoupled_weight_decay=True, gsam_alpha=0.4, backend="cuda")
         outs.append(params)
-    ref = [[None if t is None else t.cuda() for t in x] for x in _fused_lists(torch.float32, 4)]
+    ref = [[None if t is None else t.cuda() for t in x] for x in fused_lists(torch.float32, 4)]
     m = [torch.zeros_like(p) for p in ref[0]]
     v = [torch.zeros_like(p) for p in ref[0]]
     R.sam_restore_adam_(ref[0], ref[1], ref[2], ref[3], m, v, None, [torch.tensor(0.0) for _ in ref[0]], lr=1e-2,

@@ -13,12 +13,30 @@ torch's base optimizer), plus one unit in the last place.
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any
+from functools import partial
 
+import _harness
 import pytest
 import torch
+from _harness import (
+    ADAMW_KW,
+    FUSED_SGD_KWS,
+    LOW,
+    SGD_KW,
+    assert_close,
+    check_fused_adam_matches_twin,
+    check_fused_path_taken,
+    check_fused_sgd_matches_twin,
+    check_low_precision_2x_rule,
+    check_matches_reference,
+    check_noncontiguous_staged,
+    check_perturb_matches_reference,
+    check_state_dict_loads_into_plain_torch,
+    clone_list,
+    mixed_dtype_case,
+    ulp,
+)
 
 pytest.importorskip("triton")
 
@@ -31,7 +49,6 @@ from fastsam.kernels import triton_sam as TS  # noqa: E402
 from fastsam.optim._fused import fused_second_step  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-LOW = (torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(autouse=True)
@@ -40,138 +57,19 @@ def _small_launches():
         yield
 
 
-# ------------------------------------------------------------------------------ helpers
-def _ulp(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, *, rtol: float, name: str = "") -> None:
-    """|got - want| <= rtol * (|want| + 0.1 * max|want|) elementwise, compared in float64 (the
-    absolute part admits the rounding of values that cancel to near zero, e.g. an EMA update)."""
-    g, w = got.detach().double().cpu(), want.detach().double().cpu()
-    assert g.shape == w.shape, name
-    if w.numel() == 0:
-        return
-    scale = w.abs().max().item()
-    bound = rtol * (w.abs() + 0.1 * scale) + 1e-30
-    bad = (g - w).abs() > bound
-    assert not bad.any(), f"{name}: max err {(g - w).abs().max().item():.3e} (scale {scale:.3e}, rtol {rtol})"
-
-
-def assert_2x_rule(got: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, name: str = "") -> None:
-    """Low precision: max and mean error of ``got`` vs the fp64 reference within 2x those of plain
-    PyTorch in the same dtype, plus one ulp of the values' scale."""
-    r = ref64.detach().double().cpu()
-    if r.numel() == 0:
-        return
-    e_got = (got.detach().double().cpu() - r).abs()
-    e_plain = (plain.detach().double().cpu() - r).abs()
-    floor = _ulp(got.dtype) * r.abs().max().item()
-    assert e_got.max() <= 2 * e_plain.max() + floor, f"{name}: max {e_got.max():.3e} vs plain {e_plain.max():.3e}"
-    assert e_got.mean() <= 2 * e_plain.mean() + floor, f"{name}: mean {e_got.mean():.3e} vs plain {e_plain.mean():.3e}"
-
-
+# ------------------------------------------------------------------------------ helpers (_harness)
+# odd sizes, an empty tensor, one spanning several 64-element interpreter blocks
 SHAPES = [(7, 5), (33,), (1,), (0,), (3, 11), (130,)]
+# the harness on this module's shapes, on DEV
+RUN = {"shapes": SHAPES, "device": DEV}
+make_params = partial(_harness.make_params, **RUN)
+make_loss = partial(_harness.make_loss, **RUN)
+run_sam = partial(_harness.run_sam, **RUN)
+perturb_inputs = partial(_harness.perturb_inputs, device=DEV)
 
-
-def make_params(dtype: torch.dtype, seed: int = 0, shapes=SHAPES) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=g, dtype=torch.float64) * 0.5).to(DEV, dtype))
-            for s in shapes]
-
-
-def make_loss(shapes=SHAPES, seed: int = 1, skip: tuple[int, ...] = (2,)):
-    """A nonlinear loss of the parameters (clean and perturbed gradients differ); parameters in
-    ``skip`` get no gradient."""
-    g = torch.Generator().manual_seed(seed)
-    cs = [torch.randn(s, generator=g, dtype=torch.float64).to(DEV) for s in shapes]
-    ds = [torch.rand(s, generator=g, dtype=torch.float64).to(DEV) for s in shapes]
-
-    def loss(params: list[torch.Tensor]) -> torch.Tensor:
-        tot = 0.0
-        for i, (w, c, d) in enumerate(zip(params, cs, ds)):
-            if i in skip:
-                continue
-            c, d = c.to(w.dtype), d.to(w.dtype)
-            tot = tot + ((w * c).sin().sum() + 0.5 * (d * w * w).sum()).float()
-        return tot
-
-    return loss
-
-
-def groups_of(params: list[torch.Tensor], spec: list[dict[str, Any]] | None) -> Any:
-    if spec is None:
-        return params
-    out, k = [], 0
-    for s in spec:
-        n = s["n"]
-        out.append({**{a: b for a, b in s.items() if a != "n"}, "params": params[k:k + n]})
-        k += n
-    assert k == len(params)
-    return out
-
-
-def run_sam(backend: str, dtype: torch.dtype, base: type, base_kw: dict, sam_kw: dict, *, steps: int = 5,
-            spec: list[dict[str, Any]] | None = None, shapes=SHAPES, seed: int = 0, sched: bool = False):
-    params = make_params(dtype, seed, shapes)
-    loss = make_loss(shapes)
-    opt = fastsam.SAM(groups_of(params, spec), base, backend=backend, **sam_kw, **base_kw)
-    lr_s = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if sched else None
-    perturbed = []
-    for s in range(steps):
-        loss(params).backward()
-        opt.first_step(zero_grad=True)
-        perturbed.append([p.detach().clone() for p in params])
-        loss(params).backward()
-        opt.second_step(zero_grad=s < steps - 1)  # keep the last (GSAM-combined) gradients
-        if lr_s is not None:
-            lr_s.step()
-    return params, opt, perturbed
-
-
-def state_tensors(opt: fastsam.SAM) -> dict[str, torch.Tensor]:
-    """Every state entry (F-SAM EMA and flags, the base optimizer's state) by a readable key."""
-    out = {}
-    for i, w in enumerate(opt._all_params()):
-        for k, v in opt.state.get(w, {}).items():
-            out[f"sam.{i}.{k}"] = v
-        for k, v in opt.base_optimizer.state.get(w, {}).items():
-            if isinstance(v, torch.Tensor):
-                out[f"base.{i}.{k}"] = v
-    return out
-
-
-def compare_runs(a, b, *, rtol: float) -> None:
-    """Parameters after every first step and at the end, and every state entry. (Gradients are
-    not compared here: they amplify fp32 trajectory differences by the loss curvature; the GSAM
-    gradient write-back is compared exactly in the functional tests.)"""
-    (pa, oa, perta), (pb, ob, pertb) = a, b
-    for i, (x, y) in enumerate(zip(pa, pb)):
-        assert_close(x, y, rtol=rtol, name=f"param {i}")
-    for s, (xs, ys) in enumerate(zip(perta, pertb)):
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            assert_close(x, y, rtol=rtol, name=f"perturbed param {i} step {s}")
-    sa, sb = state_tensors(oa), state_tensors(ob)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device, k
-        assert_close(sa[k], sb[k], rtol=rtol, name=k)
-
-
-SGD_KW = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}
-ADAMW_KW = {"lr": 1e-2, "weight_decay": 0.05}
-
-OPTIONS = {
-    "sam": {},
-    "asam": {"adaptive": True, "eta": 0.01, "rho": 0.5},
-    "fsam": {"fsam_sigma": 1.0, "fsam_lambda": 0.6},
-    "p_inf": {"p": math.inf, "rho": 0.01},
-    "p_3": {"p": 3.0},
-    "gsam": {"gsam_alpha": 0.3},
-    "esam": {"swp_keep": 0.6},
-    "all": {"adaptive": True, "eta": 0.02, "rho": 0.3, "fsam_sigma": 0.5, "gsam_alpha": 0.4,
-            "swp_keep": 0.7, "p": 2.5, "seed": 12345},
-}
+# a subset of the option sets (the cpp module runs them all); ESAM here with the default seed 0
+OPTIONS = {k: _harness.OPTIONS[k] for k in ("sam", "asam", "fsam", "p_inf", "p_3", "gsam", "esam", "all")}
+OPTIONS["esam"] = {"swp_keep": 0.6}
 
 
 # ------------------------------------------------------------------------------ backend selection
@@ -215,26 +113,6 @@ def test_philox_mask_bit_identical():
 
 
 # ------------------------------------------------------------------------------ first step (functional)
-def _perturb_inputs(dtype, shapes, seed, fsam, gsam, ready=None):
-    gen = torch.Generator().manual_seed(seed)
-    mk = lambda s: torch.randn(s, generator=gen, dtype=torch.float64).to(DEV, dtype)  # noqa: E731
-    params = [mk(s) for s in shapes]
-    grads = [mk(s) * 0.1 for s in shapes]
-    w_old = [torch.full_like(p, 7.0) for p in params]
-    ema = [mk(s) * 0.1 for s in shapes] if fsam else None
-    rdy = None
-    if fsam:
-        rdy = [torch.tensor(float(r), device=DEV) for r in (ready or [i % 2 for i in range(len(shapes))])]
-    g_old = [torch.full_like(p, 3.0) for p in params] if gsam else None
-    return params, grads, w_old, ema, rdy, g_old
-
-
-def _clone(x):
-    if x is None:
-        return None
-    return [t.clone() for t in x]
-
-
 FUNC_CASES = [
     ("fp32-all-sizes", torch.float32, [(1,), (7,), (1023,), (0,), (31, 33)], OPTIONS["all"]),
     ("fp32-asam-fsam", torch.float32, [(5, 3), (64,), (65,)], {"adaptive": True, "eta": 0.1, "fsam_sigma": 1.0}),
@@ -248,38 +126,7 @@ FUNC_CASES = [
 
 @pytest.mark.parametrize("name,dtype,shapes,opts", FUNC_CASES, ids=[c[0] for c in FUNC_CASES])
 def test_perturb_matches_reference(name, dtype, shapes, opts):
-    fsam, gsam = opts.get("fsam_sigma") is not None, opts.get("gsam_alpha", 0) > 0
-    n = len(shapes)
-    rhos = [opts.get("rho", 0.05) * (1 + 0.5 * i) for i in range(n)]
-    etas = [opts.get("eta", 0.0)] * n
-    adaptive = [bool(opts.get("adaptive", False)) and i % 2 == 0 for i in range(n)]
-    offsets = [1000 * i + 3 for i in range(n)]
-    kw = dict(p=opts.get("p", 2.0), fsam_sigma=opts.get("fsam_sigma"), fsam_lambda=0.8,
-              swp_keep=opts.get("swp_keep", 1.0), seed=opts.get("seed", 0), step=3)
-    base = _perturb_inputs(dtype, shapes, 0, fsam, gsam)
-    runs = {}
-    for be in ("triton", "reference", "foreach"):
-        ins = [_clone(x) for x in base]
-        ok = F.sam_perturb_(*ins, rhos, etas, adaptive, offsets, backend=be, **kw)
-        runs[be] = (ok, ins)
-    if dtype in LOW:  # the reference rounds once from fp64: also the fp64 truth for the 2x rule
-        ref64 = [_clone([t.double() for t in x]) if x is not None else None for x in base]
-        if ref64[4] is not None:
-            ref64[4] = [t.float() for t in ref64[4]]
-        R.sam_perturb_(*ref64, rhos, etas, adaptive, offsets, **kw)
-    for be in ("triton",):
-        ok, ins = runs[be]
-        assert bool(ok) and ok.dtype == torch.bool and ok.dim() == 0
-        for k, label in enumerate(("params", "grads", "w_old", "ema", "ready", "g_old")):
-            if ins[k] is None:
-                continue
-            for i, (x, y) in enumerate(zip(ins[k], runs["reference"][1][k])):
-                if label in ("w_old", "g_old", "grads", "ready"):
-                    assert torch.equal(x, y), f"{label} {i} must be exact"
-                elif dtype in LOW:
-                    assert_2x_rule(x, runs["foreach"][1][k][i], ref64[k][i], name=f"{label} {i}")
-                else:
-                    assert_close(x, y, rtol=1e-12 if dtype == torch.float64 else 2e-6, name=f"{label} {i}")
+    check_perturb_matches_reference("triton", dtype, shapes, opts, offset_stride=1000, device=DEV)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf arithmetic inside the interpreter's numpy
@@ -288,11 +135,11 @@ def test_perturb_nonfinite_norm_changes_nothing():
     stay, w_old gets w, g_old gets zeros, the returned flag is False."""
     shapes = [(5,), (70,), (3, 3)]
     dts = [torch.float32, torch.bfloat16, torch.float32]
-    ins = list(_perturb_inputs(torch.float32, shapes, 1, True, True, ready=[1, 0, 1]))
+    ins = list(perturb_inputs(torch.float32, shapes, 1, True, True, ready=[1, 0, 1]))
     for k in (0, 1, 2, 3, 5):
         ins[k] = [t.to(dt) for t, dt in zip(ins[k], dts)]
     ins[1][1][17] = float("inf")
-    before = [_clone(x) for x in ins]
+    before = [clone_list(x) for x in ins]
     ok = F.sam_perturb_(*ins, [0.1] * 3, [0.0] * 3, [False, True, False], [0, 5, 75], fsam_sigma=1.0,
                         backend="triton")
     assert not bool(ok)
@@ -306,21 +153,14 @@ def test_perturb_nonfinite_norm_changes_nothing():
 
 def test_mixed_dtypes_one_global_norm():
     """fp32 + bf16 + fp16 + fp64 tensors in one call: one norm over all groups (2 launches each)."""
-    dts = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64]
-    shapes = [(50,), (70,), (20, 3), (1,), (9,)]
-    params, grads, w_old, _, _, _ = _perturb_inputs(torch.float32, shapes, 2, False, False)
-    params = [p.to(dt) for p, dt in zip(params, dts)]
-    grads = [g.to(dt) for g, dt in zip(grads, dts)]
-    w_old = [torch.empty_like(p) for p in params]
-    ref = _clone(params)
+    params, grads, w_old, offs = mixed_dtype_case(DEV)
+    ref = clone_list(params)
     l0 = TS.LAUNCHES[0]
-    F.sam_perturb_(params, grads, w_old, None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, [0, 50, 120, 180, 181],
-                   backend="triton")
+    F.sam_perturb_(params, grads, w_old, None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, offs, backend="triton")
     assert TS.LAUNCHES[0] - l0 == 2 * 4  # K1 + K2 per (device, dtype) group
-    R.sam_perturb_(ref, grads, _clone(w_old), None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5,
-                   [0, 50, 120, 180, 181])
+    R.sam_perturb_(ref, grads, clone_list(w_old), None, None, None, [0.2] * 5, [0.0] * 5, [True] * 5, offs)
     for x, y in zip(params, ref):
-        assert_close(x, y, rtol=2 * _ulp(x.dtype) if x.dtype in LOW else 2e-6)
+        assert_close(x, y, rtol=2 * ulp(x.dtype) if x.dtype in LOW else 2e-6)
 
 
 def test_inplace_writes_are_seen_by_autograd():
@@ -349,26 +189,13 @@ def test_mismatched_buffers_are_rejected():
 
 
 def test_noncontiguous_params_are_staged():
-    base = torch.randn(6, 9, device=DEV)
-    w = base.t()  # a non-contiguous parameter
-    g = torch.randn(6, 9, device=DEV).t()
-    ref_w = w.clone()
-    wo, wo_ref = torch.empty_like(w), torch.empty_like(w)
-    F.sam_perturb_([w], [g], [wo], None, None, None, [0.1], [0.0], [False], [11], swp_keep=0.5, backend="triton")
-    R.sam_perturb_([ref_w], [g], [wo_ref], None, None, None, [0.1], [0.0], [False], [11], swp_keep=0.5)
-    assert_close(w, ref_w, rtol=2e-6)
-    assert torch.equal(wo, wo_ref)
-    F.sam_restore_([w], [wo], backend="triton")
-    assert torch.equal(w, wo_ref)
+    check_noncontiguous_staged("triton", DEV)
 
 
 # ------------------------------------------------------------------------------ optimizer: fp32 parity
 @pytest.mark.parametrize("opt_name", list(OPTIONS))
 def test_sam_sgd_fp32_matches_reference(opt_name):
-    kw = OPTIONS[opt_name]
-    a = run_sam("triton", torch.float32, torch.optim.SGD, SGD_KW, kw)
-    b = run_sam("reference", torch.float32, torch.optim.SGD, SGD_KW, kw)
-    compare_runs(a, b, rtol=1e-5)
+    check_matches_reference("triton", torch.float32, torch.optim.SGD, SGD_KW, OPTIONS[opt_name], rtol=1e-5, **RUN)
 
 
 BASES = [
@@ -386,9 +213,7 @@ BASES = [
 @pytest.mark.parametrize("name,base,base_kw", BASES, ids=[b[0] for b in BASES])
 def test_sam_bases_fp32_match_torch(name, base, base_kw, opts):
     """Fused restore + update (SGD/Adam/AdamW) against restore + the real torch optimizer."""
-    a = run_sam("triton", torch.float32, base, base_kw, OPTIONS[opts])
-    b = run_sam("reference", torch.float32, base, base_kw, OPTIONS[opts])
-    compare_runs(a, b, rtol=1e-5)
+    check_matches_reference("triton", torch.float32, base, base_kw, OPTIONS[opts], rtol=1e-5, **RUN)
 
 
 GROUP_SPEC = [
@@ -402,16 +227,13 @@ GROUP_SPEC = [
 def test_sam_param_groups_and_scheduler(base, base_kw):
     """Per-group rho/adaptive/eta/lr/weight_decay, a rho = 0 group, a StepLR schedule."""
     kw = {"fsam_sigma": 1.0, "gsam_alpha": 0.2, "swp_keep": 0.8}
-    a = run_sam("triton", torch.float32, base, base_kw, kw, spec=GROUP_SPEC, sched=True)
-    b = run_sam("reference", torch.float32, base, base_kw, kw, spec=GROUP_SPEC, sched=True)
-    compare_runs(a, b, rtol=1e-5)
+    a = check_matches_reference("triton", torch.float32, base, base_kw, kw, rtol=1e-5, spec=GROUP_SPEC, sched=True,
+                                **RUN)
     assert a[1].param_groups[0]["lr"] == pytest.approx(0.02 * 0.25)
 
 
 def test_sam_float64_params():
-    a = run_sam("triton", torch.float64, torch.optim.AdamW, ADAMW_KW, OPTIONS["all"])
-    b = run_sam("reference", torch.float64, torch.optim.AdamW, ADAMW_KW, OPTIONS["all"])
-    compare_runs(a, b, rtol=1e-11)
+    check_matches_reference("triton", torch.float64, torch.optim.AdamW, ADAMW_KW, OPTIONS["all"], rtol=1e-11, **RUN)
 
 
 # ------------------------------------------------------------------------------ optimizer: bf16 / fp16
@@ -422,61 +244,20 @@ def test_sam_float64_params():
     (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-3}, "fsam"),
 ], ids=["sgd-all", "adamw-all", "adam-amsgrad-fsam"])
 def test_sam_low_precision_2x_rule(dtype, base, base_kw, opts):
-    kw = OPTIONS[opts]
-    got = run_sam("triton", dtype, base, base_kw, kw)
-    plain = run_sam("foreach", dtype, base, base_kw, kw)
-    ref = run_sam("reference", torch.float64, base, base_kw, kw)
-    for i, (x, y, z) in enumerate(zip(got[0], plain[0], ref[0])):
-        assert x.dtype == dtype
-        assert_2x_rule(x, y, z, name=f"param {i}")
-    sg, sp, sr = state_tensors(got[1]), state_tensors(plain[1]), state_tensors(ref[1])
-    assert sg.keys() == sr.keys()
-    for k in sg:
-        if k.endswith("step") or k.endswith("fsam_ready"):
-            assert torch.equal(sg[k], sp[k]), k
-        else:
-            assert sg[k].dtype == dtype, k
-            assert_2x_rule(sg[k], sp[k], sr[k], name=k)
+    check_low_precision_2x_rule("triton", dtype, base, base_kw, OPTIONS[opts], **RUN)
 
 
 # ------------------------------------------------------------------------------ fused ops vs twins
-def _fused_lists(dtype, seed, n_upd=4):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(5,), (130,), (0,), (3, 7), (1,), (70,)]
-    mk = lambda s, k=1.0: (torch.randn(s, generator=gen, dtype=torch.float64) * k).to(DEV, dtype)  # noqa: E731
-    params = [mk(s) for s in shapes]
-    grads = [mk(s, 0.3) if i != 4 else None for i, s in enumerate(shapes)]  # tensor 4: restore only
-    w_old = [mk(s) if i != 5 else None for i, s in enumerate(shapes)]  # tensor 5: update only
-    g_old = [mk(s, 0.3) if i not in (1, 5) else None for i, s in enumerate(shapes)]
-    return params, grads, w_old, g_old
+# tensor 1 spans three 64-element interpreter blocks
+FUSED_SHAPES = [(5,), (130,), (0,), (3, 7), (1,), (70,)]
+fused_lists = partial(_harness.fused_lists, shapes=FUSED_SHAPES, device=DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gsam", [0.0, 0.5])
-@pytest.mark.parametrize("kw", [
-    {"lr": [0.1, 0.2, 0.1, 0.05, 0.1, 0.3], "momentum": 0.9, "dampening": 0.1, "weight_decay": [0.0, 0.1] * 3},
-    {"lr": 0.1, "momentum": 0.9, "nesterov": True, "maximize": True},
-    {"lr": 0.1},
-], ids=["mom-damp-lists", "nesterov-max", "plain"])
+@pytest.mark.parametrize("kw", list(FUSED_SGD_KWS.values()), ids=list(FUSED_SGD_KWS))
 def test_fused_sgd_matches_twin(dtype, gsam, kw):
-    runs = {}
-    for be in ("triton", "reference"):
-        params, grads, w_old, g_old = _fused_lists(dtype, 3)
-        bufs: list = [None] * len(params)
-        for step in range(5):
-            fresh = _fused_lists(dtype, 10 + step)
-            for g, g2 in zip(grads, fresh[1]):
-                if g is not None:
-                    g.copy_(g2)
-            F.sam_restore_sgd_(params, grads, w_old, g_old if gsam else None, bufs, gsam_alpha=gsam,
-                               backend=be, **kw)
-        runs[be] = (params, grads, bufs)
-    rtol = 1e-12 if dtype == torch.float64 else 2e-6
-    for k in range(3):
-        for i, (x, y) in enumerate(zip(runs["triton"][k], runs["reference"][k])):
-            assert (x is None) == (y is None)
-            if x is not None:
-                assert_close(x, y, rtol=rtol, name=f"list {k} tensor {i}")
+    check_fused_sgd_matches_twin("triton", dtype, gsam, kw, fused_lists)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -486,26 +267,7 @@ def test_fused_sgd_matches_twin(dtype, gsam, kw):
     {"lr": 1e-2, "maximize": True, "gsam_alpha": 0.4},
 ], ids=["adamw-lists", "adam-amsgrad", "maximize-gsam"])
 def test_fused_adam_matches_twin(dtype, kw):
-    runs = {}
-    for be in ("triton", "reference"):
-        params, grads, w_old, g_old = _fused_lists(dtype, 4)
-        n = len(params)
-        m = [torch.zeros_like(p) for p in params]
-        v = [torch.zeros_like(p) for p in params]
-        vmax = [torch.zeros_like(p) for p in params]
-        steps = [torch.tensor(float(i % 2)) for i in range(n)]  # tensors at different steps
-        for step in range(5):
-            fresh = _fused_lists(dtype, 20 + step)
-            for g, g2 in zip(grads, fresh[1]):
-                if g is not None:
-                    g.copy_(g2)
-            F.sam_restore_adam_(params, grads, w_old, g_old, m, v, vmax, steps, backend=be, **kw)
-        runs[be] = (params, grads, m, v, vmax, steps)
-    rtol = 1e-12 if dtype == torch.float64 else 5e-6
-    for k in range(6):
-        for i, (x, y) in enumerate(zip(runs["triton"][k], runs["reference"][k])):
-            if x is not None:
-                assert_close(x, y, rtol=rtol, name=f"list {k} tensor {i}")
+    check_fused_adam_matches_twin("triton", dtype, kw, fused_lists)
 
 
 def test_fused_reference_twins_match_torch_float64():
@@ -516,7 +278,7 @@ def test_fused_reference_twins_match_torch_float64():
         (torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.01, "amsgrad": True}, "adam"),
         (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1, "betas": (0.5, 0.9)}, "adam"),
     ]:
-        params, grads, w_old, _ = _fused_lists(torch.float64, 5)
+        params, grads, w_old, _ = fused_lists(torch.float64, 5)
         grads[5] = None  # no grad and not perturbed: untouched by both
         twin_params = [p.clone() for p in params]
         torch_params = [torch.nn.Parameter(p.clone()) for p in params]
@@ -555,38 +317,11 @@ def test_fused_reference_twins_match_torch_float64():
     (torch.optim.SGD, SGD_KW), (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}), (torch.optim.AdamW, ADAMW_KW),
 ])
 def test_fused_state_dict_loads_into_plain_torch(base, base_kw):
-    params, opt, _ = run_sam("triton", torch.float32, base, base_kw, {}, steps=3)
-    _, ref_opt, _ = run_sam("reference", torch.float32, base, base_kw, {}, steps=3)
-    sd, ref_sd = opt.base_optimizer.state_dict(), ref_opt.base_optimizer.state_dict()
-    assert sd["state"].keys() == ref_sd["state"].keys()
-    for k in sd["state"]:
-        assert sd["state"][k].keys() == ref_sd["state"][k].keys()
-        for name, v in sd["state"][k].items():
-            r = ref_sd["state"][k][name]
-            assert type(v) is type(r)
-            if isinstance(v, torch.Tensor):
-                assert (v.dtype, v.device, v.shape) == (r.dtype, r.device, r.shape), name
-    # a plain torch optimizer continues from it exactly as the fused one does
-    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    plain = base(clones, **base_kw)
-    plain.load_state_dict(copy.deepcopy(sd))  # torch may keep references to the loaded tensors
-    for p, c in zip(params, clones):
-        g = torch.randn_like(p) if p.grad is not None else None
-        p.grad, c.grad = g, None if g is None else g.clone()
-    opt.base_optimizer.step()
-    plain.step()
-    for p, c in zip(params, clones):
-        assert torch.equal(p, c)
+    check_state_dict_loads_into_plain_torch("triton", base, base_kw, **RUN)
 
 
 def test_fused_path_taken_and_fallbacks():
-    params = make_params(torch.float32)
-    loss = make_loss()
-    opt = fastsam.SAM(params, torch.optim.AdamW, backend="triton", lr=1e-2)
-    loss(params).backward()
-    opt.first_step(zero_grad=True)
-    loss(params).backward()
-    assert fused_second_step(opt, opt._perturbed)
+    params, loss, opt = check_fused_path_taken("triton", **RUN)
     opt._perturbed = None
     # a step hook must run around base.step(): no fused path
     h = opt.base_optimizer.register_step_post_hook(lambda *a: None)
@@ -631,13 +366,20 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _launches_per_step(n_layers: int, dtypes: list[torch.dtype], gsam: float) -> tuple[int, int, list, list]:
+def _layer_params(n_layers: int, dtypes: list[torch.dtype]) -> list[torch.nn.Parameter]:
+    """An 8x8 weight and an 8-element bias per layer, layer i in dtypes[i % len(dtypes)]: several
+    tensors per dtype group, so a launch count that grew with the tensors would show."""
     gen = torch.Generator().manual_seed(0)
     params = []
     for i in range(n_layers):
         dt = dtypes[i % len(dtypes)]
         params += [torch.nn.Parameter(torch.randn(8, 8, generator=gen).to(DEV, dt)),
                    torch.nn.Parameter(torch.randn(8, generator=gen).to(DEV, dt))]
+    return params
+
+
+def _launches_per_step(n_layers: int, dtypes: list[torch.dtype], gsam: float) -> tuple[int, int, list, list]:
+    params = _layer_params(n_layers, dtypes)
     opt = fastsam.SAM(params, torch.optim.SGD, backend="triton", lr=0.1, momentum=0.9, gsam_alpha=gsam)
 
     def backward():
@@ -684,12 +426,7 @@ def test_accumulate_launch_count_is_fixed(gsam):
     for dtypes in ([torch.float32], [torch.float32, torch.bfloat16]):
         counts = []
         for n_layers in (3, 6):
-            gen = torch.Generator().manual_seed(0)
-            params = []
-            for i in range(n_layers):
-                dt = dtypes[i % len(dtypes)]
-                params += [torch.nn.Parameter(torch.randn(8, 8, generator=gen).to(DEV, dt)),
-                           torch.nn.Parameter(torch.randn(8, generator=gen).to(DEV, dt))]
+            params = _layer_params(n_layers, dtypes)
             opt = fastsam.SAM(params, torch.optim.SGD, backend="triton", lr=0.1, gsam_alpha=gsam)
 
             def backward(params=params):
@@ -711,7 +448,7 @@ def test_accumulate_launch_count_is_fixed(gsam):
 
 # ------------------------------------------------------------------------------ torch.compile
 def test_custom_ops_opcheck():
-    params, grads, w_old, ema, rdy, g_old = _perturb_inputs(torch.float32, [(5,), (9,)], 0, True, True)
+    params, grads, w_old, ema, rdy, g_old = perturb_inputs(torch.float32, [(5,), (9,)], 0, True, True)
     args = (params, grads, w_old, ema, rdy, g_old, [0.1, 0.2], [0.0, 0.0], [True, False], [0, 5],
             2.0, 1.0, 0.9, 0.5, 3, 1)
     torch.library.opcheck(torch.ops.fastsam.sam_perturb.default, args,
@@ -767,8 +504,8 @@ def test_torch_compile_model_and_optimizer_step():
         assert_close(b, a, rtol=1e-5)
         assert_close(c, a, rtol=1e-5)
 
-    params, grads, w_old, _, _, _ = _perturb_inputs(torch.float32, [(5,), (9,)], 0, False, False)
-    ref = _clone(params)
+    params, grads, w_old, _, _, _ = perturb_inputs(torch.float32, [(5,), (9,)], 0, False, False)
+    ref = clone_list(params)
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def perturb(ps, gs, wo):
@@ -776,7 +513,7 @@ def test_torch_compile_model_and_optimizer_step():
                                              [0, 5], 2.0, None, 0.9, 1.0, 0, 0)
 
     ok = perturb(params, grads, w_old)
-    R.sam_perturb_(ref, grads, _clone(w_old), None, None, None, [0.1, 0.1], [0.0, 0.0], [False, False], [0, 5])
+    R.sam_perturb_(ref, grads, clone_list(w_old), None, None, None, [0.1, 0.1], [0.0, 0.0], [False, False], [0, 5])
     assert bool(ok)
     for a, b in zip(params, ref):
         assert_close(a, b, rtol=2e-6)
