@@ -309,7 +309,9 @@ void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars&
         if constexpr (QM == 2) {
           mag = u;
         } else {
-          mag = u > 0 ? C(1) : (u < 0 ? C(-1) : C(0));
+          // sign(u) from two compares, branch-free: a ternary here compiled to a scalar loop with an
+          // unpredictable branch per element (p = inf first step 570 ms -> see bench/NOTES.md)
+          mag = static_cast<C>(u > C(0)) - static_cast<C>(u < C(0));
         }
         C ev = scale * mag * T;
         if constexpr (SWP) ev = keep[j] ? ev * inv_beta : C(0);
