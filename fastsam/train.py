@@ -177,7 +177,9 @@ def sam_step(
     3. ESAM SDS (``sds_keep = gamma < 1``): a no-grad forward at ``w + e_k`` scores each example
        by ``l(w + e_k) - l(w)`` (training loss) and keeps the ``round(gamma * n_k)`` largest;
     4. at ``w + e_k``: ``loss_fn(model(x'), y').backward()`` with BatchNorm statistics frozen;
-    5. restore ``w`` exactly, GSAM combine, accumulate ``(n_k / B) * grad``.
+    5. restore ``w`` exactly, GSAM combine, accumulate ``(n_k / B) * grad``: one fused pass per
+       (device, dtype) group, :meth:`fastsam.SAM.accumulate` (``.grad`` kept as is when there is
+       one micro-batch and no accumulation).
 
     Then: DDP average, clipping of the final gradient to ``max_grad_norm``, one check for
     non-finite gradients / GradScaler overflow (the step's only host sync), and the base step.
@@ -207,6 +209,7 @@ def sam_step(
         update: False accumulates this batch's final gradient (weighted by batch size) and
             skips the base step; the next call with ``update=True`` steps on the weighted mean
             of all accumulated batches. Gradient accumulation without a per-call base step.
+            The partial sums are transient: ``optimizer.load_state_dict`` drops them.
 
     Returns:
         :class:`SAMStepResult` (``.loss``, ``.skipped``, ...).
