@@ -95,14 +95,16 @@ def _batch_size(targets: Any) -> int:
     raise ValueError("targets must be a tensor (or a tuple/list/dict of tensors) with the batch in dim 0")
 
 
-def _take(x: Any, idx: slice | Tensor) -> Any:
-    """Rows ``idx`` of a tensor, or of every tensor in a tuple/list/dict."""
+def _take(x: Any, idx: slice | Tensor, batch: int) -> Any:
+    """Rows ``idx`` of every tensor (also inside tuples/lists/dicts) whose first dimension is the
+    batch size; anything else (a 0-dim tensor, a broadcast ``[1, T]`` mask, non-tensors) is
+    passed to every micro-batch unchanged."""
     if isinstance(x, Tensor):
-        return x[idx]
+        return x[idx] if x.dim() > 0 and x.shape[0] == batch else x
     if isinstance(x, (list, tuple)):
-        return type(x)(_take(v, idx) for v in x)
+        return type(x)(_take(v, idx, batch) for v in x)
     if isinstance(x, dict):
-        return {k: _take(v, idx) for k, v in x.items()}
+        return {k: _take(v, idx, batch) for k, v in x.items()}
     return x
 
 
@@ -194,7 +196,9 @@ def sam_step(
     Args:
         model: the model (``DistributedDataParallel`` is handled).
         optimizer: a :class:`fastsam.SAM` (or preset) over ``model``'s parameters.
-        inputs: tensor, tuple/list (``model(*inputs)``) or dict (``model(**inputs)``), batch in dim 0.
+        inputs: tensor, tuple/list (``model(*inputs)``) or dict (``model(**inputs)``), batch in dim 0;
+            micro-batches and SDS split the tensors whose first dimension is the batch size and
+            pass the others (scalars, broadcast masks) unchanged.
         targets: tensor (or tuple/list/dict of tensors), batch in dim 0.
         loss_fn: ``fn(outputs, targets, reduction="mean"|"none")``, the ``F.cross_entropy`` signature.
         ascent_loss_fn: loss of the first pass (default ``loss_fn``), e.g.
@@ -265,7 +269,7 @@ def sam_step(
             n_k = hi - lo
             x, y = inputs, targets
             if len(bounds) > 1:
-                x, y = _take(inputs, slice(lo, hi)), _take(targets, slice(lo, hi))
+                x, y = _take(inputs, slice(lo, hi), B), _take(targets, slice(lo, hi), B)
             # -- pass 1 at w: this rank's / micro-batch's own gradient
             optimizer.zero_grad(set_to_none=True)
             with model.no_sync() if ddp else contextlib.nullcontext():
@@ -293,7 +297,7 @@ def sam_step(
                         lp = loss_fn(_call(model, x), y, reduction="none")
                     assert l0 is not None
                     idx = torch.topk((lp.float() - l0.float()).reshape(n_k), n2, sorted=False).indices
-                    x2, y2 = _take(x, idx), _take(y, idx)
+                    x2, y2 = _take(x, idx, n_k), _take(y, idx, n_k)
             n2_total += n2
 
             # -- pass 2 at w + e (BatchNorm statistics frozen)

@@ -319,6 +319,45 @@ def test_tuple_and_dict_inputs():
     assert r1.updated and r2.updated and r1.outputs.shape == (32, 4)
 
 
+def test_non_batch_inputs_reach_every_micro_batch_unchanged():
+    """A 0-dim tensor and a broadcast [1, F] row are not split (slicing them by micro-batch
+    would give empty or wrong inputs); the result equals the hand loop that passes them whole."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 4)
+
+        def forward(self, x, temperature, row):
+            return self.a(x + row) / temperature
+
+    x, y = _data(20)
+    t, row = torch.tensor(2.0), torch.randn(1, 6)
+    torch.manual_seed(0)
+    m1 = Scaled()
+    m2 = copy.deepcopy(m1)
+    o1 = fastsam.SAM(m1.parameters(), torch.optim.SGD, lr=0.1)
+    o2 = fastsam.SAM(m2.parameters(), torch.optim.SGD, lr=0.1)
+    r = fastsam.sam_step(m1, o1, {"x": x, "temperature": t, "row": row}, y, F.cross_entropy, micro_batch=8,
+                         sds_keep=0.5)
+    assert r.updated and r.outputs.shape == (20, 4) and r.n_second_pass == 4 + 4 + 2
+    for lo in range(0, 20, 8):  # the same step by hand, non-batch inputs passed whole
+        xb, yb = x[lo:lo + 8], y[lo:lo + 8]
+        o2.zero_grad()
+        l0 = F.cross_entropy(m2(xb, t, row), yb, reduction="none").detach()
+        F.cross_entropy(m2(xb, t, row), yb).backward()
+        o2.first_step(zero_grad=True)
+        with torch.no_grad():
+            lp = F.cross_entropy(m2(xb, t, row), yb, reduction="none")
+        keep = torch.topk(lp - l0, max(1, round(0.5 * len(yb))), sorted=False).indices
+        F.cross_entropy(m2(xb[keep], t, row), yb[keep]).backward()
+        o2.accumulate(len(yb) / 20)
+    o2.zero_grad()
+    o2.load_accumulated()
+    o2.base_step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- DDP (gloo, CPU)
 WORLD, PER_RANK, STEPS = 2, 8, 3
 
