@@ -277,6 +277,12 @@ def sam_step(
                     out = _call(model, x)
                     l1 = ascent(out, y, reduction="mean")
                     l0 = loss_fn(out.detach(), y, reduction="none").detach() if sds_keep < 1.0 else None
+                if l0 is not None and tuple(l0.shape) != (n_k,):
+                    raise ValueError(
+                        f"sds_keep < 1 needs loss_fn(..., reduction='none') to return one value per example "
+                        f"(shape ({n_k},)), got shape {tuple(l0.shape)}; e.g. for a language model, reduce "
+                        "the per-token losses per sequence inside loss_fn"
+                    )
                 (scaler.scale(l1) if scaler is not None else l1).backward()
             outs.append(out.detach() if isinstance(out, Tensor) else out)
             loss1_sum = l1.detach().float() * (n_k / B) + (0 if loss1_sum is None else loss1_sum)
@@ -296,7 +302,7 @@ def sam_step(
                     with torch.no_grad(), frozen_running_stats(model), _autocast(amp_dtype, x):
                         lp = loss_fn(_call(model, x), y, reduction="none")
                     assert l0 is not None
-                    idx = torch.topk((lp.float() - l0.float()).reshape(n_k), n2, sorted=False).indices
+                    idx = torch.topk(lp.float() - l0.float(), n2, sorted=False).indices
                     x2, y2 = _take(x, idx, n_k), _take(y, idx, n_k)
             n2_total += n2
 

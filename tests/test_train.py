@@ -415,3 +415,21 @@ def test_ddp_equals_single_process_m_sam(opts):
     for _ in range(STEPS):
         fastsam.sam_step(single, opt, x, y, F.cross_entropy, micro_batch=PER_RANK)
     _assert_states(ddp_state, _state(single), tol=1e-6)
+
+
+def test_sds_needs_one_loss_per_example():
+    """Per-token losses ([B, T], a language model's reduction="none") cannot rank examples: a
+    ValueError says what to return, and nothing is changed."""
+    m = _model(bn=False)
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = _data(8)
+    before = _state(m)
+
+    def per_token(out, tgt, reduction="mean"):
+        v = F.cross_entropy(out, tgt, reduction=reduction)
+        return v[:, None].expand(-1, 3) if reduction == "none" else v
+
+    with pytest.raises(ValueError, match=r"one value per example \(shape \(8,\)\), got shape \(8, 3\)"):
+        fastsam.sam_step(m, opt, x, y, per_token, sds_keep=0.5)
+    _assert_states(_state(m), before)
+    assert not opt.is_perturbed
