@@ -12,8 +12,8 @@
 # losses (issue 4) env.txt; losses_tests.log: tests/test_losses.py on CUDA; losses_gpu.{json,md} +
 #        bench_losses.log: fused OBF / BiSAM vs F.cross_entropy and the eager formula, 5 shapes
 # msam   (issue 6) env.txt; msam_tests.log: tests/test_accumulate.py and the gpu-marked csrc CUDA tests
-#        (builds the CUDA extension, ~1-2 min); msam_cuda.{json,md} + bench_msam.log: per-micro-batch
-#        restore + accumulate, fused vs unfused, ViT-B fp32
+#        (builds the CUDA extension, ~1-2 min); msam_cuda.json + base_step_cuda.json + bench_msam.log:
+#        per-micro-batch restore + accumulate fused vs unfused, and SAM.base_step vs torch AdamW, ViT-B fp32
 # Each stage's steps have their own timeouts so the benchmark JSON is written even if tests hang.
 set -u
 cd "$(dirname "$0")/.."
@@ -67,7 +67,9 @@ msam)
   echo "pytest exit: ${PIPESTATUS[0]}" >> "$OUT/msam_tests.log"
   tail -5 "$OUT/msam_tests.log"
   echo "== m-SAM benchmark" | tee "$OUT/bench_msam.log"
-  timeout 200 python -m bench.bench_msam --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench_msam.log" | tail -20
+  timeout 150 python -m bench.bench_msam --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench_msam.log" | tail -20
+  echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_msam.log"
+  timeout 60 python -m bench.bench_base_step --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench_msam.log" | tail -8
   echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_msam.log"
   ;;
 *)

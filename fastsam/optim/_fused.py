@@ -1,6 +1,8 @@
 """Fused second step: restore ``w_old`` + GSAM combine + base optimizer update in one pass.
 
-``fused_second_step(opt, params)`` is called by :meth:`fastsam.SAM.second_step`. It returns
+``fused_second_step(opt, params)`` is called by :meth:`fastsam.SAM.second_step` (and with
+``params = []``, nothing to restore, by :meth:`fastsam.SAM.base_step`: the fused update alone,
+e.g. after m-SAM micro-batches). It returns
 True when it did the whole second step itself (restore, GSAM if enabled, and an update that
 leaves the base optimizer's state exactly where torch keeps it), and False when the caller must
 do it the plain way (restore, GSAM, ``base_optimizer.step()``).

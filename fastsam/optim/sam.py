@@ -392,10 +392,16 @@ class SAM(torch.optim.Optimizer):
     @_eager
     @torch.no_grad()
     def base_step(self) -> None:
-        """Run the base optimizer on the gradients in ``.grad`` (weights must be unperturbed)."""
+        """Run the base optimizer on the gradients in ``.grad`` (weights must be unperturbed).
+
+        With a fused backend and a torch SGD/Adam/AdamW base this is the same fused update as
+        :meth:`second_step` without the restore (one pass, base optimizer state kept where torch
+        keeps it); otherwise ``base_optimizer.step()``.
+        """
         if self._perturbed is not None:
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
-        self.base_optimizer.step()
+        if not fused_second_step(self, []):
+            self.base_optimizer.step()
         self._after_base_step()
 
     def _after_base_step(self) -> None:
