@@ -39,7 +39,9 @@ class SAMStepResult:
     ascent_loss_tensor: Tensor  #: first-pass (ascent) loss at w, mean over the batch
     skipped: bool  #: non-finite gradient or GradScaler overflow in a pass: nothing was updated
     updated: bool  #: the base optimizer stepped (False when skipped or accumulating)
-    outputs: Any  #: model outputs of the first pass (at w), detached, whole batch
+    #: model outputs of the first pass (at w), detached: one tensor for the whole batch, or a list
+    #: per micro-batch when the model returns a container; None with keep_outputs=False
+    outputs: Any
     n_second_pass: int  #: examples used by the second pass (fewer than the batch with SDS)
 
     @property
@@ -116,6 +118,26 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def _detach(x: Any) -> Any:
+    """Tensors detached, also inside tuples/lists/dicts (the container type kept when it can be
+    rebuilt from its items, e.g. a Hugging Face ``ModelOutput``; else a plain dict/list)."""
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, (list, tuple)):
+        items = [_detach(v) for v in x]
+        try:
+            return type(x)(items)
+        except TypeError:  # e.g. a namedtuple: positional fields
+            return type(x)(*items)
+    if isinstance(x, dict):
+        items = {k: _detach(v) for k, v in x.items()}
+        try:
+            return type(x)(**items) if type(x) is not dict else items
+        except TypeError:
+            return items
+    return x
+
+
 def _cat(outs: list[Any]) -> Any:
     if not outs:
         return None
@@ -169,6 +191,7 @@ def sam_step(
     max_grad_norm: float | None = None,
     amp_dtype: torch.dtype | None = None,
     update: bool = True,
+    keep_outputs: bool = True,
 ) -> SAMStepResult:
     r"""One SAM training step on a batch: both forward/backward passes and the base update.
 
@@ -214,6 +237,9 @@ def sam_step(
             skips the base step; the next call with ``update=True`` steps on the weighted mean
             of all accumulated batches. Gradient accumulation without a per-call base step.
             The partial sums are transient: ``optimizer.load_state_dict`` drops them.
+        keep_outputs: return the first pass's outputs (detached) in ``.outputs``. False frees
+            each micro-batch's outputs after its backward: for a language model the logits
+            (batch x tokens x vocabulary) would otherwise stay alive through the second pass.
 
     Returns:
         :class:`SAMStepResult` (``.loss``, ``.skipped``, ...).
@@ -284,7 +310,9 @@ def sam_step(
                         "the per-token losses per sequence inside loss_fn"
                     )
                 (scaler.scale(l1) if scaler is not None else l1).backward()
-            outs.append(out.detach() if isinstance(out, Tensor) else out)
+            if keep_outputs:
+                outs.append(_detach(out))
+            del out
             loss1_sum = l1.detach().float() * (n_k / B) + (0 if loss1_sum is None else loss1_sum)
             if scaler is not None:
                 k = _unscale(scaler, optimizer)

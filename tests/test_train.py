@@ -433,3 +433,34 @@ def test_sds_needs_one_loss_per_example():
         fastsam.sam_step(m, opt, x, y, per_token, sds_keep=0.5)
     _assert_states(_state(m), before)
     assert not opt.is_perturbed
+
+
+def test_keep_outputs_and_nested_outputs_are_detached():
+    """keep_outputs=False returns no outputs and the same step; dict outputs come back detached
+    (a kept output with a grad_fn would hold the logits of every micro-batch alive)."""
+    class DictOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return {"logits": self.a(x), "aux": (self.a.weight.sum(), 3)}
+
+    def loss(out, tgt, reduction="mean"):
+        return F.cross_entropy(out["logits"], tgt, reduction=reduction)
+
+    x, y = _data(12)
+    torch.manual_seed(0)
+    m1 = DictOut()
+    m2 = copy.deepcopy(m1)
+    o1 = fastsam.SAM(m1.parameters(), torch.optim.SGD, lr=0.1)
+    o2 = fastsam.SAM(m2.parameters(), torch.optim.SGD, lr=0.1)
+    r1 = fastsam.sam_step(m1, o1, x, y, loss)
+    r2 = fastsam.sam_step(m2, o2, x, y, loss, keep_outputs=False)
+    assert r2.outputs is None and r2.updated
+    assert isinstance(r1.outputs, dict) and not r1.outputs["logits"].requires_grad
+    assert not r1.outputs["aux"][0].requires_grad and r1.outputs["aux"][1] == 3
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    r3 = fastsam.sam_step(m1, o1, x, y, loss, micro_batch=5)
+    assert isinstance(r3.outputs, list) and len(r3.outputs) == 3
