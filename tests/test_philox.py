@@ -61,7 +61,7 @@ def test_keep_threshold_and_mask_semantics():
 
 
 def test_keep_mask_chunking_matches_direct(monkeypatch):
-    monkeypatch.setattr(_philox, "MASK_CHUNK", 1000)  # force several chunks
+    monkeypatch.setattr(_philox, "MASK_CHUNK_CPU", 1000)  # force several chunks
     start, n, beta = 2**32 - 1500, 3333, 0.37
     got = keep_mask(start, n, 9, 3, beta)
     direct = philox_uint32(torch.arange(start, start + n), 9, 3) < keep_threshold(beta)
@@ -99,3 +99,15 @@ def test_matches_triton_randint():
         _randint_kernel[(triton.cdiv(idx.numel(), 256),)](out, idx, step * 2**32 + seed, idx.numel(), BLOCK=256)
         got = out.cpu().to(torch.int64) & 0xFFFFFFFF
         assert torch.equal(got, philox_uint32(idx.cpu(), seed, step))
+
+
+def test_word0_shortcut_equals_full_philox():
+    """philox_uint32 skips the work that cannot reach output word 0 (the zero counter words'
+    first products, the last round's other words): same bits as the full function."""
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.arange(0, 3000), torch.arange(2**32 - 64, 2**32 + 64),
+                     torch.randint(0, 2**40, (3000,), generator=gen)])
+    zero = torch.zeros_like(idx)
+    for seed, step in ((0, 0), (7, 3), (2**32 - 1, 2**32 - 1), (123456789, 987654321)):
+        full = _philox.philox4x32_10(idx & 0xFFFFFFFF, idx >> 32, zero, zero, seed, step)[0]
+        assert torch.equal(_philox.philox_uint32(idx, seed, step), full), (seed, step)
