@@ -97,16 +97,29 @@ def _batch_size(targets: Any) -> int:
     raise ValueError("targets must be a tensor (or a tuple/list/dict of tensors) with the batch in dim 0")
 
 
-def _take(x: Any, idx: slice | Tensor, batch: int) -> Any:
-    """Rows ``idx`` of every tensor (also inside tuples/lists/dicts) whose first dimension is the
-    batch size; anything else (a 0-dim tensor, a broadcast ``[1, T]`` mask, non-tensors) is
-    passed to every micro-batch unchanged."""
+def _split_spec(x: Any, batch: int) -> Any:
+    """Which tensors of the batch's inputs/targets are per-example (first dimension = batch size):
+    True/False per tensor, in the same tuple/list/dict structure. Decided once on the whole batch,
+    so micro-batches and SDS split the same tensors."""
     if isinstance(x, Tensor):
-        return x[idx] if x.dim() > 0 and x.shape[0] == batch else x
+        return x.dim() > 0 and x.shape[0] == batch
     if isinstance(x, (list, tuple)):
-        return type(x)(_take(v, idx, batch) for v in x)
+        return [_split_spec(v, batch) for v in x]
     if isinstance(x, dict):
-        return {k: _take(v, idx, batch) for k, v in x.items()}
+        return {k: _split_spec(v, batch) for k, v in x.items()}
+    return False
+
+
+def _take(x: Any, idx: slice | Tensor, spec: Any) -> Any:
+    """Rows ``idx`` of the per-example tensors of ``spec``; anything else (a 0-dim tensor, a
+    broadcast ``[1, T]`` mask, non-tensors) passes unchanged."""
+    if isinstance(x, Tensor):
+        return x[idx] if spec else x
+    if isinstance(x, (list, tuple)):
+        items = [_take(v, idx, s) for v, s in zip(x, spec)]
+        return type(x)(*items) if hasattr(type(x), "_fields") else type(x)(items)
+    if isinstance(x, dict):
+        return {k: _take(v, idx, spec[k]) for k, v in x.items()}
     return x
 
 
@@ -125,10 +138,12 @@ def _detach(x: Any) -> Any:
         return x.detach()
     if isinstance(x, (list, tuple)):
         items = [_detach(v) for v in x]
+        if hasattr(type(x), "_fields"):  # a namedtuple: positional fields
+            return type(x)(*items)
         try:
             return type(x)(items)
-        except TypeError:  # e.g. a namedtuple: positional fields
-            return type(x)(*items)
+        except TypeError:
+            return items
     if isinstance(x, dict):
         items = {k: _detach(v) for k, v in x.items()}
         try:
@@ -200,7 +215,7 @@ def sam_step(
     1. at ``w``: ``ascent_loss_fn(model(x_k), y_k).backward()`` (DDP: under ``no_sync``);
     2. ``optimizer.first_step()``: ``w -> w + e_k`` from that gradient;
     3. ESAM SDS (``sds_keep = gamma < 1``): a no-grad forward at ``w + e_k`` scores each example
-       by ``l(w + e_k) - l(w)`` (training loss) and keeps the ``round(gamma * n_k)`` largest;
+       by ``l(w + e_k) - l(w)`` (training loss) and keeps the largest (``round(gamma * B)`` in total);
     4. at ``w + e_k``: ``loss_fn(model(x'), y').backward()`` with BatchNorm statistics frozen;
     5. restore ``w`` exactly, GSAM combine, accumulate ``(n_k / B) * grad``: one fused pass per
        (device, dtype) group, :meth:`fastsam.SAM.accumulate` (``.grad`` kept as is when there is
@@ -227,9 +242,11 @@ def sam_step(
         ascent_loss_fn: loss of the first pass (default ``loss_fn``), e.g.
             ``fastsam.losses.obf_loss`` or ``fastsam.losses.bisam_loss``.
         micro_batch: m-sharpness micro-batch size ``m`` (the last one may be smaller).
-        sds_keep: ESAM data-selection ratio gamma in (0, 1]. ``round(gamma * n)`` examples (at
-            least 1) go to the second pass; ESAM's own code keeps one fewer, we keep exactly
-            ``round(gamma * n)`` as DESIGN.md specifies.
+        sds_keep: ESAM data-selection ratio gamma in (0, 1]. ``round(gamma * B)`` examples go to
+            the second pass (ESAM's own code keeps one fewer; we keep exactly ``round(gamma * B)``
+            as DESIGN.md specifies). With micro-batches each selects from its own examples,
+            ``round(gamma * hi) - round(gamma * lo)`` of rows ``lo:hi`` (at least 1), so the total
+            is still ``round(gamma * B)`` unless a micro-batch had to be raised to 1.
         scaler: ``torch.amp.GradScaler`` for fp16 AMP (its ``update()`` is called here).
         max_grad_norm: clip the final gradient (after GSAM and averaging) to this L2 norm.
         amp_dtype: run the forward passes under ``torch.autocast`` with this dtype.
@@ -260,6 +277,7 @@ def sam_step(
         raise ValueError("the batch is empty (targets has 0 rows)")
     m = B if micro_batch is None else min(micro_batch, B)
     bounds = [(lo, min(lo + m, B)) for lo in range(0, B, m)]
+    x_spec, y_spec = _split_spec(inputs, B), _split_spec(targets, B)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     accum: dict[str, Any] | None = getattr(optimizer, "_fastsam_accum", None)
@@ -295,18 +313,18 @@ def sam_step(
             n_k = hi - lo
             x, y = inputs, targets
             if len(bounds) > 1:
-                x, y = _take(inputs, slice(lo, hi), B), _take(targets, slice(lo, hi), B)
+                x, y = _take(inputs, slice(lo, hi), x_spec), _take(targets, slice(lo, hi), y_spec)
             # -- pass 1 at w: this rank's / micro-batch's own gradient
             optimizer.zero_grad(set_to_none=True)
             with model.no_sync() if ddp else contextlib.nullcontext():
                 with _autocast(amp_dtype, x):
                     out = _call(model, x)
                     l1 = ascent(out, y, reduction="mean")
-                    l0 = loss_fn(out.detach(), y, reduction="none").detach() if sds_keep < 1.0 else None
-                if l0 is not None and tuple(l0.shape) != (n_k,):
+                    l0 = loss_fn(_detach(out), y, reduction="none").detach() if sds_keep < 1.0 else None
+                if l0 is not None and l0.numel() != n_k:
                     raise ValueError(
                         f"sds_keep < 1 needs loss_fn(..., reduction='none') to return one value per example "
-                        f"(shape ({n_k},)), got shape {tuple(l0.shape)}; e.g. for a language model, reduce "
+                        f"({n_k} values), got shape {tuple(l0.shape)}; e.g. for a language model, reduce "
                         "the per-token losses per sequence inside loss_fn"
                     )
                 (scaler.scale(l1) if scaler is not None else l1).backward()
@@ -325,13 +343,16 @@ def sam_step(
             # -- ESAM sharpness-sensitive data selection
             x2, y2, n2 = x, y, n_k
             if sds_keep < 1.0:
-                n2 = max(1, min(n_k, int(round(sds_keep * n_k))))
+                # cumulative rounding: the micro-batches keep round(gamma * B) examples in total
+                # (DESIGN.md), each within one of gamma * n_k, and at least one (its second pass
+                # needs a mean loss)
+                n2 = max(1, min(n_k, int(round(sds_keep * hi)) - int(round(sds_keep * lo))))
                 if n2 < n_k:
                     with torch.no_grad(), frozen_running_stats(model), _autocast(amp_dtype, x):
                         lp = loss_fn(_call(model, x), y, reduction="none")
                     assert l0 is not None
-                    idx = torch.topk(lp.float() - l0.float(), n2, sorted=False).indices
-                    x2, y2 = _take(x, idx, n_k), _take(y, idx, n_k)
+                    idx = torch.topk((lp.float() - l0.float()).reshape(n_k), n2, sorted=False).indices
+                    x2, y2 = _take(x, idx, x_spec), _take(y, idx, y_spec)
             n2_total += n2
 
             # -- pass 2 at w + e (BatchNorm statistics frozen)

@@ -367,17 +367,23 @@ def test_sam_step_refuses_foreign_partial_sums():
 ], ids=["sgd-nesterov", "adamw-amsgrad"])
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_base_step_is_the_fused_update(backend, base, kw, monkeypatch):
-    """base_step (used after m-SAM micro-batches) runs the fused SGD/Adam update on fused backends,
-    never torch's step, and matches torch's optimizer over 5 steps (params and state)."""
+    """base_step (used after m-SAM micro-batches) runs the fused SGD/Adam update on fused backends
+    and matches torch's optimizer over 5 steps (params and state)."""
     _need(backend)
     m1, m2 = _model(), _model()
     opt = fastsam.SAM(m1.parameters(), base, backend=backend, **kw)
     ref = base(m2.parameters(), **kw)
 
-    def forbidden(*a, **k):
-        raise AssertionError("base_optimizer.step() called: the fused path was not taken")
+    fused_calls = []
 
-    monkeypatch.setattr(opt.base_optimizer, "step", forbidden)
+    def counting(f):
+        def run(*a, **k):
+            fused_calls.append(1)
+            return f(*a, **k)
+        return run
+
+    for name in ("sam_restore_sgd_", "sam_restore_adam_"):
+        monkeypatch.setattr(F, name, counting(getattr(F, name)))
     x, y = _data(16)
     for _ in range(5):
         for m, o in ((m1, opt), (m2, ref)):
@@ -385,6 +391,7 @@ def test_base_step_is_the_fused_update(backend, base, kw, monkeypatch):
             TF.cross_entropy(m(x), y).backward()
         opt.base_step()
         ref.step()
+    assert len(fused_calls) == 5, "base_step did not take the fused path"
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(m1.parameters(), m2.parameters()):
@@ -392,3 +399,43 @@ def test_base_step_is_the_fused_update(backend, base, kw, monkeypatch):
         assert sa.keys() == sb.keys()
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_steps_respect_a_replaced_step_but_not_an_lr_scheduler(backend):
+    """A step() replaced on the base optimizer instance must run (fallback to base_optimizer.step);
+    an LR scheduler's counting wrapper on the base does not prevent the fused update."""
+    _need(backend)
+    m = _model()
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    x, y = _data(8)
+    calls = []
+    orig = opt.base_optimizer.step
+
+    def mine(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    opt.base_optimizer.step = mine
+    for step in (opt.base_step, opt.second_step):
+        opt.zero_grad()
+        TF.cross_entropy(m(x), y).backward()
+        if step == opt.second_step:
+            opt.first_step(zero_grad=True)
+            TF.cross_entropy(m(x), y).backward()
+        step()
+    assert len(calls) == 2
+    del opt.base_optimizer.step
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    assert "step" in vars(opt.base_optimizer)  # torch's counting wrapper
+    fused = []
+    orig_sgd = F.sam_restore_sgd_
+    F.sam_restore_sgd_ = lambda *a, **k: (fused.append(1), orig_sgd(*a, **k))[1]
+    try:
+        opt.zero_grad()
+        TF.cross_entropy(m(x), y).backward()
+        opt.base_step()
+    finally:
+        F.sam_restore_sgd_ = orig_sgd
+    sched.step()
+    assert fused == [1] and opt.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -429,7 +429,7 @@ def test_sds_needs_one_loss_per_example():
         v = F.cross_entropy(out, tgt, reduction=reduction)
         return v[:, None].expand(-1, 3) if reduction == "none" else v
 
-    with pytest.raises(ValueError, match=r"one value per example \(shape \(8,\)\), got shape \(8, 3\)"):
+    with pytest.raises(ValueError, match=r"one value per example \(8 values\), got shape \(8, 3\)"):
         fastsam.sam_step(m, opt, x, y, per_token, sds_keep=0.5)
     _assert_states(_state(m), before)
     assert not opt.is_perturbed
@@ -464,3 +464,44 @@ def test_keep_outputs_and_nested_outputs_are_detached():
         assert torch.equal(a, b)
     r3 = fastsam.sam_step(m1, o1, x, y, loss, micro_batch=5)
     assert isinstance(r3.outputs, list) and len(r3.outputs) == 3
+
+
+def test_sds_with_micro_batches_keeps_round_gamma_b_in_total():
+    """B = 9, m = 3, gamma = 0.5: round(4.5) = 4 examples in total (cumulative rounding per
+    micro-batch: 2, 1, 1), not round(1.5) * 3 = 6."""
+    m = _model(bn=False)
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = _data(9)
+    assert fastsam.sam_step(m, opt, x, y, F.cross_entropy, micro_batch=3, sds_keep=0.5).n_second_pass == 4
+    assert fastsam.sam_step(m, opt, x, y, F.cross_entropy, micro_batch=4, sds_keep=0.3).n_second_pass == 3
+
+
+def test_sds_edge_shapes_and_containers():
+    """(n, 1) per-example losses are one value per example; container outputs (a one-field
+    namedtuple) work with SDS and come back as the same type; a per-step input shared by all
+    examples ([2, 3], not the batch size) is never split, by micro-batches or by SDS."""
+    import collections
+
+    Out = collections.namedtuple("Out", ["logits"])
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 1)
+
+        def forward(self, x, shared):
+            assert shared.shape == (2, 3)
+            return Out(self.a(x) + shared.sum())
+
+    def bce(out, tgt, reduction="mean"):
+        return F.binary_cross_entropy_with_logits(out.logits, tgt, reduction=reduction)  # (n, 1) for "none"
+
+    x, _ = _data(10)
+    y = (x[:, :1] > 0).float()
+    m = M()
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    r = fastsam.sam_step(m, opt, (x, torch.randn(2, 3)), y, bce, micro_batch=4, sds_keep=0.5)
+    assert r.updated and r.n_second_pass == 5
+    assert all(isinstance(o, Out) and isinstance(o.logits, torch.Tensor) for o in r.outputs)
+    r = fastsam.sam_step(m, opt, (x, torch.randn(2, 3)), y, bce)
+    assert isinstance(r.outputs, Out) and not r.outputs.logits.requires_grad

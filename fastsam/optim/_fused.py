@@ -11,7 +11,8 @@ Fused when all of these hold:
 
 - the resolved backend has fused updates (``FUSED_UPDATES``: triton);
 - the base optimizer is exactly ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (subclasses may
-  override ``step``), with no step hooks, no ``grad_scale``/``found_inf`` (fused AMP) set;
+  override ``step``), with no step hooks, no ``step`` replaced on the instance (an LR
+  scheduler's counting wrapper excepted), no ``grad_scale``/``found_inf`` (fused AMP) set;
 - every group with parameters to update has float ``lr``/``weight_decay``/betas (no tensor
   hyperparameters), ``differentiable=False``, ``fused`` off, Adam ``capturable=False``, and
   the boolean options (nesterov, maximize, amsgrad, decoupled weight decay) agree across groups;
@@ -88,6 +89,10 @@ def fused_second_step(opt: SAM, params: list[Tensor]) -> bool:
         return False
     if _has_hooks(base) or getattr(base, "grad_scale", None) is not None:
         return False  # hooks must run around base.step(); grad_scale: torch's fused-AMP protocol
+    own_step = vars(base).get("step")
+    if own_step is not None and not (getattr(own_step, "_wrapped_by_lr_sched", False)
+                                     or getattr(own_step, "_with_counter", False)):
+        return False  # the user replaced this instance's step(): it must run (LR-scheduler wrappers only count)
     if getattr(base, "found_inf", None) is not None:
         return False
     perturbed = {id(w) for w in params}

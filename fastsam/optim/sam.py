@@ -395,8 +395,9 @@ class SAM(torch.optim.Optimizer):
         """Run the base optimizer on the gradients in ``.grad`` (weights must be unperturbed).
 
         With a fused backend and a torch SGD/Adam/AdamW base this is the same fused update as
-        :meth:`second_step` without the restore (one pass, base optimizer state kept where torch
-        keeps it); otherwise ``base_optimizer.step()``.
+        :meth:`second_step` without the restore: one pass, torch's update formula computed in
+        float32 (float64 for float64 parameters) and rounded once, base optimizer state kept
+        where torch keeps it; otherwise ``base_optimizer.step()``.
         """
         if self._perturbed is not None:
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
