@@ -205,6 +205,13 @@ def test_make_tables_block_and_generic_rows(tmp_path: Path) -> None:
     (tmp_path / "r.json").write_text(json.dumps({"env": env, "results": {"rows": [{"k": 1}, {"k": 2}]}}))
     block = mt.build_block(tmp_path)
     assert "### r" in block and "Measured on X (2 cores, 1 torch thread)" in block and "| 2 |" in block
+    # a generated .md next to each JSON; a hand-written one (no marker) is kept
+    (tmp_path / "h.json").write_text(json.dumps({"env": env, "results": {"rows": [{"k": 3}]}}))
+    (tmp_path / "h.md").write_text("my own table\n")
+    assert mt.write_markdown(tmp_path) == [tmp_path / "r.md"]
+    assert mt.MD_MARK in (tmp_path / "r.md").read_text() and "| 2 |" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "h.md").read_text() == "my own table\n"
+    assert mt.write_markdown(tmp_path) == []  # unchanged: nothing rewritten
 
 
 def test_run_all_converts_pytest_benchmark_json() -> None:
