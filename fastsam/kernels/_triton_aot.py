@@ -1,4 +1,4 @@
-"""Compile the SAM kernels for a CUDA target without a GPU (``python -m fastsam.kernels._triton_aot``).
+"""Compile the SAM and loss kernels for a CUDA target without a GPU (``python -m fastsam.kernels._triton_aot``).
 
 Triton's compiler (with the ptxas it ships) lowers a kernel for a given target on any machine, so
 a CPU-only CI can still catch kernels that the interpreter accepts but the compiler rejects. Run
@@ -8,10 +8,16 @@ interpreted functions). Prints one line per variant and exits non-zero on the fi
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -26,7 +32,7 @@ def _sig(names: list[str], ptrs: dict[str, str], ints: dict[str, str], consts: d
     return {n: ptrs.get(n) or ints.get(n) or ("constexpr" if n in consts else "i32") for n in names}
 
 
-def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
+def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
     """A representative set: every dtype, every QMODE, each option on and off somewhere."""
     out = []
     for dt in ("fp32", "bf16", "fp16", "fp64"):
@@ -34,7 +40,7 @@ def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
         ptrs = {"tab": "*i64", "hyp": f"*{ct}", "scal": f"*{ct}", "blocks": "*i64", "part": f"*{ct}",
                 "snap": "*fp32", "ok": "*u8"}
         ints = {"seed_key": "i64", "keep_thr": "i64"}
-        base = {"DT": _TL[dt], "CT": _TL[ct], "BLOCK": 2048}
+        base = {"DT": _TL[dt], "CT": _TL[ct], "BLOCK": _sam_config().block}
         for qmode, fsam, adaptive, gsam, swp in ((2, False, False, False, False), (0, True, True, True, True),
                                                  (1, True, False, False, True)):
             c1 = dict(base, QMODE=qmode, FSAM=fsam, ADAPTIVE=adaptive)
@@ -59,17 +65,105 @@ def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
             names4 = ["tab", "ntab", "hyp", "scal", "blocks", "nblk", "part", "npart", "part_stride", *c4]
             out.append((f"K3 {dt} mode={mode} gsam={gsam} nesterov={nest} maximize={maxi} amsgrad={ams} "
                         f"decoupled={dec}", K.second_step_kernel, _sig(names4, ptrs, ints, c4), c4))
+    # the SAM kernels launch with LaunchConfig's GPU geometry (block in `base` above)
+    return [(*v, _sam_config().num_warps) for v in out] + loss_variants()
+
+
+def _sam_config():
+    from .triton_sam import get_config
+
+    return get_config()
+
+
+def loss_variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
+    """The ascent-loss kernels (fastsam/kernels/triton_losses.py): every logits dtype, one-chunk
+    and chunked rows at the GPU's largest block (8192), gradient on and off, both BiSAM phi."""
+    from . import triton_losses as L
+
+    out = []
+    floats = ("inv_c", "gamma", "lam", "inv_one_minus_lam", "mu", "inv_mu", "log_c", "alpha")
+    warps = L._config(L._MAX_BLOCK_GPU, torch.device("cuda"))[2]  # as launched: 16 at BLOCK 8192
+    for dt in ("fp32", "bf16", "fp16"):
+        ptrs = {"z_ptr": f"*{dt}", "y_ptr": "*i64", "loss_ptr": "*fp32", "g_ptr": f"*{dt}"}
+
+        def sig(names: list[str], consts: dict[str, Any], ptrs=ptrs) -> dict[str, str]:
+            return {n: ptrs.get(n) or ("fp32" if n in floats else "constexpr" if n in consts else "i32")
+                    for n in names}
+
+        obf = ["z_ptr", "y_ptr", "loss_ptr", "g_ptr", "stride_z", "C", "inv_c", "gamma", "lam",
+               "inv_one_minus_lam", "ignore_index"]
+        for one_chunk, write in ((True, True), (False, True), (False, False)):
+            c = {"BLOCK": L._MAX_BLOCK_GPU, "ONE_CHUNK": one_chunk, "WRITE_GRAD": write}
+            out.append((f"OBF softmax {dt} one_chunk={one_chunk} grad={write}", L._obf_softmax_kernel,
+                        sig(obf + list(c), c), c, warps))
+            c = {"BLOCK": L._MAX_BLOCK_GPU, "ONE_CHUNK": one_chunk, "PHI_TANH": not one_chunk, "WRITE_GRAD": write}
+            names = ["z_ptr", "y_ptr", "loss_ptr", "g_ptr", "stride_z", "C", "mu", "inv_mu", "log_c", "alpha",
+                     "ignore_index", *c]
+            out.append((f"BiSAM {dt} one_chunk={one_chunk} tanh={not one_chunk} grad={write}", L._bisam_kernel,
+                        sig(names, c), c, warps))
+        c = {"BLOCK": 1024, "WRITE_GRAD": True}
+        out.append((f"OBF sigmoid {dt}", L._obf_sigmoid_kernel, sig(obf + list(c), c), c,
+                    L._config(1024, torch.device("cuda"))[2]))
     return out
 
 
+def _ptxas(arch: int) -> str | None:
+    """The ptxas Triton itself uses for ``arch`` (it ships several: the PTX version it emits may be
+    newer than the plain one accepts), else the one on PATH; None if there is none."""
+    try:
+        from triton.backends.nvidia import compiler as nvc
+
+        for args in ((arch,), ()):
+            try:
+                return nvc.get_ptxas(*args).path
+            except TypeError:
+                continue
+    except Exception:  # pragma: no cover - other Triton layouts
+        pass
+    return shutil.which("ptxas")
+
+
+def _resources(ptx: str, arch: int, ptxas: str) -> tuple[int, int]:
+    """(registers per thread, spill bytes) from ``ptxas -v`` on the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}", "-v",
+                            src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, timeout=300)
+    text = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return (int(regs.group(1)) if regs else -1), sum(spills)
+
+
 def main(arch: int = 90, limit: int | None = None) -> int:
+    """Compile every variant as it is launched (BLOCK, num_warps); with Triton's ptxas also
+    report registers and fail on any register spill (issue: "no register spills for wide rows")."""
     target = GPUTarget("cuda", arch, 32)
     todo = variants()[:limit]
-    for name, fn, sig, consts in todo:
+    ptxas = _ptxas(arch)
+    spilled = []
+    for name, fn, sig, consts, warps in todo:
         t0 = time.perf_counter()
-        triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": 4})
-        print(f"ok {time.perf_counter() - t0:5.2f}s  {name}", flush=True)
+        k = triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": warps})
+        info = ""
+        if ptxas is not None:
+            regs, spill = _resources(k.asm["ptx"], arch, ptxas)
+            info = f"  {regs} regs x {32 * warps} threads, spills {spill} B"
+            if spill:
+                spilled.append(name)
+        print(f"ok {time.perf_counter() - t0:5.2f}s  {name}{info}", flush=True)
     print(f"compiled {len(todo)} variants for sm_{arch}")
+    if ptxas is None:
+        print("ptxas not found: registers and spills not checked")
+    elif spilled:
+        print(f"register spills in {len(spilled)} variants: {spilled}")
+        return 1
+    else:
+        print("register spills: none")
     return 0
 
 

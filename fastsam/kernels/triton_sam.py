@@ -67,26 +67,29 @@ IN_LAUNCH = [False]
 class LaunchConfig:
     """Launch geometry (predictions; ``bash bench/gpu_suite.sh`` sweeps them on the GPU).
 
-    GPU: ``block`` = 2048 elements per program iteration with 4 warps is 16 fp32 per thread, i.e.
-    four 16-byte loads per list per iteration. ``programs_per_sm`` = 8 gives 8 x 132 = 1056
-    persistent programs on an H100: 8 x 2048 x 4 B = 64 KiB per list in flight per SM, far above
-    the ~25 KiB/SM that 3.35 TB/s x ~1 us DRAM latency needs over 132 SMs, with room for the 2-3
-    dependent table loads that start each block. It is also the number of norm partials per
-    dtype group, which every K2 program re-reads (1056 x 4 B, from L2).
+    GPU: ``block`` = 2048 elements per program iteration with 8 warps is 8 fp32 per thread, two
+    16-byte loads per list per iteration. Registers decided the warps (``python -m
+    fastsam.kernels._triton_aot`` reports them from ptxas, sm_90): with 4 warps (16 elements per
+    thread) the AdamW K3 needs 224 registers a thread, so only 2 programs (256 threads) fit on an
+    SM; with 8 warps it needs 64 and K2 58, so 4 programs (1024 threads) are resident.
+    ``programs_per_sm`` = 4 keeps the persistent grid fully resident (4 x 132 = 528 programs on
+    an H100): 4 x 2048 x 4 B = 32 KiB per list in flight per SM, above the ~25 KiB/SM that
+    3.35 TB/s x ~1 us DRAM latency needs over 132 SMs. It is also the number of norm partials
+    per dtype group, which every K2 program re-reads (528 x 4 B, from L2).
     Interpreter: every program and every op costs Python time, so few programs and big blocks.
     """
 
     block: int = 2048
-    num_warps: int = 4
-    programs_per_sm: int = 8
+    num_warps: int = 8
+    programs_per_sm: int = 4
     interp_block: int = 1024
     interp_programs: int = 2
 
 
 _CONFIG = LaunchConfig(
     block=int(os.environ.get("FASTSAM_TRITON_BLOCK", 2048)),
-    num_warps=int(os.environ.get("FASTSAM_TRITON_WARPS", 4)),
-    programs_per_sm=int(os.environ.get("FASTSAM_TRITON_PROGRAMS_PER_SM", 8)),
+    num_warps=int(os.environ.get("FASTSAM_TRITON_WARPS", 8)),
+    programs_per_sm=int(os.environ.get("FASTSAM_TRITON_PROGRAMS_PER_SM", 4)),
 )
 
 
