@@ -207,6 +207,11 @@ def bench_impl(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, dev
     for _ in range(warmup):
         step()
     out: dict[str, Any] = {}
+    # timed before any profiling: torch.profiler leaves CUPTI attached unless TEARDOWN_CUPTI=1,
+    # which would slow every later launch (most for the many-launch loop and foreach)
+    times = [_timed(device, step) for _ in range(steps)]
+    out["ms"] = 1e3 * statistics.median(times)
+    out["ms_min"] = 1e3 * min(times)
     if device.type == "cuda":
         torch.cuda.synchronize()
         out["syncs_per_step"] = count_syncs(device, step)
@@ -220,9 +225,6 @@ def bench_impl(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, dev
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         out.update(count_kernels(device, step))
-    times = [_timed(device, step) for _ in range(steps)]
-    out["ms"] = 1e3 * statistics.median(times)
-    out["ms_min"] = 1e3 * min(times)
     if device.type == "cuda":
         out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - mem0) / 2**20
     return out  # params, optimizer state: freed with this frame (the caller collects)
@@ -239,14 +241,20 @@ def sweep_triton(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torc
     from fastsam.kernels import triton_sam as TS
 
     rows = []
-    for block in (1024, 2048, 4096):
-        for warps in (4, 8):
-            for pps in (4, 8):
-                with TS.configure(block=block, num_warps=warps, programs_per_sm=pps):
-                    r = bench_impl("fastsam_triton", shapes, dtype, device, steps, warmup=2)
-                _free(device)
-                rows.append({"block": block, "num_warps": warps, "programs_per_sm": pps, "ms": r["ms"]})
-                print(f"  sweep block={block} warps={warps} pps={pps}: {r['ms']:.3f} ms", flush=True)
+    # programs_per_sm is a cap: fewer run when the registers do not let that many stay resident
+    configs = [(block, warps, pps, True) for block in (1024, 2048, 4096) for warps in (4, 8) for pps in (2, 4, 8)]
+    configs.append((2048, 8, 4, False))  # the default geometry with scalar accesses (no full-block split)
+    for block, warps, pps, vec in configs:
+        row: dict[str, Any] = {"block": block, "num_warps": warps, "programs_per_sm": pps, "vectorize": vec}
+        try:
+            with TS.configure(block=block, num_warps=warps, programs_per_sm=pps, vectorize=vec):
+                row["ms"] = bench_impl("fastsam_triton", shapes, dtype, device, steps, warmup=2)["ms"]
+        except Exception as e:  # one geometry failing must not lose the others
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        _free(device)
+        rows.append(row)
+        print(f"  sweep block={block} warps={warps} pps={pps} vectorize={vec}: "
+              + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
     return rows
 
 
@@ -269,6 +277,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{100 * gbps / results['copy_gbps']:.0f} | {loop / r['ms'] if loop else float('nan'):.2f} | "
                 f"{fe / r['ms'] if fe else float('nan'):.2f} | {r.get('kernels', '')} | {r.get('memcpy_memset', '')} | "
                 f"{r.get('syncs_per_step', '')} |")
+    if results.get("sweep_vit_b16_fp32"):
+        lines += ["", "Launch geometry sweep, fastsam triton, vit_b16 float32:", "",
+                  "| BLOCK | num_warps | programs/SM (cap) | vectorize | ms/step |", "|---:|---:|---:|---|---:|"]
+        for r in results["sweep_vit_b16_fp32"]:
+            ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")
+            lines.append(f"| {r['block']} | {r['num_warps']} | {r['programs_per_sm']} | {r.get('vectorize', True)} | "
+                         f"{ms} |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,12 +335,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else:
                     print(f"{preset} {dt_name} {name}: {r['error']}", flush=True)
             results["cases"].append(case)
+    def save() -> None:
+        path = write_result("bench_optim", results, args.out)
+        Path(path).with_suffix(".md").write_text(markdown(results))
+
+    save()  # the main table is on disk before the sweep (a timeout there loses only the sweep)
     if args.sweep and device.type == "cuda":
         results["sweep_vit_b16_fp32"] = sweep_triton(vit_shapes(**PRESETS["vit_b16"]), torch.float32, device, 10)
-    path = write_result("bench_optim", results, args.out)
-    md = markdown(results)
-    Path(path).with_suffix(".md").write_text(md)
-    print(md)
+        save()
+    print(markdown(results))
     return results
 
 

@@ -32,6 +32,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastsam._compat import custom_op
 from fastsam._reference_losses import (
     BISAM_DEFAULT_MU,
     bisam_loss_reference,
@@ -80,7 +81,7 @@ def _kernels():
     return triton_losses
 
 
-@torch.library.custom_op("fastsam::obf_fwd", mutates_args=())
+@custom_op("fastsam::obf_fwd", mutates_args=())
 def _obf_fwd(
     logits: Tensor, target: Tensor, gamma: float, lam: float, sigmoid: bool, ignore_index: int,
     write_grad: bool,
@@ -88,7 +89,7 @@ def _obf_fwd(
     return _kernels().obf_forward(logits, target, gamma, lam, sigmoid, ignore_index, write_grad)
 
 
-@torch.library.custom_op("fastsam::bisam_fwd", mutates_args=())
+@custom_op("fastsam::bisam_fwd", mutates_args=())
 def _bisam_fwd(
     logits: Tensor, target: Tensor, mu: float, phi: str, alpha: float, ignore_index: int,
     write_grad: bool,

@@ -78,27 +78,26 @@ def test_mask_depends_on_seed_and_step():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_matches_triton_randint():
-    """tl.randint(t * 2^32 + seed, i) is the same function (int64 offsets reach the high word)."""
+def test_matches_triton_philox_and_randint():
+    """Triton's philox with the mask kernel's counter words (lo, hi, 0, 0) and key seed64 = step *
+    2^32 + seed is this function (int64 indices reach the high word), and so is tl.randint on
+    int32 offsets."""
     import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _randint_kernel(out_ptr, idx_ptr, seed64, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        idx = tl.load(idx_ptr + offs, mask=m, other=0)
-        r = tl.randint(seed64, idx)
-        tl.store(out_ptr + offs, r, mask=m)
+    from _triton_probes import philox_probe_kernel
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    idx = torch.cat([torch.arange(0, 300), torch.arange(2**32 - 3, 2**32 + 200), torch.tensor([5 * 2**33 + 11])])
+    idx = torch.cat([torch.arange(0, 300), torch.arange(2**31 - 5, 2**31 + 5),
+                     torch.arange(2**32 - 3, 2**32 + 200), torch.tensor([5 * 2**33 + 11])])
     idx = idx.to(dev)
+    small = idx.cpu() < 2**31
     for seed, step in [(0, 0), (7, 3), (2**32 - 1, 2**20 + 5)]:
         out = torch.empty(idx.numel(), dtype=torch.int32, device=dev)
-        _randint_kernel[(triton.cdiv(idx.numel(), 256),)](out, idx, step * 2**32 + seed, idx.numel(), BLOCK=256)
-        got = out.cpu().to(torch.int64) & 0xFFFFFFFF
-        assert torch.equal(got, philox_uint32(idx.cpu(), seed, step))
+        out32 = torch.zeros(idx.numel(), dtype=torch.int32, device=dev)
+        philox_probe_kernel[(triton.cdiv(idx.numel(), 256),)](out, out32, idx, step * 2**32 + seed, idx.numel(),
+                                                              BLOCK=256)
+        want = philox_uint32(idx.cpu(), seed, step)
+        assert torch.equal(out.cpu().to(torch.int64) & 0xFFFFFFFF, want)
+        assert torch.equal((out32.cpu().to(torch.int64) & 0xFFFFFFFF)[small], want[small])
 
 
 def test_word0_shortcut_equals_full_philox():

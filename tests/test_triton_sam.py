@@ -44,6 +44,7 @@ import fastsam  # noqa: E402
 from fastsam import _philox  # noqa: E402
 from fastsam import functional as F  # noqa: E402
 from fastsam import reference as R  # noqa: E402
+from fastsam._compat import CUSTOM_OP_LISTS_TRACEABLE  # noqa: E402
 from fastsam.kernels import _tables  # noqa: E402
 from fastsam.kernels import triton_sam as TS  # noqa: E402
 from fastsam.optim._fused import fused_second_step  # noqa: E402
@@ -470,7 +471,7 @@ def test_torch_compile_model_and_optimizer_step():
     steps eager; (b) model and both SAM steps inside one compiled function, the steps kept out of
     the graph with torch.compiler.disable (torch 2.13's dynamo loses attribute writes on an
     Optimizer across a graph break inside its method, which SAM's state machine needs); (c) the
-    custom op itself in a fullgraph compile."""
+    custom op itself in a fullgraph compile (torch 2.4: the public function, run eagerly)."""
     def build():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(DEV)
@@ -507,10 +508,16 @@ def test_torch_compile_model_and_optimizer_step():
     params, grads, w_old, _, _, _ = perturb_inputs(torch.float32, [(5,), (9,)], 0, False, False)
     ref = clone_list(params)
 
-    @torch.compile(backend="aot_eager", fullgraph=True)
-    def perturb(ps, gs, wo):
-        return torch.ops.fastsam.sam_perturb(ps, gs, wo, [], [], [], [0.1, 0.1], [0.0, 0.0], [False, False],
-                                             [0, 5], 2.0, None, 0.9, 1.0, 0, 0)
+    if CUSTOM_OP_LISTS_TRACEABLE:  # torch >= 2.5: the op itself in a fullgraph compile
+        @torch.compile(backend="aot_eager", fullgraph=True)
+        def perturb(ps, gs, wo):
+            return torch.ops.fastsam.sam_perturb(ps, gs, wo, [], [], [], [0.1, 0.1], [0.0, 0.0], [False, False],
+                                                 [0, 5], 2.0, None, 0.9, 1.0, 0, 0)
+    else:  # torch 2.4 cannot functionalize it: the public function runs eagerly (a graph break)
+        @torch.compile(backend="aot_eager")
+        def perturb(ps, gs, wo):
+            return F.sam_perturb_(ps, gs, wo, None, None, None, [0.1, 0.1], [0.0, 0.0], [False, False], [0, 5],
+                                  backend="triton")
 
     ok = perturb(params, grads, w_old)
     R.sam_perturb_(ref, grads, clone_list(w_old), None, None, None, [0.1, 0.1], [0.0, 0.0], [False, False], [0, 5])
@@ -591,3 +598,89 @@ def test_kernels_compile_for_sm90():
     assert "compiled 73 variants" in r.stdout  # 52 SAM kernel variants + 21 ascent-loss variants
     if "ptxas not found" not in r.stdout:  # ptxas -v on every variant as launched: no spills
         assert "register spills: none" in r.stdout, r.stdout[-3000:]
+
+
+# ------------------------------------------------------------------------------ full blocks vs tail
+@pytest.mark.parametrize("vectorize", [True, False], ids=["split", "masked"])
+def test_full_block_path_and_tail_path(vectorize):
+    """With 32-element blocks most blocks of these tensors are full: the kernels' unmasked
+    full-block body (vectorize=True; K1, K2, KG, K3 in every mode) and the single masked body
+    (vectorize=False) both match the references, over the same cases as above (all perturbation
+    options; SGD momentum/nesterov/maximize with GSAM; Adam amsgrad; AdamW lists; GSAM + maximize;
+    m-SAM accumulate with and without GSAM, fp32 and bf16)."""
+    import test_accumulate
+
+    shapes = [(64,), (95,), (7, 5), (0,), (1,), (33,)]  # 95 = 2 full blocks + 31: one short of full
+    with TS.configure(interp_block=32, vectorize=vectorize):
+        check_perturb_matches_reference("triton", torch.float32, shapes, OPTIONS["all"], offset_stride=1000,
+                                        device=DEV)
+        check_perturb_matches_reference("triton", torch.bfloat16, shapes, {"adaptive": True, "fsam_sigma": 1.0},
+                                        offset_stride=1000, device=DEV)
+        check_fused_sgd_matches_twin("triton", torch.float32, 0.5, FUSED_SGD_KWS["nesterov-max"], fused_lists)
+        check_fused_sgd_matches_twin("triton", torch.float32, 0.0, FUSED_SGD_KWS["mom-damp-lists"], fused_lists)
+        for kw in ({"lr": 1e-2, "weight_decay": 0.01, "amsgrad": True, "beta1": 0.5, "beta2": 0.9, "eps": 1e-4},
+                   {"lr": [1e-2, 2e-2, 1e-2, 1e-2, 1e-2, 5e-3], "weight_decay": 0.1, "decoupled_weight_decay": True},
+                   {"lr": 1e-2, "maximize": True, "gsam_alpha": 0.4}):
+            check_fused_adam_matches_twin("triton", torch.float32, kw, fused_lists)
+    with TS.configure(interp_block=2048, vectorize=vectorize):  # its (40001,): 19 full blocks + a tail
+        for dtype in (torch.float32, torch.bfloat16):
+            for gsam in (False, True):
+                test_accumulate.test_restore_accumulate_matches_reference("triton", dtype, gsam)
+
+
+def test_resident_programs_from_registers():
+    """The persistent grid is sized to what stays resident (64 K registers and 2048 threads per
+    SM; registers allocated 8 per thread at a time): 8-warp programs."""
+    assert TS._resident_programs(32, 8) == 8  # thread-limited: 8 x 256 = 2048
+    assert TS._resident_programs(64, 8) == 4
+    assert TS._resident_programs(80, 8) == 3  # the AdamW K3 at BLOCK 2048 (ptxas, sm_90)
+    assert TS._resident_programs(126, 8) == 2  # rounds up to 128
+    assert TS._resident_programs(129, 8) == 1
+    assert TS._resident_programs(255, 4) == 2
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["split", "masked"])
+def test_no_access_past_a_tensor(vectorize):
+    """Every tensor the kernels touch is a view at the start of a larger buffer whose tail holds a
+    canary: after perturbation (all options), the SGD / Adam second steps (GSAM on) and an m-SAM
+    accumulate, no canary changed. Numels 95 = 2 x 32 + 31, 64, 33, 1 with 32-element blocks:
+    a full-block test that is off by one would write element 95."""
+    numels = [95, 64, 33, 1]
+    canary = -12345.0
+    bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, where its canary starts)
+
+    def views(nonneg: bool = False) -> list[torch.Tensor]:
+        out = []
+        for n in numels:
+            b = torch.full((n + 16,), canary, device=DEV)  # 16 fp32 = 64 bytes: views stay 16-byte aligned
+            x = torch.randn(n, device=DEV)
+            b[:n] = x.abs() if nonneg else x
+            bufs.append((b, n))
+            out.append(b[:n])
+        return out
+
+    def flags() -> list[torch.Tensor]:
+        out = []
+        for i in range(len(numels)):
+            b = torch.full((16,), canary, device=DEV)
+            b[0] = float(i % 2)
+            bufs.append((b, 1))
+            out.append(b[:1])
+        return out
+
+    k = len(numels)
+    with TS.configure(interp_block=32, vectorize=vectorize):
+        params, grads, w_old, ema, g_old = views(), views(), views(), views(), views()
+        F.sam_perturb_(params, grads, w_old, ema, flags(), g_old, [0.1] * k, [0.01] * k, [True, False] * 2,
+                       [0, 100, 200, 300], p=3.0, fsam_sigma=0.5, swp_keep=0.7, seed=3, step=2, backend="triton")
+        F.sam_restore_sgd_(params, views(), w_old, g_old, views(), lr=0.1, momentum=0.9, weight_decay=0.01,
+                           nesterov=True, gsam_alpha=0.3, backend="triton")
+        steps = [torch.tensor(3.0, device=DEV) for _ in numels]
+        F.sam_restore_adam_(params, views(), w_old, g_old, views(), views(nonneg=True), views(nonneg=True), steps,
+                            lr=1e-3, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True, gsam_alpha=0.3,
+                            backend="triton")
+        F.sam_restore_accumulate_(params, views(), w_old, g_old, views(), [False, True] * 2, weight=0.5, scale=2.0,
+                                  gsam_alpha=0.3, backend="triton")
+    assert len(bufs) == 14 * k  # 13 lists of views + the flags
+    for b, start in bufs:
+        assert torch.all(b[start:] == canary), b[start:]

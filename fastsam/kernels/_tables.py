@@ -23,7 +23,7 @@ step never waits on the device. The block table depends only on element counts a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +47,24 @@ class DeviceMirror:
     allocator recycles the old block in stream order.
     """
 
-    __slots__ = ("dtype", "key", "device", "tensor")
+    __slots__ = ("dtype", "key", "device", "tensor", "_memo", "_memo_for")
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.key: tuple | None = None
         self.device: torch.device | None = None
         self.tensor: Tensor | None = None
+        self._memo: dict[str, object] = {}
+        self._memo_for: Tensor | None = None
+
+    def memo(self, name: str, fn: Callable[[], object]) -> object:
+        """``fn()``, computed once per uploaded table: host-side facts about the current values
+        (e.g. whether every address is 16-byte aligned) at no cost on the steps that reuse it."""
+        if self._memo_for is not self.tensor:
+            self._memo, self._memo_for = {}, self.tensor
+        if name not in self._memo:
+            self._memo[name] = fn()
+        return self._memo[name]
 
     def get(self, values: tuple, device: torch.device) -> Tensor:
         if self.tensor is not None and values == self.key and device == self.device:

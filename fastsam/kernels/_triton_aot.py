@@ -40,7 +40,8 @@ def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
         ptrs = {"tab": "*i64", "hyp": f"*{ct}", "scal": f"*{ct}", "blocks": "*i64", "part": f"*{ct}",
                 "snap": "*fp32", "ok": "*u8"}
         ints = {"seed_key": "i64", "keep_thr": "i64"}
-        base = {"DT": _TL[dt], "CT": _TL[ct], "BLOCK": _sam_config().block}
+        vec = _sam_config().vectorize
+        base = {"DT": _TL[dt], "CT": _TL[ct], "BLOCK": _sam_config().block, "SPLIT": vec, "ALIGNED": vec}
         for qmode, fsam, adaptive, gsam, swp in ((2, False, False, False, False), (0, True, True, True, True),
                                                  (1, True, False, False, True)):
             c1 = dict(base, QMODE=qmode, FSAM=fsam, ADAPTIVE=adaptive)
@@ -139,24 +140,41 @@ def _resources(ptx: str, arch: int, ptxas: str) -> tuple[int, int]:
     return (int(regs.group(1)) if regs else -1), sum(spills)
 
 
+def vector_accesses(ptx: str) -> tuple[int, int]:
+    """(vector, scalar) global load/store instructions in a kernel's PTX (``ld.global.v4.b32``
+    moves 16 bytes; the scalar ones count 8-byte table reads too)."""
+    ops = re.findall(r"\b(?:ld|st)\.global(?:\.[a-z0-9]+)*", ptx)
+    vec = sum(1 for o in ops if re.search(r"\.v[248]\b", o))
+    return vec, len(ops) - vec
+
+
 def main(arch: int = 90, limit: int | None = None) -> int:
     """Compile every variant as it is launched (BLOCK, num_warps); with Triton's ptxas also
-    report registers and fail on any register spill (issue: "no register spills for wide rows")."""
+    report registers and fail on any register spill (issue: "no register spills for wide rows").
+    Also counts vector accesses and fails when a SAM kernel launched with ``vectorize`` has none
+    (the full-block path must compile to 16-byte loads/stores)."""
     target = GPUTarget("cuda", arch, 32)
     todo = variants()[:limit]
     ptxas = _ptxas(arch)
     spilled = []
+    unvectorized = []
     for name, fn, sig, consts, warps in todo:
         t0 = time.perf_counter()
         k = triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": warps})
-        info = ""
+        nvec, nscalar = vector_accesses(k.asm["ptx"])
+        if consts.get("SPLIT") and consts.get("ALIGNED") and nvec == 0:
+            unvectorized.append(name)
+        info = f"  vector/scalar global accesses {nvec}/{nscalar}"
         if ptxas is not None:
             regs, spill = _resources(k.asm["ptx"], arch, ptxas)
-            info = f"  {regs} regs x {32 * warps} threads, spills {spill} B"
+            info += f", {regs} regs x {32 * warps} threads, spills {spill} B"
             if spill:
                 spilled.append(name)
         print(f"ok {time.perf_counter() - t0:5.2f}s  {name}{info}", flush=True)
     print(f"compiled {len(todo)} variants for sm_{arch}")
+    if unvectorized:
+        print(f"no vector access in {len(unvectorized)} vectorized SAM variants: {unvectorized}")
+        return 1
     if ptxas is None:
         print("ptxas not found: registers and spills not checked")
     elif spilled:

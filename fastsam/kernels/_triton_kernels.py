@@ -22,7 +22,9 @@ of a buffer (no atomics); consumers reduce the whole buffer in a fixed order, ev
 getting the same bits.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` in a module with @triton.jit kernels: triton 3.0's
+# interpreter recognizes constexpr parameters only by their evaluated annotation (a string
+# 'tl.constexpr' is taken for a runtime argument and tl.arange then fails).
 
 import triton
 import triton.language as tl
@@ -61,6 +63,21 @@ MODE_RESTORE, MODE_SGD, MODE_ADAM, MODE_ACCUM = 0, 1, 2, 3
 
 
 @triton.jit
+def _ptr(addr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """int64 address -> pointer to DT. ``getattr(DT, "scalar")`` is the dtype itself on every
+    Triton version: triton 3.0's compiler hands ``DT`` over as a ``constexpr`` that
+    ``tl.pointer_type`` refuses, its interpreter as a plain dtype without ``.value``.
+
+    ALIGNED (the host checked that every address of the table is a multiple of 16 bytes): tell
+    the compiler, so that unmasked full blocks use 16-byte vector loads and stores (v4.b32: 4
+    fp32 or 8 bf16 values per instruction instead of one)."""
+    p = addr.to(tl.pointer_type(getattr(DT, "scalar")))  # noqa: B009
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
 def _bf16_rne(x):
     """float32 -> bf16 round-to-nearest-even by integer arithmetic (NaN stays a quiet NaN)."""
     b = x.to(tl.float32).to(tl.uint32, bitcast=True)
@@ -79,10 +96,33 @@ def _abs_pow(a, q):
 
 
 @triton.jit
+def _k1_block(row, hrow, ntab, offs, inb, sigma, q, DT: tl.constexpr, CT: tl.constexpr,
+              QMODE: tl.constexpr, FSAM: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr):
+    """K1 work of one block: the block's ``|u|^q`` (a BLOCK vector). ``inb``: the lanes in bounds."""
+    u = tl.load(_ptr(tl.load(row + P_G * ntab), DT, ALIGNED) + offs, mask=inb, other=0.0).to(CT)
+    if FSAM:
+        r = tl.load(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)))
+        pm = _ptr(tl.load(row + P_EMA * ntab), DT, ALIGNED)
+        m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
+        u = u - sigma * m  # m = 0 exactly when not ready: d = g bit for bit
+    if ADAPTIVE:
+        ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
+        pw = _ptr(tl.load(row + P_W * ntab), DT, ALIGNED)
+        w = tl.load(pw + offs, mask=tl.where(ad, inb, False), other=0.0).to(CT)
+        u = tl.where(ad, u * (tl.abs(w) + tl.load(hrow + P_ETA * ntab)), u)
+    if QMODE == 2:
+        return u * u
+    elif QMODE == 1:
+        return tl.abs(u)
+    else:
+        return _abs_pow(tl.abs(u), q)
+
+
+@triton.jit
 def perturb_partials_kernel(
     tab, ntab, hyp, scal, blocks, nblk, part, part_base, snap,
     DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
-    ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr,
+    ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """K1: ``part[part_base + pid] = sum over this program's blocks of |u|^q``.
 
@@ -104,31 +144,75 @@ def perturb_partials_kernel(
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32
-        start = (ent & 0xFFFFFFFF) * BLOCK
+        start = tl.multiple_of((ent & 0xFFFFFFFF) * BLOCK, BLOCK)
         row = tab + t
+        hrow = hyp + t
         offs = start + lanes
-        inb = offs < tl.load(row + P_NUMEL * ntab)
-        u = tl.load(tl.load(row + P_G * ntab).to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
-        if FSAM:
-            r = tl.load(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)))
-            if start == 0:
-                tl.store(snap + t, r)
-            pm = tl.load(row + P_EMA * ntab).to(tl.pointer_type(DT))
-            m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
-            u = u - sigma * m  # m = 0 exactly when not ready: d = g bit for bit
-        if ADAPTIVE:
-            hrow = hyp + t
-            ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
-            pw = tl.load(row + P_W * ntab).to(tl.pointer_type(DT))
-            w = tl.load(pw + offs, mask=tl.where(ad, inb, False), other=0.0).to(CT)
-            u = tl.where(ad, u * (tl.abs(w) + tl.load(hrow + P_ETA * ntab)), u)
-        if QMODE == 2:
-            acc += u * u
-        elif QMODE == 1:
-            acc += tl.abs(u)
+        numel = tl.load(row + P_NUMEL * ntab)
+        # SPLIT: full blocks get their own copy of the body with an all-true mask (the compiler
+        # then knows 16-byte groups are all in or all out and vectorizes); the tail is masked
+        if SPLIT and start + BLOCK <= numel:
+            acc += _k1_block(row, hrow, ntab, offs, lanes < BLOCK, sigma, q, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
         else:
-            acc += _abs_pow(tl.abs(u), q)
+            acc += _k1_block(row, hrow, ntab, offs, offs < numel, sigma, q, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
+        if FSAM:
+            # after the block's loads: a conditional store ahead of them stops triton 3.9 from
+            # vectorizing the loads that follow it
+            if start == 0:
+                tl.store(snap + t, tl.load(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32))))
     tl.store(part + part_base + pid, tl.sum(acc, 0).to(part.dtype.element_ty))
+
+
+@triton.jit
+def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta, q, denom, seed64, thr,
+              DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr, ADAPTIVE: tl.constexpr,
+              GSAM: tl.constexpr, SWP: tl.constexpr, RNE_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    """K2 work of one block (``inb``: the lanes in bounds; ``r``: the tensor's F-SAM flag snapshot)."""
+    inb_ok = tl.where(finite, inb, False)
+    pw = _ptr(tl.load(row + P_W * ntab), DT, ALIGNED)
+    w_raw = tl.load(pw + offs, mask=inb, other=0.0)
+    g_raw = tl.load(_ptr(tl.load(row + P_G * ntab), DT, ALIGNED) + offs, mask=inb, other=0.0)
+    w = w_raw.to(CT)
+    g = g_raw.to(CT)
+    u = g
+    m = g
+    if FSAM:
+        pm = _ptr(tl.load(row + P_EMA * ntab), DT, ALIGNED)
+        m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
+        u = g - sigma * m
+    T = 1.0
+    if ADAPTIVE:
+        ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
+        T = tl.where(ad, tl.abs(w) + tl.load(hrow + P_ETA * ntab), 1.0)
+        u = u * T
+    if QMODE == 2:
+        mag = u
+    elif QMODE == 1:
+        mag = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(CT)
+    else:
+        mag = tl.where(u < 0, -1.0, 1.0).to(CT) * _abs_pow(tl.abs(u), q - 1.0).to(CT)
+    e = tl.load(hrow + P_RHO * ntab) * mag / denom
+    if ADAPTIVE:
+        e = e * T
+    if SWP:
+        gidx = tl.load(row + P_OFFSET * ntab) + offs
+        zero = gidx.to(tl.uint32) * 0
+        rnd, _r1, _r2, _r3 = tl.philox(seed64, gidx.to(tl.uint32), (gidx >> 32).to(tl.uint32), zero, zero)
+        e = tl.where(rnd < thr, e / beta, 0.0)
+    tl.store(_ptr(tl.load(row + P_WOLD * ntab), DT, ALIGNED) + offs, w_raw, mask=inb)
+    if RNE_BF16:
+        tl.store(pw + offs, _bf16_rne(w + e), mask=inb_ok)
+    else:
+        tl.store(pw + offs, (w + e).to(DT), mask=inb_ok)
+    if GSAM:
+        pgo = _ptr(tl.load(row + P_GOLD * ntab), DT, ALIGNED)
+        tl.store(pgo + offs, tl.where(finite, g_raw, 0.0).to(DT), mask=inb)
+    if FSAM:
+        m_new = tl.where(r != 0, lam * m + one_m_lam * g, g)
+        if RNE_BF16:
+            tl.store(pm + offs, _bf16_rne(m_new), mask=inb_ok)
+        else:
+            tl.store(pm + offs, m_new.to(DT), mask=inb_ok)
 
 
 # seed/step keys change every step: no value specialization (a step of 1 or a multiple of 16
@@ -138,7 +222,7 @@ def perturb_apply_kernel(
     tab, ntab, hyp, scal, blocks, nblk, part, npart, snap, ok, seed_key, step_key, keep_thr,
     DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
     ADAPTIVE: tl.constexpr, GSAM: tl.constexpr, SWP: tl.constexpr, RNE_BF16: tl.constexpr,
-    BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PBLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """K2: reduce all partials to ``N``, then per element ``w_old = w``; if N is finite
     ``w += e`` with ``e = rho * T * sign(u)|u|^(q-1) / (N^(q-1) + 1e-12)`` (ESAM: times
@@ -176,63 +260,38 @@ def perturb_apply_kernel(
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32
-        start = (ent & 0xFFFFFFFF) * BLOCK
+        start = tl.multiple_of((ent & 0xFFFFFFFF) * BLOCK, BLOCK)
         row = tab + t
         hrow = hyp + t
         offs = start + lanes
-        inb = offs < tl.load(row + P_NUMEL * ntab)
-        inb_ok = tl.where(finite, inb, False)
-        pw = tl.load(row + P_W * ntab).to(tl.pointer_type(DT))
-        w_raw = tl.load(pw + offs, mask=inb, other=0.0)
-        g_raw = tl.load(tl.load(row + P_G * ntab).to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0)
-        w = w_raw.to(CT)
-        g = g_raw.to(CT)
-        u = g
+        numel = tl.load(row + P_NUMEL * ntab)
+        r = 0.0
         if FSAM:
             r = tl.load(snap + t)
-            pm = tl.load(row + P_EMA * ntab).to(tl.pointer_type(DT))
-            m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
-            u = g - sigma * m
-        if ADAPTIVE:
-            ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
-            T = tl.where(ad, tl.abs(w) + tl.load(hrow + P_ETA * ntab), 1.0)
-            u = u * T
-        if QMODE == 2:
-            mag = u
-        elif QMODE == 1:
-            mag = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(CT)
+        if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)
+            _k2_block(row, hrow, ntab, offs, lanes < BLOCK, finite, r, sigma, lam, one_m_lam, beta, q, denom, seed64,
+                      thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
         else:
-            mag = tl.where(u < 0, -1.0, 1.0).to(CT) * _abs_pow(tl.abs(u), q - 1.0).to(CT)
-        e = tl.load(hrow + P_RHO * ntab) * mag / denom
-        if ADAPTIVE:
-            e = e * T
-        if SWP:
-            gidx = tl.load(row + P_OFFSET * ntab) + offs
-            zero = gidx.to(tl.uint32) * 0
-            rnd, _r1, _r2, _r3 = tl.philox(seed64, gidx.to(tl.uint32), (gidx >> 32).to(tl.uint32), zero, zero)
-            e = tl.where(rnd < thr, e / beta, 0.0)
-        tl.store(tl.load(row + P_WOLD * ntab).to(tl.pointer_type(DT)) + offs, w_raw, mask=inb)
-        if RNE_BF16:
-            tl.store(pw + offs, _bf16_rne(w + e), mask=inb_ok)
-        else:
-            tl.store(pw + offs, (w + e).to(DT), mask=inb_ok)
-        if GSAM:
-            pgo = tl.load(row + P_GOLD * ntab).to(tl.pointer_type(DT))
-            tl.store(pgo + offs, tl.where(finite, g_raw, 0.0).to(DT), mask=inb)
+            _k2_block(row, hrow, ntab, offs, offs < numel, finite, r, sigma, lam, one_m_lam, beta, q, denom, seed64,
+                      thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
         if FSAM:
-            m_new = tl.where(r != 0, lam * m + one_m_lam * g, g)
-            if RNE_BF16:
-                tl.store(pm + offs, _bf16_rne(m_new), mask=inb_ok)
-            else:
-                tl.store(pm + offs, m_new.to(DT), mask=inb_ok)
-            if start == 0:
-                tl.store(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)), 1.0, mask=finite)
+            if start == 0:  # after the block's loads (see K1)
+                # unmasked: the flag keeps its snapshot r when N is not finite (a scalar store
+                # masked by a scalar is ignored by triton 3.0's interpreter)
+                tl.store(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)), tl.where(finite, 1.0, r))
+
+
+@triton.jit
+def _kg_block(a_g, a_go, offs, inb, DT: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr):
+    gs = tl.load(_ptr(a_g, DT, ALIGNED) + offs, mask=inb, other=0.0).to(CT)
+    go = tl.load(_ptr(a_go, DT, ALIGNED) + offs, mask=inb, other=0.0).to(CT)
+    return gs, go
 
 
 @triton.jit
 def gsam_partials_kernel(
     tab, ntab, blocks, nblk, part, part_base, part_stride,
-    DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """GSAM reduction: partial ``<g_old, gs>``, ``|gs|^2``, ``|g_old|^2`` of this program's blocks
     (tensors with both a gradient and ``g_old``) into ``part[k * part_stride + part_base + pid]``."""
@@ -245,15 +304,17 @@ def gsam_partials_kernel(
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32
-        start = (ent & 0xFFFFFFFF) * BLOCK
+        start = tl.multiple_of((ent & 0xFFFFFFFF) * BLOCK, BLOCK)
         row = tab + t
         a_g = tl.load(row + S_G * ntab)
         a_go = tl.load(row + S_GOLD * ntab)
         if (a_g != 0) & (a_go != 0):
             offs = start + lanes
-            inb = offs < tl.load(row + S_NUMEL * ntab)
-            gs = tl.load(a_g.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
-            go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
+            numel = tl.load(row + S_NUMEL * ntab)
+            if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)
+                gs, go = _kg_block(a_g, a_go, offs, lanes < BLOCK, DT, CT, ALIGNED)
+            else:
+                gs, go = _kg_block(a_g, a_go, offs, offs < numel, DT, CT, ALIGNED)
             a_dot += gs * go
             a_new += gs * gs
             a_old += go * go
@@ -264,11 +325,137 @@ def gsam_partials_kernel(
 
 
 @triton.jit
+def _st(p, x, mask, DT: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Store a CT value into a DT tensor (bf16 rounded to nearest even by hand under the
+    interpreter, whose own conversion truncates)."""
+    if RNE_BF16:
+        tl.store(p, _bf16_rne(x), mask=mask)
+    else:
+        tl.store(p, x.to(DT), mask=mask)
+
+
+@triton.jit
+def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.constexpr, MODE: tl.constexpr,
+              GSAM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
+              DECOUPLED: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """K3 work of one block (``inb``: the lanes in bounds); see :func:`second_step_kernel`.
+
+    Branch-free on purpose: the per-tensor conditions (has a gradient / w_old / g_old / a momentum
+    buffer, weight decay on) are folded into the masks and ``tl.where``s instead of ``if``
+    regions. Triton (3.9, sm_90) keeps scalar 4-byte accesses for loads and stores inside or
+    after a data-dependent ``if`` region, and vectorizes them otherwise (``_triton_aot`` counts
+    the vector accesses). A masked-off load moves no data; an absent tensor's address is replaced
+    by the parameter's own (valid, never touched under its false mask).
+    """
+    a_w = tl.load(row + S_W * ntab)
+    a_g = tl.load(row + S_G * ntab)
+    a_wo = tl.load(row + S_WOLD * ntab)
+    has_g = a_g != 0
+    has_wo = a_wo != 0
+    pw = _ptr(a_w, DT, ALIGNED)
+    src = _ptr(tl.where(has_wo, a_wo, a_w), DT, ALIGNED)
+    pg = _ptr(tl.where(has_g, a_g, a_w), DT, ALIGNED)
+    go = 0.0
+    has_go = has_g & False
+    if GSAM:
+        a_go = tl.load(row + S_GOLD * ntab)
+        has_go = has_g & (a_go != 0)
+        go = tl.load(_ptr(tl.where(has_go, a_go, a_w), DT, ALIGNED) + offs, mask=tl.where(has_go, inb, False),
+                     other=0.0).to(CT)
+    if MODE == 0:
+        w_old = tl.load(src + offs, mask=tl.where(has_wo, inb, False))
+        tl.store(pw + offs, w_old, mask=tl.where(has_wo, inb, False))
+        if GSAM:
+            gs = tl.load(pg + offs, mask=tl.where(has_go, inb, False), other=0.0).to(CT)
+            _st(pg + offs, coef * gs - alpha * go, tl.where(has_go, inb, False), DT, RNE_BF16)
+    elif MODE == 3:
+        w_old = tl.load(src + offs, mask=tl.where(has_wo, inb, False))
+        tl.store(pw + offs, w_old, mask=tl.where(has_wo, inb, False))
+        a_acc = tl.load(row + S_1 * ntab)
+        has_acc = a_acc != 0
+        weight = tl.load(hrow + 0 * ntab)
+        scale = tl.load(hrow + 1 * ntab)
+        keep = tl.load(hrow + 2 * ntab) == 0  # reset == 0: add to the running sum
+        pa = _ptr(tl.where(has_acc, a_acc, a_w), DT, ALIGNED)
+        g = tl.load(pg + offs, mask=tl.where(has_acc & has_g, inb, False), other=0.0).to(CT)
+        if GSAM:
+            g = tl.where(has_go, coef * g - alpha * go, g)
+        val = tl.where(has_g, weight * g, 0.0)
+        old = tl.load(pa + offs, mask=tl.where(has_acc & keep, inb, False), other=0.0).to(CT)
+        val = tl.where(keep, old + val, val)
+        _st(pa + offs, scale * val, tl.where(has_acc, inb, False), DT, RNE_BF16)
+    else:
+        w_raw = tl.load(src + offs, mask=inb, other=0.0)
+        w = w_raw.to(CT)
+        ming = tl.where(has_g, inb, False)
+        g = tl.load(pg + offs, mask=ming, other=0.0).to(CT)
+        if GSAM:
+            g = tl.where(has_go, coef * g - alpha * go, g)
+            # .grad holds the combined gradient afterwards, as on the unfused path
+            _st(pg + offs, g, tl.where(has_go, inb, False), DT, RNE_BF16)
+        if MAXIMIZE:
+            g = -g
+        if MODE == 1:
+            lr = tl.load(hrow + 0 * ntab)
+            wd = tl.load(hrow + 1 * ntab)
+            mom = tl.load(hrow + 2 * ntab)
+            one_m_damp = tl.load(hrow + 3 * ntab)
+            fresh = tl.load(hrow + 4 * ntab) != 0
+            g = tl.where(wd != 0, g + wd * w, g)
+            has_mom = has_g & (mom != 0)
+            pb = _ptr(tl.where(has_mom, tl.load(row + S_1 * ntab), a_w), DT, ALIGNED) + offs
+            buf = tl.load(pb, mask=tl.where(has_mom & (fresh == 0), inb, False), other=0.0).to(CT)
+            buf = tl.where(fresh, g, mom * buf + one_m_damp * g)
+            _st(pb, buf, tl.where(has_mom, inb, False), DT, RNE_BF16)
+            if NESTEROV:
+                g = tl.where(has_mom, g + mom * buf, g)
+            else:
+                g = tl.where(has_mom, buf, g)
+            w = w - lr * g
+        else:
+            wd = tl.load(hrow + 0 * ntab)
+            one_m_b1 = tl.load(hrow + 1 * ntab)
+            b2 = tl.load(hrow + 2 * ntab)
+            one_m_b2 = tl.load(hrow + 3 * ntab)
+            eps = tl.load(hrow + 4 * ntab)
+            step_size = tl.load(hrow + 5 * ntab)
+            bc2_sqrt = tl.load(hrow + 6 * ntab)
+            if DECOUPLED:
+                w = tl.where(wd != 0, w * tl.load(hrow + 7 * ntab), w)
+            else:
+                g = tl.where(wd != 0, g + wd * w, g)
+            pm1 = _ptr(tl.where(has_g, tl.load(row + S_1 * ntab), a_w), DT, ALIGNED) + offs
+            pm2 = _ptr(tl.where(has_g, tl.load(row + S_2 * ntab), a_w), DT, ALIGNED) + offs
+            m = tl.load(pm1, mask=ming, other=0.0).to(CT)
+            v = tl.load(pm2, mask=ming, other=0.0).to(CT)
+            m = m + one_m_b1 * (g - m)
+            v = b2 * v + one_m_b2 * (g * g)
+            _st(pm1, m, ming, DT, RNE_BF16)
+            _st(pm2, v, ming, DT, RNE_BF16)
+            if AMSGRAD:
+                pm3 = _ptr(tl.where(has_g, tl.load(row + S_3 * ntab), a_w), DT, ALIGNED) + offs
+                v = tl.maximum(tl.load(pm3, mask=ming, other=0.0).to(CT), v)
+                _st(pm3, v, ming, DT, RNE_BF16)
+            if CT == tl.float64:
+                sq = tl.sqrt(v)
+            else:
+                sq = tl.sqrt_rn(v)
+            w = w - step_size * (m / (sq / bc2_sqrt + eps))
+        # no gradient: only the restore (w_old -> w, raw bits), and only where there is a w_old
+        if RNE_BF16:
+            w_new = tl.where(has_g, _bf16_rne(w), w_raw)
+        else:
+            w_new = tl.where(has_g, w.to(DT), w_raw)
+        tl.store(pw + offs, w_new, mask=tl.where(has_g | has_wo, inb, False))
+
+
+@triton.jit
 def second_step_kernel(
     tab, ntab, hyp, scal, blocks, nblk, part, npart, part_stride,
     DT: tl.constexpr, CT: tl.constexpr, MODE: tl.constexpr, GSAM: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr,
-    RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+    RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """K3: restore ``w = w_old`` fused with the GSAM combine and the base optimizer update.
 
@@ -297,134 +484,14 @@ def second_step_kernel(
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32
-        start = (ent & 0xFFFFFFFF) * BLOCK
+        start = tl.multiple_of((ent & 0xFFFFFFFF) * BLOCK, BLOCK)
         row = tab + t
         hrow = hyp + t
         offs = start + lanes
-        inb = offs < tl.load(row + S_NUMEL * ntab)
-        a_w = tl.load(row + S_W * ntab)
-        a_g = tl.load(row + S_G * ntab)
-        a_wo = tl.load(row + S_WOLD * ntab)
-        pw = a_w.to(tl.pointer_type(DT))
-        src = tl.where(a_wo != 0, a_wo, a_w).to(tl.pointer_type(DT))
-        if MODE == 0:
-            if a_wo != 0:
-                tl.store(pw + offs, tl.load(src + offs, mask=inb), mask=inb)
-            if GSAM:
-                a_go = tl.load(row + S_GOLD * ntab)
-                if (a_go != 0) & (a_g != 0):
-                    pg = a_g.to(tl.pointer_type(DT))
-                    gs = tl.load(pg + offs, mask=inb, other=0.0).to(CT)
-                    go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
-                    if RNE_BF16:
-                        tl.store(pg + offs, _bf16_rne(coef * gs - alpha * go), mask=inb)
-                    else:
-                        tl.store(pg + offs, (coef * gs - alpha * go).to(DT), mask=inb)
-        elif MODE == 3:
-            if a_wo != 0:
-                tl.store(pw + offs, tl.load(src + offs, mask=inb), mask=inb)
-            a_acc = tl.load(row + S_1 * ntab)
-            if a_acc != 0:
-                weight = tl.load(hrow + 0 * ntab)
-                scale = tl.load(hrow + 1 * ntab)
-                reset = tl.load(hrow + 2 * ntab)
-                pa = a_acc.to(tl.pointer_type(DT))
-                val = tl.zeros([BLOCK], dtype=CT)
-                if a_g != 0:
-                    g = tl.load(a_g.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
-                    if GSAM:
-                        a_go = tl.load(row + S_GOLD * ntab)
-                        if a_go != 0:
-                            go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
-                            g = coef * g - alpha * go
-                    val = weight * g
-                if reset == 0:
-                    val = tl.load(pa + offs, mask=inb, other=0.0).to(CT) + val
-                val = scale * val
-                if RNE_BF16:
-                    tl.store(pa + offs, _bf16_rne(val), mask=inb)
-                else:
-                    tl.store(pa + offs, val.to(DT), mask=inb)
+        numel = tl.load(row + S_NUMEL * ntab)
+        if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)
+            _k3_block(row, hrow, ntab, offs, lanes < BLOCK, coef, alpha, DT, CT, MODE, GSAM, NESTEROV, MAXIMIZE,
+                      AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)
         else:
-            w_raw = tl.load(src + offs, mask=inb, other=0.0)
-            if a_g == 0:
-                if a_wo != 0:
-                    tl.store(pw + offs, w_raw, mask=inb)
-            else:
-                w = w_raw.to(CT)
-                pg = a_g.to(tl.pointer_type(DT))
-                g = tl.load(pg + offs, mask=inb, other=0.0).to(CT)
-                if GSAM:
-                    a_go = tl.load(row + S_GOLD * ntab)
-                    if a_go != 0:
-                        go = tl.load(a_go.to(tl.pointer_type(DT)) + offs, mask=inb, other=0.0).to(CT)
-                        g = coef * g - alpha * go
-                        # .grad holds the combined gradient afterwards, as on the unfused path
-                        if RNE_BF16:
-                            tl.store(pg + offs, _bf16_rne(g), mask=inb)
-                        else:
-                            tl.store(pg + offs, g.to(DT), mask=inb)
-                if MAXIMIZE:
-                    g = -g
-                if MODE == 1:
-                    lr = tl.load(hrow + 0 * ntab)
-                    wd = tl.load(hrow + 1 * ntab)
-                    mom = tl.load(hrow + 2 * ntab)
-                    one_m_damp = tl.load(hrow + 3 * ntab)
-                    fresh = tl.load(hrow + 4 * ntab)
-                    if wd != 0:
-                        g = g + wd * w
-                    if mom != 0:
-                        pb = tl.load(row + S_1 * ntab).to(tl.pointer_type(DT)) + offs
-                        buf = tl.load(pb, mask=tl.where(fresh == 0, inb, False), other=0.0).to(CT)
-                        buf = tl.where(fresh != 0, g, mom * buf + one_m_damp * g)
-                        if RNE_BF16:
-                            tl.store(pb, _bf16_rne(buf), mask=inb)
-                        else:
-                            tl.store(pb, buf.to(DT), mask=inb)
-                        if NESTEROV:
-                            g = g + mom * buf
-                        else:
-                            g = buf
-                    w = w - lr * g
-                else:
-                    wd = tl.load(hrow + 0 * ntab)
-                    one_m_b1 = tl.load(hrow + 1 * ntab)
-                    b2 = tl.load(hrow + 2 * ntab)
-                    one_m_b2 = tl.load(hrow + 3 * ntab)
-                    eps = tl.load(hrow + 4 * ntab)
-                    step_size = tl.load(hrow + 5 * ntab)
-                    bc2_sqrt = tl.load(hrow + 6 * ntab)
-                    if wd != 0:
-                        if DECOUPLED:
-                            w = w * tl.load(hrow + 7 * ntab)
-                        else:
-                            g = g + wd * w
-                    pm1 = tl.load(row + S_1 * ntab).to(tl.pointer_type(DT)) + offs
-                    pm2 = tl.load(row + S_2 * ntab).to(tl.pointer_type(DT)) + offs
-                    m = tl.load(pm1, mask=inb, other=0.0).to(CT)
-                    v = tl.load(pm2, mask=inb, other=0.0).to(CT)
-                    m = m + one_m_b1 * (g - m)
-                    v = b2 * v + one_m_b2 * (g * g)
-                    if RNE_BF16:
-                        tl.store(pm1, _bf16_rne(m), mask=inb)
-                        tl.store(pm2, _bf16_rne(v), mask=inb)
-                    else:
-                        tl.store(pm1, m.to(DT), mask=inb)
-                        tl.store(pm2, v.to(DT), mask=inb)
-                    if AMSGRAD:
-                        pm3 = tl.load(row + S_3 * ntab).to(tl.pointer_type(DT)) + offs
-                        v = tl.maximum(tl.load(pm3, mask=inb, other=0.0).to(CT), v)
-                        if RNE_BF16:
-                            tl.store(pm3, _bf16_rne(v), mask=inb)
-                        else:
-                            tl.store(pm3, v.to(DT), mask=inb)
-                    if CT == tl.float64:
-                        sq = tl.sqrt(v)
-                    else:
-                        sq = tl.sqrt_rn(v)
-                    w = w - step_size * (m / (sq / bc2_sqrt + eps))
-                if RNE_BF16:
-                    tl.store(pw + offs, _bf16_rne(w), mask=inb)
-                else:
-                    tl.store(pw + offs, w.to(DT), mask=inb)
+            _k3_block(row, hrow, ntab, offs, offs < numel, coef, alpha, DT, CT, MODE, GSAM, NESTEROV, MAXIMIZE,
+                      AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)

@@ -32,8 +32,11 @@ This module imports triton at the top: import it lazily (``fastsam.losses`` does
 import anything from ``fastsam.optim``.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` in a module with @triton.jit kernels: triton 3.0's
+# interpreter recognizes constexpr parameters only by their evaluated annotation (a string
+# 'tl.constexpr' is taken for a runtime argument and tl.arange then fails).
 
+import contextlib
 import math
 
 import torch
@@ -382,6 +385,13 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, write_grad: bool):
     return logits, target, loss, grad
 
 
+def _on_device(dev: torch.device):
+    """Triton launches on the current CUDA device: make it the logits' one (multi-GPU)."""
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
 def obf_forward(
     logits: torch.Tensor, target: torch.Tensor, gamma: float, lam: float, sigmoid: bool,
     ignore_index: int, write_grad: bool = True,
@@ -400,10 +410,11 @@ def obf_forward(
     block, one_chunk, num_warps = _config(C, logits.device)
     args = (logits, target, loss, grad, logits.stride(0), C, 1.0 / C, float(gamma), float(lam),
             1.0 / (1.0 - lam), int(ignore_index))
-    if sigmoid:
-        kernel[(B,)](*args, BLOCK=block, WRITE_GRAD=write_grad, num_warps=num_warps)
-    else:
-        kernel[(B,)](*args, BLOCK=block, ONE_CHUNK=one_chunk, WRITE_GRAD=write_grad, num_warps=num_warps)
+    with _on_device(logits.device):
+        if sigmoid:
+            kernel[(B,)](*args, BLOCK=block, WRITE_GRAD=write_grad, num_warps=num_warps)
+        else:
+            kernel[(B,)](*args, BLOCK=block, ONE_CHUNK=one_chunk, WRITE_GRAD=write_grad, num_warps=num_warps)
     return loss, grad
 
 
@@ -421,10 +432,11 @@ def bisam_forward(
     if B == 0:
         return loss, grad
     block, one_chunk, num_warps = _config(C, logits.device)
-    _bisam_kernel[(B,)](
-        logits, target, loss, grad, logits.stride(0), C, float(mu), 1.0 / mu, math.log(C),
-        float(alpha), int(ignore_index),
-        BLOCK=block, ONE_CHUNK=one_chunk, PHI_TANH=(phi == "tanh"), WRITE_GRAD=write_grad,
-        num_warps=num_warps,
-    )
+    with _on_device(logits.device):
+        _bisam_kernel[(B,)](
+            logits, target, loss, grad, logits.stride(0), C, float(mu), 1.0 / mu, math.log(C),
+            float(alpha), int(ignore_index),
+            BLOCK=block, ONE_CHUNK=one_chunk, PHI_TANH=(phi == "tanh"), WRITE_GRAD=write_grad,
+            num_warps=num_warps,
+        )
     return loss, grad

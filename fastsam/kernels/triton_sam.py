@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._compat import custom_op, eager_under_compile_on_old_torch
 from ..reference import check_accumulate_args, dual_exponent
 from . import _tables as T
 from . import _triton_kernels as K
@@ -70,13 +71,22 @@ class LaunchConfig:
     GPU: ``block`` = 2048 elements per program iteration with 8 warps is 8 fp32 per thread, two
     16-byte loads per list per iteration. Registers decided the warps (``python -m
     fastsam.kernels._triton_aot`` reports them from ptxas, sm_90): with 4 warps (16 elements per
-    thread) the AdamW K3 needs 224 registers a thread, so only 2 programs (256 threads) fit on an
-    SM; with 8 warps it needs 64 and K2 58, so 4 programs (1024 threads) are resident.
-    ``programs_per_sm`` = 4 keeps the persistent grid fully resident (4 x 132 = 528 programs on
-    an H100): 4 x 2048 x 4 B = 32 KiB per list in flight per SM, above the ~25 KiB/SM that
-    3.35 TB/s x ~1 us DRAM latency needs over 132 SMs. It is also the number of norm partials
-    per dtype group, which every K2 program re-reads (528 x 4 B, from L2).
+    thread) the AdamW K3 needed 224 registers a thread; with 8 warps the vectorized kernels need
+    32-80 (K1 32-64, the AdamW K3 80, K2 with every option on 126).
+    ``programs_per_sm`` = 4 is a cap on the persistent grid (4 x 132 = 528 programs on an H100):
+    a persistent grid must be resident all at once, so after a kernel family's first launch the
+    grid shrinks to what its register count allows (80 registers: 3 programs of 256 threads per
+    SM; 126: 2). 3 x 2048 x 4 B = 24 KiB per list in flight per SM, and K2/K3 read 2-5 lists:
+    above the ~25 KiB/SM that 3.35 TB/s x ~1 us DRAM latency needs over 132 SMs. It is also the
+    number of norm partials per dtype group, which every K2 program re-reads (<= 528 x 4 B, L2).
     Interpreter: every program and every op costs Python time, so few programs and big blocks.
+
+    ``vectorize``: full blocks run a copy of the kernel body with an all-true mask, and, when
+    every address of a dtype group's table is a multiple of 16 bytes (always, for tensors from
+    torch's allocators; a view at an odd offset turns it off for its group), the pointers carry
+    that fact: the compiler then emits 16-byte vector loads/stores (ld.global.v4.b32: 4 fp32 or
+    8 bf16 per instruction instead of one). Off: one masked body, scalar accesses (the GPU
+    benchmark's sweep compares both).
     """
 
     block: int = 2048
@@ -84,12 +94,14 @@ class LaunchConfig:
     programs_per_sm: int = 4
     interp_block: int = 1024
     interp_programs: int = 2
+    vectorize: bool = True
 
 
 _CONFIG = LaunchConfig(
     block=int(os.environ.get("FASTSAM_TRITON_BLOCK", 2048)),
     num_warps=int(os.environ.get("FASTSAM_TRITON_WARPS", 8)),
     programs_per_sm=int(os.environ.get("FASTSAM_TRITON_PROGRAMS_PER_SM", 4)),
+    vectorize=os.environ.get("FASTSAM_TRITON_VECTORIZE", "1").strip().lower() not in ("0", "false", "no", "off"),
 )
 
 
@@ -116,8 +128,9 @@ def configure(**changes: int) -> Iterator[LaunchConfig]:
 _SM_COUNT: dict[int, int] = {}
 
 
-def _geometry(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK, max programs, num_warps) for a device."""
+def _geometry(device: torch.device, fit_key: tuple | None = None) -> tuple[int, int, int]:
+    """(BLOCK, max programs, num_warps) for a device: ``programs_per_sm`` per SM, fewer when the
+    kernels of ``fit_key``'s family were seen to need more registers than that allows."""
     cfg = _CONFIG
     if device.type == "cpu":
         return cfg.interp_block, cfg.interp_programs, 1
@@ -125,7 +138,27 @@ def _geometry(device: torch.device) -> tuple[int, int, int]:
     sms = _SM_COUNT.get(idx)
     if sms is None:
         sms = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return cfg.block, max(1, sms * cfg.programs_per_sm), cfg.num_warps
+    per_sm = min(cfg.programs_per_sm, _FIT.get(fit_key, cfg.programs_per_sm)) if fit_key else cfg.programs_per_sm
+    return cfg.block, max(1, sms * per_sm), cfg.num_warps
+
+
+def _vector_flags(tab_mirror: T.DeviceMirror, rows: Sequence[int], n: int, ncols: int,
+                  skip_col: int = -1) -> dict[str, bool]:
+    """SPLIT / ALIGNED constexprs of a group's launch: ALIGNED when every address in the table's
+    first ``ncols`` columns (the addresses, ``n`` entries each; column ``skip_col`` excluded: the
+    1-element F-SAM flags, never read as vectors) is a multiple of 16 bytes (0 = no tensor counts
+    as aligned); computed once per uploaded table."""
+    if not _CONFIG.vectorize:
+        return {"SPLIT": False, "ALIGNED": False}
+
+    def low_bits() -> int:
+        bits = 0
+        for c in range(ncols):
+            if c != skip_col:
+                bits |= functools.reduce(operator.or_, rows[c * n:(c + 1) * n], 0)
+        return bits
+
+    return {"SPLIT": True, "ALIGNED": tab_mirror.memo("low_bits", low_bits) & 15 == 0}
 
 
 _TL_DTYPE = {
@@ -156,11 +189,41 @@ def _rne_bf16(g: T.Group) -> bool:
     return g.dtype == torch.bfloat16 and g.device.type == "cpu"
 
 
-def _launch(kernel, grid: tuple[int], *args, num_warps: int, **meta) -> None:
+# Programs per SM that stay resident, learned from the compiled kernels' register counts, per
+# launch family (the kernels that share one grid size: K1 + K2, KG + K3) and variant.
+_FIT: dict[tuple, int] = {}
+_REGS_PER_SM = 65536  # sm_70 .. sm_90: 64 K 32-bit registers per SM
+_THREADS_PER_SM = 2048
+
+
+def _resident_programs(n_regs: int, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps that fit on one SM at ``n_regs`` registers a thread
+    (allocated per warp in units of 256, i.e. 8 per thread)."""
+    per_warp = -(-n_regs // 8) * 8 * 32
+    return max(1, min(_REGS_PER_SM // (per_warp * num_warps), _THREADS_PER_SM // (32 * num_warps)))
+
+
+def _launch(kernel, grid: tuple[int], *args, num_warps: int, fit_key: tuple | None = None, **meta) -> None:
     LAUNCHES[0] += 1
     IN_LAUNCH[0] = True
     try:
-        kernel[grid](*args, num_warps=num_warps, **meta)
+        # Triton launches on the current CUDA device: switch to the tensors' one if it differs
+        # (a model on cuda:1 while cuda:0 is current), as torch's own ops do implicitly
+        dev = args[0].device
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                ck = kernel[grid](*args, num_warps=num_warps, **meta)
+        else:
+            ck = kernel[grid](*args, num_warps=num_warps, **meta)
+        # The persistent grid must be resident all at once (a program that waits for a free slot
+        # runs its whole share after the others, alone on its SM): remember how many programs of
+        # this variant fit, for the next sizing of this family's grid (the first call uses the
+        # configured programs_per_sm).
+        n_regs = getattr(ck, "n_regs", None) if fit_key is not None and dev.type == "cuda" else None
+        if isinstance(n_regs, int) and n_regs > 0:
+            fit = _resident_programs(n_regs, num_warps)
+            if fit < _FIT.get(fit_key, 1 << 30):
+                _FIT[fit_key] = fit
     finally:
         IN_LAUNCH[0] = False
 
@@ -299,20 +362,23 @@ def _perturb_impl(
     total = 0
     for g in groups:
         _check_group(g)
-        block, max_prog, warps = _geometry(g.device)
         idx = None if len(groups) == 1 else g.idx
         rows, numels = _columns(params, idx, cols, g.dtype, offsets, st)
         gi = g.idx
         hyp = [rhos[i] for i in gi] + [etas[i] for i in gi] + [1.0 if adaptive[i] else 0.0 for i in gi]
         ct = g.compute_dtype
         key = ("perturb", g.device, g.dtype)
-        tab = _CACHE.mirror(key + ("tab",), torch.int64).get(tuple(rows), g.device)
+        tab_m = _CACHE.mirror(key + ("tab",), torch.int64)
+        tab = tab_m.get(tuple(rows), g.device)
+        vec = _vector_flags(tab_m, rows, len(numels), len(cols), skip_col=K.P_READY.value)
+        fit_key = ("perturb", g.device, g.dtype, qmode, fsam, any_adaptive, gsam, swp, vec["ALIGNED"], _CONFIG)
+        block, max_prog, warps = _geometry(g.device, fit_key)
         hyp_t = _CACHE.mirror(key + ("hyp",), ct).get(tuple(hyp), g.device)
         scal = _CACHE.mirror(key + ("scal",), ct).get(scal_vals, g.device)
         blocks, nblk = _CACHE.blocks(key).get(tuple(numels), block, g.device)
         nprog = max(1, min(nblk, max_prog))
         snap = torch.empty(len(g.idx), dtype=torch.float32, device=g.device) if fsam else tab
-        plans.append((g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, total, snap))
+        plans.append((g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, total, snap, vec, fit_key))
         total += nprog
 
     bufs: dict[torch.device, Tensor] = {}
@@ -321,22 +387,23 @@ def _perturb_impl(
         if g.device not in bufs:
             bufs[g.device] = torch.empty(total, dtype=acc, device=g.device)
             oks[g.device] = torch.empty((), dtype=torch.uint8, device=g.device)
-    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, base, snap in plans:
+    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, base, snap, vec, fit_key in plans:
         _launch(
             K.perturb_partials_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], base,
             snap,
             DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], QMODE=qmode, FSAM=fsam, ADAPTIVE=any_adaptive,
-            BLOCK=block, num_warps=warps,
+            BLOCK=block, num_warps=warps, fit_key=fit_key, **vec,
         )
     _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 1, total)
     pblock = T.next_pow2(total)
-    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, snap in plans:
+    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, snap, vec, fit_key in plans:
         _launch(
             K.perturb_apply_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], total,
             snap,
             oks[g.device], seed & 0xFFFFFFFF, step & 0xFFFFFFFF, thr,
             DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], QMODE=qmode, FSAM=fsam, ADAPTIVE=any_adaptive,
             GSAM=gsam, SWP=swp, RNE_BF16=_rne_bf16(g), BLOCK=block, PBLOCK=pblock, num_warps=warps,
+            fit_key=fit_key, **vec,
         )
     st.finish()
     return oks[params[0].device].view(torch.bool)
@@ -345,6 +412,7 @@ def _perturb_impl(
 # ------------------------------------------------------------------------------ second step
 _NHYP = 8  # K.S_NHYP
 _ZERO_ROW = (0.0,) * _NHYP
+_NO_ADAM_ROW = (0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # eps = sqrt(bc2) = 1: see _adam_rows
 
 
 def _sgd_rows(n: int, upd: Sequence[bool], lr: list[float], wd: list[float], mom: list[float],
@@ -363,8 +431,8 @@ def _adam_rows(n: int, lr: list[float], b1: list[float], b2: list[float], eps: l
     rows = []
     for i in range(n):
         t = steps[i]
-        if t is None:
-            rows.append(_ZERO_ROW)
+        if t is None:  # no update; eps = sqrt(bc2) = 1 keep the discarded lanes of the branch-free K3 NaN-free
+            rows.append(_NO_ADAM_ROW)
             continue
         key = (lr[i], b1[i], b2[i], eps[i], wd[i], t)
         row = memo.get(key)
@@ -449,13 +517,16 @@ def _second_step_impl(
     total = 0
     for g in groups:
         _check_group(g)
-        block, max_prog, warps = _geometry(g.device)
         rows, numels = _columns(params, None if len(groups) == 1 else g.idx, cols, g.dtype, None, st)
         key = ("second", mode, gsam, g.device, g.dtype)  # restore / GSAM / update tables apart
-        tab = _CACHE.mirror(key + ("tab",), torch.int64).get(tuple(rows), g.device)
+        tab_m = _CACHE.mirror(key + ("tab",), torch.int64)
+        tab = tab_m.get(tuple(rows), g.device)
+        vec = _vector_flags(tab_m, rows, len(numels), len(cols))
+        fit_key = key + (nesterov, maximize, amsgrad, decoupled, vec["ALIGNED"], _CONFIG)
+        block, max_prog, warps = _geometry(g.device, fit_key)
         blocks, nblk = _CACHE.blocks(key).get(tuple(numels), block, g.device)
         nprog = max(1, min(nblk, max_prog))
-        plans.append([g, block, warps, tab, None, None, blocks, nblk, nprog, total])
+        plans.append([g, block, warps, tab, None, None, blocks, nblk, nprog, total, vec, fit_key])
         total += nprog
     hyp_rows = hyper() if hyper is not None else [_ZERO_ROW] * n
     for pl in plans:
@@ -472,18 +543,19 @@ def _second_step_impl(
         for g in groups:
             if g.device not in bufs:
                 bufs[g.device] = torch.empty(3 * total, dtype=acc, device=g.device)
-        for g, block, warps, tab, _h, _s, blocks, nblk, nprog, base in plans:
+        for g, block, warps, tab, _h, _s, blocks, nblk, nprog, base, vec, fit_key in plans:
             _launch(K.gsam_partials_kernel, (nprog,), tab, len(g.idx), blocks, nblk, bufs[g.device], base, total,
-                    DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], BLOCK=block, num_warps=warps)
+                    DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], BLOCK=block, num_warps=warps,
+                    fit_key=fit_key, **vec)
         _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 3, total)
     pblock = T.next_pow2(total)
-    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base in plans:
+    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, vec, fit_key in plans:
         part = bufs[g.device] if gsam else tab
         _launch(
             K.second_step_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, part, total, total,
             DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], MODE=mode, GSAM=gsam, NESTEROV=nesterov,
             MAXIMIZE=maximize, AMSGRAD=amsgrad, DECOUPLED=decoupled, RNE_BF16=_rne_bf16(g), BLOCK=block,
-            PBLOCK=pblock, num_warps=warps,
+            PBLOCK=pblock, num_warps=warps, fit_key=fit_key, **vec,
         )
     st.finish()
 
@@ -521,12 +593,21 @@ def _traced(probe: Tensor) -> bool:
             or type(probe) not in (Tensor, torch.nn.Parameter))
 
 
+_BUMP_LIST: list[bool | None] = [None]  # does _increment_version take a tuple? (decided on first use)
+
+
 def _bump_versions(tensors: Sequence[Tensor]) -> None:
-    try:
-        torch._C._increment_version(tuple(tensors))  # one call for the whole list (torch >= 2.5)
-    except TypeError:  # pragma: no cover - older torch: one tensor per call
-        for t in tensors:
-            torch._C._increment_version(t)
+    if _BUMP_LIST[0] is not False:
+        try:
+            torch._C._increment_version(tuple(tensors))  # one call for the whole list (torch >= 2.5)
+            _BUMP_LIST[0] = True
+            return
+        except (TypeError, RuntimeError):  # torch 2.4: "increment_version expect a Tensor as input"
+            if _BUMP_LIST[0]:
+                raise
+            _BUMP_LIST[0] = False
+    for t in tensors:  # one tensor per call
+        torch._C._increment_version(t)
 
 
 @contextlib.contextmanager
@@ -540,7 +621,7 @@ def call_directly() -> Iterator[None]:
         _DIRECT[0] = False
 
 
-@torch.library.custom_op("fastsam::sam_perturb", mutates_args=("params", "w_old", "ema", "ema_ready", "g_old"))
+@custom_op("fastsam::sam_perturb", mutates_args=("params", "w_old", "ema", "ema_ready", "g_old"))
 def _op_perturb(
     params: list[Tensor], grads: list[Tensor], w_old: list[Tensor], ema: list[Tensor], ema_ready: list[Tensor],
     g_old: list[Tensor], rhos: list[float], etas: list[float], adaptive: list[bool], offsets: list[int],
@@ -599,7 +680,7 @@ def _second_step_dense(
                       decoupled)
 
 
-@torch.library.custom_op("fastsam::sam_second_step", mutates_args=("params", "state1", "state2", "state3", "steps"))
+@custom_op("fastsam::sam_second_step", mutates_args=("params", "state1", "state2", "state3", "steps"))
 def _op_second_step(
     params: list[Tensor], grads: list[Tensor], grad_idx: list[int], w_old: list[Tensor], w_old_idx: list[int],
     g_old: list[Tensor], g_old_idx: list[int], state1: list[Tensor], state1_idx: list[int],
@@ -613,7 +694,7 @@ def _op_second_step(
                        maximize, amsgrad, decoupled)
 
 
-@torch.library.custom_op("fastsam::sam_second_step_gsam",
+@custom_op("fastsam::sam_second_step_gsam",
                          mutates_args=("params", "grads", "state1", "state2", "state3", "steps"))
 def _op_second_step_gsam(
     params: list[Tensor], grads: list[Tensor], grad_idx: list[int], w_old: list[Tensor], w_old_idx: list[int],
@@ -661,7 +742,7 @@ def _accumulate_body(params: Sequence[Tensor], grads: Sequence[Tensor | None], w
                       gsam_alpha=gsam_alpha)
 
 
-@torch.library.custom_op("fastsam::sam_restore_accumulate", mutates_args=("params", "acc"))
+@custom_op("fastsam::sam_restore_accumulate", mutates_args=("params", "acc"))
 def _op_restore_accumulate(
     params: list[Tensor], grads: list[Tensor], grad_idx: list[int], w_old: list[Tensor], w_old_idx: list[int],
     g_old: list[Tensor], g_old_idx: list[int], acc: list[Tensor], acc_idx: list[int], reset: list[bool],
@@ -678,7 +759,7 @@ def _(*args, **kwargs):
     return None
 
 
-@torch.library.custom_op("fastsam::sam_restore", mutates_args=("params",))
+@custom_op("fastsam::sam_restore", mutates_args=("params",))
 def _op_restore(params: list[Tensor], w_old: list[Tensor]) -> None:
     _restore_body(params, w_old)
 
@@ -688,7 +769,7 @@ def _(params, w_old):
     return None
 
 
-@torch.library.custom_op("fastsam::sam_gsam_combine", mutates_args=("grads",))
+@custom_op("fastsam::sam_gsam_combine", mutates_args=("grads",))
 def _op_gsam_combine(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
     _gsam_body(grads, g_old, alpha)
 
@@ -699,6 +780,7 @@ def _(grads, g_old, alpha):
 
 
 # ------------------------------------------------------------------------------ public API
+@eager_under_compile_on_old_torch
 @torch.no_grad()
 def sam_perturb_(
     params: list[Tensor],
@@ -737,6 +819,7 @@ def sam_perturb_(
     return ok
 
 
+@eager_under_compile_on_old_torch
 @torch.no_grad()
 def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
     """Triton twin of :func:`fastsam.reference.gsam_combine_` (reduction + combine: 2 launches)."""
@@ -749,6 +832,7 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
         _bump_versions(grads)
 
 
+@eager_under_compile_on_old_torch
 @torch.no_grad()
 def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
     """``w <- w_old`` exactly (1 launch per group)."""
@@ -789,6 +873,7 @@ def _second_step_call(params, grads, w_old, g_old, s1, s2, s3, steps, hyper, fre
        bool(nesterov), bool(maximize), bool(amsgrad), bool(decoupled))
 
 
+@eager_under_compile_on_old_torch
 @torch.no_grad()
 def sam_restore_sgd_(
     params: list[Tensor],
@@ -827,6 +912,7 @@ def sam_restore_sgd_(
                       mode=K.MODE_SGD, gsam_alpha=gsam_alpha, nesterov=nesterov, maximize=maximize)
 
 
+@eager_under_compile_on_old_torch
 @torch.no_grad()
 def sam_restore_adam_(
     params: list[Tensor],
@@ -864,6 +950,7 @@ def sam_restore_adam_(
                       amsgrad=amsgrad, decoupled=decoupled_weight_decay)
 
 
+@eager_under_compile_on_old_torch
 @torch.no_grad()
 def sam_restore_accumulate_(
     params: list[Tensor],

@@ -1,0 +1,69 @@
+"""Small shims that keep fastsam working across the supported torch range (>= 2.4).
+
+Nothing here changes numbers; each shim only smooths an API difference between torch versions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def _normalize(annotation: typing.Any) -> typing.Any:
+    """``list[X]`` -> ``typing.List[X]``, ``X | None`` -> ``typing.Optional[X]`` (recursively).
+
+    torch 2.4's ``infer_schema`` looks annotations up in a table keyed by the ``typing`` spellings;
+    newer releases accept both. ``tuple[...]`` (return types) is understood by every release.
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is list:
+        return typing.List[_normalize(args[0])]  # noqa: UP006 - the spelling torch 2.4 knows
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(rest) < len(args):
+            return typing.Optional[_normalize(rest[0])]  # noqa: UP045 - the spelling torch 2.4 knows
+    return annotation
+
+
+def custom_op(name: str, *, mutates_args: Iterable[str]) -> Callable[[Callable], typing.Any]:
+    """``torch.library.custom_op`` that also works on torch 2.4.
+
+    torch 2.4 infers the schema from ``inspect.signature`` and neither evaluates string
+    annotations (``from __future__ import annotations``) nor knows the builtin generics
+    (``list[Tensor]``): it raises ``ValueError: unsupported type``. The annotations are resolved
+    here and given to torch through ``__signature__``; the schema torch infers is the same on every
+    release (checked by tests/test_compat.py against the schemas torch >= 2.5 infers itself).
+    """
+
+    def wrap(fn: Callable) -> typing.Any:
+        hints = typing.get_type_hints(fn)
+        sig = inspect.signature(fn)
+        params = [p.replace(annotation=_normalize(hints[p.name])) for p in sig.parameters.values()]
+        ret = hints.get("return", inspect.Signature.empty)
+        ret = None if ret is type(None) else _normalize(ret)  # "-> None": torch expects None itself
+        fn.__signature__ = sig.replace(parameters=params, return_annotation=ret)  # type: ignore[attr-defined]
+        return torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
+
+    return wrap
+
+
+TORCH_VERSION: tuple[int, int] = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])  # type: ignore[assignment]
+
+# torch 2.4's auto_functionalize handles custom ops that mutate ``Tensor`` / ``Tensor?`` arguments
+# only; the triton ops mutate ``Tensor[]`` lists (supported from 2.5). On 2.4 such an op inside a
+# compiled graph fails ("custom operator whose output has alias annotations").
+CUSTOM_OP_LISTS_TRACEABLE = TORCH_VERSION >= (2, 5)
+
+
+def eager_under_compile_on_old_torch(fn: Callable) -> Callable:
+    """On torch < 2.5, run ``fn`` eagerly when ``torch.compile`` meets it (a graph break, same
+    numbers); on newer torch return ``fn`` unchanged (its custom ops go into the graph)."""
+    if CUSTOM_OP_LISTS_TRACEABLE:
+        return fn
+    return torch.compiler.disable(fn)
