@@ -521,3 +521,59 @@ def test_gpu_bf16_against_reference(C):
         assert_close_to_truth(v_tri, v_ref, v64, f"{name} value")
         assert_close_to_truth(g_tri, g_ref, g64, f"{name} grad")
         assert L._use_triton(z, "auto")
+
+
+@needs_triton
+@pytest.mark.parametrize("B,ignored,reduction", [
+    (7, [2, 5], "mean"), (7, [2, 5], "sum"), (3000, list(range(0, 3000, 7)), "mean"), (4, [0, 1, 2, 3], "mean"),
+    (0, [], "mean"), (0, [], "sum"), (1, [], "mean"),
+], ids=["mean", "sum", "mean-3000-rows", "all-ignored", "empty-mean", "empty-sum", "one-row"])
+def test_fused_reduction_matches_torch_formula(B, ignored, reduction):
+    """The one-launch reduction (fastsam::reduce_rows) equals the torch formula of the reference
+    path: value (NaN when every row is ignored) and the gradient reaching each row."""
+    from fastsam._reference_losses import reduce_rows
+
+    g = torch.Generator().manual_seed(B)
+    rows = torch.randn(B, generator=g, dtype=torch.float64).to(DEV)
+    target = torch.randint(0, 10, (B,), generator=g).to(DEV)
+    target[ignored] = -100
+    rows[target == -100] = 0.0  # the loss kernels write 0 for ignored rows
+    rows = rows.float()
+    a = rows.clone().requires_grad_(True)
+    b = rows.clone().requires_grad_(True)
+    got = L._reduce(a, target, -100, reduction)
+    want = reduce_rows(b, target, -100, reduction)
+    assert got.shape == want.shape == ()
+    if math.isnan(want.item()):
+        assert math.isnan(got.item())
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    got.backward(torch.tensor(1.7, device=DEV))
+    want.backward(torch.tensor(1.7, device=DEV))
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0.0)
+    if B and len(ignored) < B:  # (opcheck compares outputs without equal_nan)
+        torch.library.opcheck(torch.ops.fastsam.reduce_rows.default, (rows, target, -100, reduction == "mean"))
+
+
+@needs_triton
+def test_eager_calls_skip_the_custom_op_dispatcher(monkeypatch):
+    """Eager mode runs the kernels through an autograd.Function (same backward), not through the
+    custom ops, whose dispatcher costs more host time than a small loss on a GPU; the custom ops
+    stay for tracing (torch.compile, opcheck: tested above)."""
+    def boom(*a, **k):
+        raise AssertionError("custom op called in eager mode")
+
+    monkeypatch.setattr(L, "_obf_fwd", boom)
+    monkeypatch.setattr(L, "_bisam_fwd", boom)
+    monkeypatch.setattr(L, "_reduce_op", boom)
+    z, t = make_inputs(5, 7, key=("eager",))
+    for fn in (L.obf_loss, L.bisam_loss):
+        for red in ("mean", "sum", "none"):
+            a = z.clone().requires_grad_(True)
+            b = z.clone().requires_grad_(True)
+            fn(a, t, reduction=red, backend="triton").sum().backward()
+            fn(b, t, reduction=red, backend="reference").sum().backward()
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+            with torch.no_grad():
+                torch.testing.assert_close(fn(z, t, reduction=red, backend="triton"),
+                                           fn(z, t, reduction=red, backend="reference"), rtol=1e-5, atol=1e-6)
