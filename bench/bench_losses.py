@@ -45,6 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._env import write_result  # noqa: E402
+from bench.bench_optim import count_kernels  # noqa: E402
 from fastsam import losses as L  # noqa: E402
 
 GPU_SHAPES = [(256, 1000), (4096, 1000), (1024, 21843), (8192, 32000), (4096, 128256)]
@@ -214,8 +215,8 @@ def markdown(rows: list[dict], device: str) -> str:
         f"Ascent losses, forward+backward, reduction=mean, on {device}.",
         "",
         "| B x C | dtype | method | ms | ms back-to-back | peak MB | time / F.ce | b2b time / F.ce | mem / F.ce "
-        "| eager / this |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| eager / this | kernels |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         def f(x, fmt):
@@ -224,7 +225,7 @@ def markdown(rows: list[dict], device: str) -> str:
             f"| {r['B']}x{r['C']} | {r['dtype']} | {r['method']} | {f(r['ms'], '.3f')} | "
             f"{f(r.get('ms_b2b'), '.3f')} | {f(r['peak_mb'], '.1f')} | {f(r.get('time_vs_ce'), '.2f')} | "
             f"{f(r.get('b2b_time_vs_ce'), '.2f')} | {f(r.get('mem_vs_ce'), '.2f')} | "
-            f"{f(r.get('speedup_vs_eager'), '.2f')} |"
+            f"{f(r.get('speedup_vs_eager'), '.2f')} | {r.get('kernels', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         row["ms_b2b"] = time_cuda_back_to_back(fn, z, t, iters)
                     if cuda and not args.no_memory:
                         row["peak_bytes"] = peak_cuda(fn, z, t)
+                    if cuda:  # after the timings: the profiler must not slow them (see bench_optim)
+                        row["kernels"] = count_kernels(torch.device("cuda"), lambda fn=fn, z=z, t=t: step(fn, z, t))[
+                            "kernels"]
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row["error"] = "OOM"
