@@ -226,9 +226,10 @@ class _FusedLoss(torch.autograd.Function):
         saved = ctx.saved_tensors
         if len(saved) == 1:  # reduction="none": one factor per row
             factor = grad_out.to(torch.float32)[:, None]
-        else:  # mean / sum: one 0-d factor for every row
-            factor = grad_out.to(torch.float32) * saved[1]
-        return saved[0].mul_(factor), None, None, None, None  # fp32 opmath, one rounding
+        else:  # mean / sum: one factor for every row, as a [1, 1] tensor: a 0-d fp32 operand
+            # would not take part in type promotion, and CUDA would round it to bf16/fp16 first
+            factor = (grad_out.to(torch.float32) * saved[1]).reshape(1, 1)
+        return saved[0].mul_(factor), None, None, None, None  # fp32 math, one rounding
 
 
 def _fused(logits: Tensor, target: Tensor, fwd, op, op_args: tuple, ignore_index: int, reduction: str) -> Tensor:

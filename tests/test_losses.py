@@ -577,3 +577,19 @@ def test_eager_calls_skip_the_custom_op_dispatcher(monkeypatch):
             with torch.no_grad():
                 torch.testing.assert_close(fn(z, t, reduction=red, backend="triton"),
                                            fn(z, t, reduction=red, backend="reference"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_eager_and_compiled_gradients_bitwise_equal_on_gpu(dtype):
+    """The eager backward (autograd.Function) and the compiled one (custom ops) scale the saved
+    gradient by 1/n in float32 and round once: the same bits. (A 0-d float32 factor would be
+    rounded to the logits' dtype first by CUDA's in-place multiply.)"""
+    z, t = make_inputs(37, 1000, dtype=dtype, key=("bitwise",), device="cuda")
+    t[3] = -100
+    for fn in (L.obf_loss, L.bisam_loss):
+        a = z.clone().requires_grad_(True)
+        b = z.clone().requires_grad_(True)
+        fn(a, t, backend="triton").backward()
+        torch.compile(lambda x, y, fn=fn: fn(x, y, backend="triton"), backend="aot_eager")(b, t).backward()
+        assert torch.equal(a.grad, b.grad)

@@ -105,6 +105,13 @@ def loss_variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]
         c = {"BLOCK": 1024, "WRITE_GRAD": True}
         out.append((f"OBF sigmoid {dt}", L._obf_sigmoid_kernel, sig(obf + list(c), c), c,
                     L._config(1024, torch.device("cuda"))[2]))
+    for tdt in ("i64", "i32"):  # the mean / sum of the per-row values (one program, as launched)
+        for mean in (True, False):
+            c = {"MEAN": mean, "BLOCK": 1024}
+            names = ["rows_ptr", "y_ptr", "val_ptr", "scale_ptr", "B", "ignore_index", *c]
+            types = {"rows_ptr": "*fp32", "y_ptr": f"*{tdt}", "val_ptr": "*fp32", "scale_ptr": "*fp32"}
+            out.append((f"reduce rows target={tdt} mean={mean}", L._reduce_rows_kernel,
+                        {n: types.get(n) or ("constexpr" if n in c else "i32") for n in names}, c, 4))
     return out
 
 

@@ -14,8 +14,12 @@ fp32/bf16/fp16 parameters, float64 for float64) and rounded once on store, to ne
 (``RNE_BF16``: bf16 is rounded by hand under the interpreter, which truncates; on the GPU the
 plain conversion already rounds to nearest even).
 
-Helpers are inlined by hand in the loops: under the interpreter every call of a ``@triton.jit``
-helper costs ~4 ms (it re-patches triton.language), more than the arithmetic of a block.
+Each block's work is one ``@triton.jit`` helper (``_k1_block`` ...), called twice per loop
+iteration site: once with the all-true mask of a full block (the compiler then emits 16-byte
+vector accesses) and once with the tail mask. Under the interpreter every helper call costs a
+few ms (it re-patches triton.language): a CPU test step on 2 x 65536 elements went from 0.9 to
+1.7 s, test time only; the small helpers of the arithmetic (``_sqrt``, ``_bf16_rne``...) stay
+few per block.
 
 Reductions are deterministic: every program writes one partial per quantity into its own slot
 of a buffer (no atomics); consumers reduce the whole buffer in a fixed order, every program

@@ -375,8 +375,10 @@ def _reduce_rows_kernel(rows_ptr, y_ptr, val_ptr, scale_ptr, B, ignore_index, ME
     total = tl.sum(acc, 0)
     if MEAN:
         n = tl.sum(cnt, 0).to(tl.float32)
-        tl.store(val_ptr, total / n)  # 0 / 0 = NaN with no kept row, as F.cross_entropy
-        tl.store(scale_ptr, tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0))  # no kept row: gradient 0
+        # IEEE division (a plain `/` is div.full.f32 on sm_90, up to 2 ulp off torch's result);
+        # 0 / 0 = NaN with no kept row, as F.cross_entropy
+        tl.store(val_ptr, tl.math.div_rn(total, n))
+        tl.store(scale_ptr, tl.where(n > 0, tl.math.div_rn(1.0, tl.maximum(n, 1.0)), 0.0))  # no kept row: 0
     else:
         tl.store(val_ptr, total)
         tl.store(scale_ptr, 1.0)
