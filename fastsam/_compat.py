@@ -67,3 +67,11 @@ def eager_under_compile_on_old_torch(fn: Callable) -> Callable:
     if CUSTOM_OP_LISTS_TRACEABLE:
         return fn
     return torch.compiler.disable(fn)
+
+
+def may_be_traced(probe: torch.Tensor) -> bool:
+    """True when something may trace a call on ``probe``: torch.compile, a dispatch mode
+    (FakeTensorMode, opcheck, ...) or a tensor subclass. The fused ops take their custom-op form
+    then, and call their kernels directly otherwise (the custom-op dispatcher costs host time)."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(probe) not in (torch.Tensor, torch.nn.Parameter))

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastsam._compat import custom_op
+from fastsam._compat import custom_op, may_be_traced
 from fastsam._reference_losses import (
     BISAM_DEFAULT_MU,
     bisam_loss_reference,
@@ -128,14 +128,19 @@ _SECOND_BACKWARD = (
 )
 
 
-def _backward(ctx, grad_rows: Tensor | None, _grad_grad: Tensor | None):
-    n_inputs = 7
-    if grad_rows is None:
-        return (None,) * n_inputs
+def _check_backward(ctx) -> None:
+    """The fused backward's limits (both paths): no double backward, one backward per forward."""
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD)
     if ctx.fastsam_consumed:
         raise RuntimeError(_SECOND_BACKWARD)
+
+
+def _backward(ctx, grad_rows: Tensor | None, _grad_grad: Tensor | None):
+    n_inputs = 7
+    if grad_rows is None:
+        return (None,) * n_inputs
+    _check_backward(ctx)
     (grad,) = ctx.saved_tensors
     scale = grad_rows.to(torch.float32)[:, None]
     if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
@@ -191,13 +196,7 @@ def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> 
 # Eager mode: the same kernels and the same backward without the custom-op dispatcher, which
 # costs ~35 us of host time per op call (measured on CPU with the kernels stubbed: 53 vs 17 us),
 # two per loss; at (256, 1000) on a GPU the host is what the device waits on. Anything that may
-# trace (torch.compile, a dispatch mode such as FakeTensorMode or opcheck, a tensor subclass)
-# takes the custom ops.
-def _eager(logits: Tensor) -> bool:
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and type(logits) in (Tensor, torch.nn.Parameter))
-
-
+# trace (fastsam._compat.may_be_traced) takes the custom ops.
 class _FusedLoss(torch.autograd.Function):
     """rows = fwd(logits, target) (per-row values and the saved gradient), then the reduction;
     backward scales the saved gradient in place (see the custom ops above)."""
@@ -218,10 +217,7 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor | None):
         if grad_out is None:
             return None, None, None, None, None
-        if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD)
-        if ctx.fastsam_consumed:
-            raise RuntimeError(_SECOND_BACKWARD)
+        _check_backward(ctx)
         ctx.fastsam_consumed = True
         saved = ctx.saved_tensors
         if len(saved) == 1:  # reduction="none": one factor per row
@@ -235,7 +231,7 @@ class _FusedLoss(torch.autograd.Function):
 def _fused(logits: Tensor, target: Tensor, fwd, op, op_args: tuple, ignore_index: int, reduction: str) -> Tensor:
     """Dispatch of the triton path: eager fast path or the traceable custom ops."""
     write_grad = _needs_grad(logits)
-    if _eager(logits):
+    if not may_be_traced(logits):
         if write_grad:
             return _FusedLoss.apply(logits, target, fwd, ignore_index, reduction)
         rows, _ = fwd(logits, target, False)

@@ -688,14 +688,18 @@ def test_no_access_past_a_tensor(vectorize):
 
 
 def test_spill_allowance_is_narrow():
-    """Spills fail the sm_90 check for every kernel but the non-default-norm perturbation ones."""
+    """Spills fail the sm_90 check for every kernel but the non-default-norm perturbation ones,
+    and there above 64 bytes."""
     pytest.importorskip("triton.backends.nvidia")
     from fastsam.kernels._triton_aot import _spill_is_a_failure
 
-    assert not _spill_is_a_failure("K2 fp32 q0 fsam=True asam=True gsam=True esam=True")
-    assert not _spill_is_a_failure("K1 bf16 q1 fsam=True asam=False")
+    general_p = "K2 fp32 q0 fsam=True asam=True gsam=True esam=True"
+    assert not _spill_is_a_failure(general_p, 28)  # triton 3.6's ptxas on this variant
+    assert not _spill_is_a_failure("K1 bf16 q1 fsam=True asam=False", 64)
+    assert _spill_is_a_failure(general_p, 65)  # bounded even there
     for name in ("K2 fp32 q2 fsam=False asam=False gsam=False esam=False", "K1 fp32 q2 fsam=False asam=False",
                  "K3 fp32 mode=2 gsam=False nesterov=False maximize=False amsgrad=False decoupled=True",
                  "KG bf16", "OBF softmax fp32 one_chunk=False grad=True",
                  "BiSAM bf16 one_chunk=False tanh=True grad=False"):
-        assert _spill_is_a_failure(name), name
+        assert _spill_is_a_failure(name, 4), name
+        assert not _spill_is_a_failure(name, 0), name

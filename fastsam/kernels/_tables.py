@@ -22,6 +22,7 @@ step never waits on the device. The block table depends only on element counts a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -161,3 +162,12 @@ class TableCache:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def on_device(dev: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: a context that makes it ``dev`` when it is
+    another one (a model on cuda:1 while cuda:0 is current), as torch's own ops do implicitly;
+    a no-op otherwise."""
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()

@@ -155,13 +155,22 @@ def vector_accesses(ptx: str) -> tuple[int, int]:
     return vec, len(ops) - vec
 
 
-def _spill_is_a_failure(name: str) -> bool:
+# The most spill tolerated where spills are tolerated at all (see _spill_is_a_failure): twice
+# the 28 bytes seen with triton 3.6.
+MAX_ALLOWED_SPILL = 64
+
+
+def _spill_is_a_failure(name: str, spill_bytes: int) -> bool:
     """Spills fail the check everywhere but in the perturbation kernels of the non-default norms
-    (p != 2: float64 pow, or p = inf). There, with every option on, ptxas from triton 3.6 keeps
-    K2 fp32 at 128 registers (2 programs of 256 threads per SM) and spills 28 bytes; forcing no
-    spill (maxnreg 168) takes 161 registers and leaves 1 program per SM, a worse trade. The loss
-    kernels (issue 4: "no register spills for wide rows"), K3, KG and the p = 2 paths stay strict."""
-    return not (name.startswith(("K1 ", "K2 ")) and " q2 " not in name)
+    (p != 2: float64 pow, or p = inf), and there above MAX_ALLOWED_SPILL bytes. With every option
+    on, ptxas from triton 3.6 keeps K2 fp32 at 128 registers (2 programs of 256 threads per SM)
+    and spills 28 bytes; forcing no spill (maxnreg 168) takes 161 registers and leaves 1 program
+    per SM, a worse trade. The loss kernels (issue 4: "no register spills for wide rows"), K3, KG
+    and the p = 2 paths stay strict."""
+    if spill_bytes <= 0:
+        return False
+    tolerated = name.startswith(("K1 ", "K2 ")) and " q2 " not in name
+    return not tolerated or spill_bytes > MAX_ALLOWED_SPILL
 
 
 def main(arch: int = 90, limit: int | None = None) -> int:
@@ -185,7 +194,7 @@ def main(arch: int = 90, limit: int | None = None) -> int:
         if ptxas is not None:
             regs, spill = _resources(k.asm["ptx"], arch, ptxas)
             info += f", {regs} regs x {32 * warps} threads, spills {spill} B"
-            if spill and _spill_is_a_failure(name):
+            if _spill_is_a_failure(name, spill):
                 spilled.append(name)
             elif spill:
                 allowed.append(name)

@@ -36,12 +36,13 @@ import anything from ``fastsam.optim``.
 # interpreter recognizes constexpr parameters only by their evaluated annotation (a string
 # 'tl.constexpr' is taken for a runtime argument and tl.arange then fails).
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from ._tables import on_device as _on_device
 
 # log(e - 1): the shift that makes the BiSAM "-log" lower bound pass through 0 at x = 0
 # (eq. 18 of Xie et al.: phi(x) = 1 - log(1 + exp(log(e-1) - x)), phi(0) = 1 - log(e) = 0).
@@ -431,13 +432,6 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, write_grad: bool):
     grad_shape = (B, C) if write_grad else (0,)
     grad = torch.empty(grad_shape, dtype=logits.dtype, device=logits.device)
     return logits, target, loss, grad
-
-
-def _on_device(dev: torch.device):
-    """Triton launches on the current CUDA device: make it the logits' one (multi-GPU)."""
-    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
-        return torch.cuda.device(dev)
-    return contextlib.nullcontext()
 
 
 def obf_forward(

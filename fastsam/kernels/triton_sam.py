@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._compat import custom_op, eager_under_compile_on_old_torch
+from .._compat import custom_op, eager_under_compile_on_old_torch, may_be_traced
 from ..reference import check_accumulate_args, dual_exponent
 from . import _tables as T
 from . import _triton_kernels as K
@@ -207,13 +207,8 @@ def _launch(kernel, grid: tuple[int], *args, num_warps: int, fit_key: tuple | No
     LAUNCHES[0] += 1
     IN_LAUNCH[0] = True
     try:
-        # Triton launches on the current CUDA device: switch to the tensors' one if it differs
-        # (a model on cuda:1 while cuda:0 is current), as torch's own ops do implicitly
         dev = args[0].device
-        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
-            with torch.cuda.device(dev):
-                ck = kernel[grid](*args, num_warps=num_warps, **meta)
-        else:
+        with T.on_device(dev):
             ck = kernel[grid](*args, num_warps=num_warps, **meta)
         # The persistent grid must be resident all at once (a program that waits for a free slot
         # runs its whole share after the others, alone on its SM): remember how many programs of
@@ -585,12 +580,9 @@ _DIRECT = [False]
 
 
 def _traced(probe: Tensor) -> bool:
-    """True when something may trace the call: torch.compile, a dispatch mode (FakeTensorMode,
-    opcheck, ...), or a tensor subclass."""
-    if _DIRECT[0]:
-        return False
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or type(probe) not in (Tensor, torch.nn.Parameter))
+    """True when something may trace the call (see :func:`fastsam._compat.may_be_traced`), unless
+    inside :func:`direct`."""
+    return not _DIRECT[0] and may_be_traced(probe)
 
 
 _BUMP_LIST: list[bool | None] = [None]  # does _increment_version take a tuple? (decided on first use)
