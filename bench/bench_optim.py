@@ -107,21 +107,24 @@ class AdamWOnly:
         self.opt.step()
 
 
-def build(name: str, params: list[torch.Tensor], lr: float) -> Any:
+def build(name: str, params: list[torch.Tensor], lr: float, sam_options: dict[str, Any] | None = None,
+          **base_kw: Any) -> Any:
+    """The implementation ``name`` over ``params``: AdamW(lr, weight_decay=0.05, **base_kw) base,
+    rho 0.05; ``sam_options`` go to ``fastsam.SAM`` (fastsam backends only)."""
     import fastsam
 
+    kw = {"lr": lr, "weight_decay": 0.05, **base_kw}
     if name == "loop":
-        return LoopSAM(params, torch.optim.AdamW, lr=lr, weight_decay=0.05)
+        return LoopSAM(params, torch.optim.AdamW, **kw)
     if name == "pytorch_optimizer":
         from pytorch_optimizer import SAM as PSAM
 
-        return PSAM(params, torch.optim.AdamW, rho=0.05, lr=lr, weight_decay=0.05)
-    if name == "fastsam_foreach":
-        return fastsam.SAM(params, torch.optim.AdamW, rho=0.05, backend="foreach", lr=lr, weight_decay=0.05)
-    if name == "fastsam_triton":
-        return fastsam.SAM(params, torch.optim.AdamW, rho=0.05, backend="triton", lr=lr, weight_decay=0.05)
+        return PSAM(params, torch.optim.AdamW, rho=0.05, **kw)
+    if name in ("fastsam_foreach", "fastsam_triton"):
+        backend = name.removeprefix("fastsam_")
+        return fastsam.SAM(params, torch.optim.AdamW, rho=0.05, backend=backend, **(sam_options or {}), **kw)
     if name == "adamw_only":
-        return AdamWOnly(params, lr=lr, weight_decay=0.05)
+        return AdamWOnly(params, **kw)
     raise ValueError(name)
 
 

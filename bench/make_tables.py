@@ -173,7 +173,65 @@ def render_cpu_micro(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-RENDERERS: dict[str, Callable[[Any], str]] = {"cpu_micro": render_cpu_micro}
+def render_traffic(results: dict[str, Any], full: bool = False) -> str:
+    """``bench_traffic`` (bytes / kernels / memory counted on CPU). ``full``: every loss width (the
+    ``.md`` next to the JSON); else one loss row per (dtype, method), min-max over the widths."""
+    lines: list[str] = []
+    if "optim" in results:
+        o = results["optim"]
+        lines += [f"SAM step (`first_step` + `second_step`), AdamW base, {o['set']} ({o['tensors']} tensors, "
+                  f"{o['numel']:,} parameters). Passes = bytes / parameter bytes (the fused floor is 12); "
+                  "kernels = ATen ops + Triton launches (a `_foreach_` op counted once); allocated = most "
+                  "memory allocated in the step and alive at once, in passes.", "",
+                  "| dtype | method | kernels first + second | passes first + second | passes | "
+                  "bytes / triton's | allocated first / second |", "|---|---|---|---|---:|---:|---|"]
+        tri = {r["dtype"]: r["passes"] for r in o["rows"] if r["method"] == "fastsam_triton"}
+        for r in o["rows"]:
+            ratio = f"{r['passes'] / tri[r['dtype']]:.2f}" if r["dtype"] in tri else ""
+            lines.append(f"| {r['dtype']} | {r['method']} | {r['kernels_first']} + {r['kernels_second']} | "
+                         f"{r['passes_first']:.2f} + {r['passes_second']:.2f} | {r['passes']:.2f} | {ratio} | "
+                         f"{r['peak_first']:.2f} / {r['peak_second']:.2f} |")
+        lines += ["", f"{o['options_set']}, one option at a time (index loads: the kernels' address-table "
+                  "reads, not in the passes):", "",
+                  "| options | kernels first + second | passes first + second | passes | index loads (passes) |",
+                  "|---|---|---|---:|---:|"]
+        for r in o["options"]:
+            lines.append(f"| {r['options']} | {r['kernels_first']} + {r['kernels_second']} | "
+                         f"{r['passes_first']:.2f} + {r['passes_second']:.2f} | {r['passes']:.2f} | "
+                         f"{r['index_passes']:.3f} |")
+    if "losses" in results:
+        lo = results["losses"]
+        lines += ["", "Loss forward + backward (`reduction=\"mean\"`): passes and peak memory (the logits' "
+                  "gradient included) in units of B x C x itemsize; the CPU-only target check "
+                  f"({lo['cpu_only_check_ops_subtracted']} small ops, skipped on GPU) subtracted.", ""]
+        if full:
+            lines += ["| dtype | C | method | kernels | passes | bytes / CE's | peak | peak / CE's |",
+                      "|---|---:|---|---:|---:|---:|---:|---:|"]
+            for r in lo["rows"]:
+                lines.append(f"| {r['dtype']} | {r['C']} | {r['method']} | {r['kernels']} | {r['passes']:.2f} | "
+                             f"{r['bytes_vs_ce']:.2f} | {r['peak_passes']:.2f} | {r['peak_vs_ce']:.2f} |")
+        else:
+            widths = sorted({r["C"] for r in lo["rows"]})
+            lines += [f"Min-max over C in {widths}.", "",
+                      "| dtype | method | kernels | passes | bytes / CE's | peak | peak / CE's |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for r in lo["rows"]:
+                groups.setdefault((r["dtype"], r["method"]), []).append(r)
+
+            def span(rows: list[dict[str, Any]], key: str) -> str:
+                lo_, hi = min(r[key] for r in rows), max(r[key] for r in rows)
+                return f"{lo_:.2f}" if hi - lo_ < 0.005 else f"{lo_:.2f}-{hi:.2f}"
+
+            for (dtype, method), rows in groups.items():
+                k = sorted({r["kernels"] for r in rows})
+                lines.append(f"| {dtype} | {method} | {'-'.join(map(str, (k[0], k[-1]) if len(k) > 1 else k))} | "
+                             f"{span(rows, 'passes')} | {span(rows, 'bytes_vs_ce')} | {span(rows, 'peak_passes')} | "
+                             f"{span(rows, 'peak_vs_ce')} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {"cpu_micro": render_cpu_micro, "traffic_cpu": render_traffic}
 
 
 def render_file(path: Path, results_dir: Path) -> str:
