@@ -210,23 +210,25 @@ class Meter:
             ty = ptrs.get_element_ty()
             return ty.primitive_bitwidth // 8, ty.is_int()
 
-        def load(b, ptrs, mask, other, cache_policy, is_volatile):
+        # (builder, ptrs, mask, ...): the trailing cache / eviction / volatile arguments differ
+        # between Triton releases (3.0 and 3.6: five or six, 3.9: four or five), hence *rest
+        def load(b, ptrs, mask, *rest):
             n = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
             s, idx = size(ptrs)
             if idx:
                 c.triton_index_bytes += n * s
             else:
                 c.triton_read += n * s
-            return load0(b, ptrs, mask, other, cache_policy, is_volatile)
+            return load0(b, ptrs, mask, *rest)
 
-        def store(b, ptrs, value, mask, cache_policy):
+        def store(b, ptrs, value, mask, *rest):
             n = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
             s, idx = size(ptrs)
             if idx:
                 c.triton_index_bytes += n * s
             else:
                 c.triton_written += n * s
-            return store0(b, ptrs, value, mask, cache_policy)
+            return store0(b, ptrs, value, mask, *rest)
 
         def call(ex, *args, **kwargs):
             c.triton_launches[ex.fn.__name__] += 1

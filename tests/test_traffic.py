@@ -3,8 +3,6 @@ paths: the Triton SAM step moves the 12-pass floor of DESIGN.md section 4, and t
 move fewer bytes and hold less memory than F.cross_entropy (issue 4's memory target: the host code
 that allocates is the same on a GPU)."""
 
-from __future__ import annotations
-
 import os
 import sys
 from pathlib import Path
@@ -89,26 +87,33 @@ def test_peak_memory_follows_frees():
     assert (m3.counts.peak_bytes, m3.counts.end_bytes) == (0, 0)
 
 
-@interpreter
-def test_triton_loads_and_stores_are_counted_exactly():
+try:  # module level, no `from __future__` here: triton 3.0 needs `tl` among the kernel's globals
+    # and evaluated `tl.constexpr` annotations
     import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency; without it the test below skips
+    triton = None
+
+if triton is not None:
 
     @triton.jit
-    def scaled_copy(x_ptr, y_ptr, n_ptr, BLOCK: tl.constexpr):
+    def _scaled_copy(x_ptr, y_ptr, n_ptr, BLOCK: tl.constexpr):
         n = tl.load(n_ptr)  # an integer load: index bytes, one per program
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         y = 2 * tl.load(x_ptr + offs, mask=mask)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
+
+@interpreter
+def test_triton_loads_and_stores_are_counted_exactly():
     x = _rand(100, dtype=torch.float16)
     y = torch.empty(100)
     n = torch.tensor([100], dtype=torch.int32)
     with Meter() as m:
-        scaled_copy[(2,)](x, y, n, BLOCK=64)  # the second program's tail is masked
+        _scaled_copy[(2,)](x, y, n, BLOCK=64)  # the second program's tail is masked
     c = m.counts
-    assert dict(c.triton_launches) == {"scaled_copy": 1}
+    assert dict(c.triton_launches) == {"_scaled_copy": 1}
     assert (c.triton_read, c.triton_written, c.triton_index_bytes) == (200, 400, 8)
     assert sum(c.torch_ops.values()) == 0  # the interpreter's argument copies are not counted
     assert torch.equal(y, 2 * x.float())
