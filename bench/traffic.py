@@ -8,30 +8,39 @@ memory) and a part only a GPU can measure (the bandwidth a kernel achieves).
 ``Meter`` is a context manager that records, for everything run inside it:
 
 * every ATen op (a ``TorchDispatchMode``): count by name, and bytes under a simple traffic model:
-  each op reads each tensor argument once and writes each output once (``numel * itemsize`` of
-  the argument, not of its storage), with the exceptions in ``_WRITE_ONLY`` (the mutated argument
-  is not read: ``copy_``, ``fill_``, ...), ``_READS_NOTHING`` (factories, ``*_like``),
-  ``_NO_TRAFFIC`` (views, ``empty``, ``detach``) and ``_READS_INDEXED`` (``gather``-like ops and
-  ``nll_loss``: the source is read only where the index points: bytes of the output) and
-  ``_UNREAD_ARGS`` (``nll_loss_backward`` uses ``self`` for its shape). On a GPU an
-  ATen op is one kernel (a ``_foreach_`` op is one or more launches of ``multi_tensor_apply``).
-  The model is a lower bound for ops that read an input twice internally (``log_softmax`` reads
-  its row for the max and again for the sum and the write: counted once).
+  each op reads each tensor argument once (a tensor passed twice, as in ``addcmul_(v, g, g)``,
+  once) and writes each output and each mutated argument once (``numel * itemsize`` of the
+  argument, not of its storage). Exceptions: ``_WRITE_ONLY`` (the mutated argument is not read:
+  ``copy_``, ``fill_``, ...); ``_READS_NOTHING`` (factories, ``*_like``); ``_NO_TRAFFIC`` (views,
+  ``empty``, ``detach``); ``_READS_INDEXED`` (``gather``-like ops and ``nll_loss``: the source is
+  read only where the index points, bytes of the output); ``_UNREAD_ARGS``
+  (``nll_loss_backward`` uses ``self`` for its shape); ``_SCATTERS`` (an in-place scatter touches
+  one element per index). On a GPU an ATen op is about one kernel (a ``_foreach_`` op is one or
+  more launches of ``multi_tensor_apply``; see the limits below). The model is a lower bound for
+  ops that read an input twice internally (``log_softmax`` reads its row for the max and again
+  for the sum and the write: counted once).
 * every Triton kernel launch in the interpreter (``TRITON_INTERPRET=1``): count by kernel name,
   and the bytes of every executed load and store (masked-off lanes excluded), split into data
   (floating-point) and index bytes (integer loads: address tables, offsets, targets). These are
   exact: a value loaded twice is counted twice.
 * live tensor memory: every storage that an ATen op creates inside the window is tracked until
   it is freed (``weakref.finalize`` on the storage); ``peak_bytes`` is the most that was alive at
-  once, ``end_bytes`` what is still alive at the end. This is what ``torch.cuda.max_memory_allocated``
-  measures on a GPU, without the caching allocator's 512-byte rounding.
+  once, ``end_bytes`` what is still alive at the end: on a GPU, how far ``max_memory_allocated``
+  rises above what was allocated before the window, without the caching allocator's 512-byte
+  rounding.
 
 The interpreter's own copies of the kernel arguments are excluded (the dispatch mode is suspended
 during a launch). fastsam's fused ops take their traceable custom-op form when a dispatch mode is
 active (``fastsam._compat.may_be_traced``); inside a ``Meter`` that check ignores the Meter's own
 mode, so what is counted is the eager path a training loop runs. Ops in the ``fastsam::``
-namespace (the custom ops, if something else makes them run) are not counted themselves: the
-Triton launches inside them are.
+namespace (the custom ops, if something else makes them run) are counted apart (``custom_ops``),
+their bytes through the Triton launches inside them, their outputs' memory like any other.
+
+Known limits, each small for what is measured here: an ATen op that runs further ops inside its
+kernel shows as one (``nll_loss_backward`` zero-fills its output first: two launches on CUDA);
+ops on CPU scalars count as well (torch Adam's step counter, a CPU tensor on a GPU too: one
+``_foreach_add_`` per step); ``torch.tensor(...)`` is not dispatched, so its memory is not seen
+(on CUDA fastsam's per-step hyper-parameter table is ``empty`` + ``copy_``, a few hundred bytes).
 """
 
 from __future__ import annotations
@@ -62,13 +71,18 @@ _WRITE_ONLY = frozenset({  # the mutated argument is written without being read
 _UNREAD_ARGS = {  # arguments an op uses for their shape only
     "nll_loss_backward": {"self"}, "nll_loss2d_backward": {"self"},
 }
+_SCATTERS = frozenset({"scatter_", "scatter_add_"})  # touch one element of ``self`` per index
 _READS_INDEXED = frozenset({  # the first tensor argument is read only where an index points
     "gather", "index_select", "take_along_dim", "index", "nll_loss_forward", "nll_loss2d_forward",
 })
 
 
+def _tensors(x: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
+
+
 def _nbytes(x: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in _tensors(x))
 
 
 def _fresh_outputs(func: Any, out: Any) -> list[Any]:
@@ -78,26 +92,49 @@ def _fresh_outputs(func: Any, out: Any) -> list[Any]:
     return [o for r, o in zip(returns, outs) if r.alias_info is None]
 
 
+def _bound_args(func: Any, args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
+    """(schema argument, value) for every argument the call passed."""
+    bound = []
+    for i, a in enumerate(func._schema.arguments):
+        if not a.kwarg_only and i < len(args):
+            bound.append((a, args[i]))
+        elif a.name in kwargs:
+            bound.append((a, kwargs[a.name]))
+    return bound
+
+
 def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[int, int]:
-    """(bytes read, bytes written) of one ATen op under the traffic model of the module docstring."""
+    """(bytes read, bytes written) of one ATen op under the traffic model of the module docstring.
+    A tensor passed twice (``addcmul_(v, g, g)``) is read once."""
     name = func._schema.name.split("::")[-1]
     if func.is_view or name in _NO_TRAFFIC:
         return 0, 0
+    bound = _bound_args(func, args, kwargs)
+    if name in _SCATTERS:  # reads the index and the source, writes one element per index
+        named = {a.name: v for a, v in bound}
+        index, target = named["index"], named["self"]
+        n = index.numel() * target.element_size()
+        return _nbytes(index) + _nbytes(named.get("src")) + (n if name == "scatter_add_" else 0), n
+    seen: set[tuple] = set()
+
+    def once(ts: list[torch.Tensor]) -> int:
+        total = 0
+        for t in ts:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+
     read = written = 0
     first_tensor_arg = True
-    for i, a in enumerate(func._schema.arguments):
-        if a.kwarg_only or i >= len(args):
-            if a.name not in kwargs:
-                continue
-            value = kwargs[a.name]
-        else:
-            value = args[i]
-        n = _nbytes(value)
-        if n == 0:
+    for a, value in bound:
+        ts = _tensors(value)
+        if not ts:
             continue
         mutated = a.alias_info is not None and a.alias_info.is_write
         if mutated:
-            written += n
+            written += _nbytes(ts)
         is_out_arg = mutated and a.kwarg_only  # out= arguments are written only
         if (name in _READS_NOTHING or is_out_arg or (mutated and name in _WRITE_ONLY)
                 or a.name in _UNREAD_ARGS.get(name, ())):
@@ -105,7 +142,7 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[int, int]:
         if first_tensor_arg and name in _READS_INDEXED:
             read += _nbytes(out)  # one element per output element
         else:
-            read += n
+            read += once(ts)
         first_tensor_arg = False
     return read, written + _nbytes(_fresh_outputs(func, out))  # mutated arguments counted above
 
@@ -117,6 +154,7 @@ class Counts:
     torch_ops: Counter = field(default_factory=Counter)
     torch_read: int = 0
     torch_written: int = 0
+    custom_ops: Counter = field(default_factory=Counter)
     triton_launches: Counter = field(default_factory=Counter)
     triton_read: int = 0
     triton_written: int = 0
@@ -139,6 +177,7 @@ class Counts:
             "kernels": self.kernels,
             "torch_ops": dict(self.torch_ops),
             "triton_launches": dict(self.triton_launches),
+            "custom_ops": dict(self.custom_ops),
             "torch_bytes": self.torch_read + self.torch_written,
             "triton_data_bytes": self.triton_read + self.triton_written,
             "triton_index_bytes": self.triton_index_bytes,
@@ -161,27 +200,32 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._schema.name.startswith("fastsam::"):
-            return out  # its Triton launches are counted by the interpreter hooks
-        name = func._schema.name.split("::")[-1]
-        if not (func.is_view or name in _NO_TRAFFIC):  # a kernel on a GPU
-            self.c.torch_ops[name] += 1
+        namespace, name = func._schema.name.split("::")
+        self._track(func, args, kwargs, out)
+        if namespace == "fastsam":
+            self.c.custom_ops[name] += 1  # its Triton launches are counted by the interpreter hooks
+            return out
+        if namespace == "profiler" or func.is_view or name in _NO_TRAFFIC:
+            return out  # record_function markers, views, allocations: no kernel on a GPU
+        self.c.torch_ops[name] += 1
         r, w = op_bytes(func, args, kwargs, out)
         self.c.torch_read += r
         self.c.torch_written += w
+        return out
+
+    def _track(self, func, args, kwargs, out) -> None:
+        """Start tracking the storages the op created (not views or storages of its inputs)."""
         if func.is_view:
-            return out
-        for t in tree_flatten(_fresh_outputs(func, out))[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
+            return
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(_fresh_outputs(func, out)):
             st = t.untyped_storage()
             key = st.data_ptr()
-            if key and key not in self.live and st.nbytes():
+            if key and key not in self.live and key not in inputs and st.nbytes():
                 self.live[key] = st.nbytes()
                 self.cur += st.nbytes()
                 self.c.peak_bytes = max(self.c.peak_bytes, self.cur)
                 weakref.finalize(st, self._freed, key)
-        return out
 
 
 class Meter:
@@ -208,7 +252,7 @@ class Meter:
 
         def size(ptrs) -> tuple[int, bool]:
             ty = ptrs.get_element_ty()
-            return ty.primitive_bitwidth // 8, ty.is_int()
+            return (ty.primitive_bitwidth + 7) // 8, ty.is_int()  # int1: a byte in memory
 
         # (builder, ptrs, mask, ...): the trailing cache / eviction / volatile arguments differ
         # between Triton releases (3.0 and 3.6: five or six, 3.9: four or five), hence *rest
@@ -244,6 +288,8 @@ class Meter:
         """``may_be_traced`` without this Meter's mode (see the module docstring)."""
         import sys
 
+        import fastsam.kernels.triton_sam  # noqa: F401  # the modules that import may_be_traced,
+        import fastsam.losses  # noqa: F401  # imported before they are patched
         from fastsam import _compat
 
         orig = _compat.may_be_traced

@@ -45,6 +45,14 @@ OP_CASES = [
      lambda a, b: torch._foreach_add_(a, b), (8 * (N + 7), 4 * (N + 7))),
     ("gather", lambda: (_rand(8, N), torch.randint(0, N, (8, 1))),
      lambda z, i: torch.gather(z, 1, i), (8 * 8 + 8 * 4, 8 * 4)),
+    ("addcmul_ g twice", lambda: (_rand(N), _rand(N)), lambda v, g: v.addcmul_(g, g), (8 * N, 4 * N)),
+    ("scatter_", lambda: (_rand(8, N), torch.randint(0, N, (8, 1))),
+     lambda z, i: z.scatter_(1, i, 1.0), (8 * 8, 8 * 4)),
+    # F.cross_entropy's backward: the nll gradient (self: shape only), then log_softmax's
+    ("nll_loss_backward", lambda: (torch.tensor(1.0), _rand(8, N), torch.randint(0, N, (8,)), torch.tensor(8.0)),
+     lambda go, z, t, tw: torch.ops.aten.nll_loss_backward(go, z, t, None, 1, -100, tw), (4 + 64 + 4, 32 * N)),
+    ("log_softmax_backward", lambda: (_rand(8, N), _rand(8, N)),
+     lambda g, o: torch.ops.aten._log_softmax_backward_data(g, o, 1, torch.float32), (64 * N, 32 * N)),
 ]
 
 
@@ -142,8 +150,11 @@ def _sam_passes(dtype, base, base_kw, **options) -> tuple[float, float, int, int
 FLOOR_CASES = [
     ("adamw", torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.05}, {}, 5, 7),  # the 12-pass floor
     ("sgd momentum", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, {}, 5, 5),
-    ("adamw asam", torch.optim.AdamW, {"lr": 1e-3}, {"adaptive": True}, 6, 7),
-    ("adamw esam masks", torch.optim.AdamW, {"lr": 1e-3}, {"swp_keep": 0.5}, 5, 7),
+    ("adamw asam", torch.optim.AdamW, {"lr": 1e-3}, {"adaptive": True}, 6, 7),  # K1 reads w
+    ("adamw esam masks", torch.optim.AdamW, {"lr": 1e-3}, {"swp_keep": 0.5}, 5, 7),  # Philox: no bytes
+    ("adamw fsam", torch.optim.AdamW, {"lr": 1e-3}, {"fsam_sigma": 0.5}, 8, 7),  # m: K1, K2 read, K2 writes
+    # K2 writes g_old; second step: KG reads gs, g_old; K3 reads g_old, writes the combined grad
+    ("adamw gsam", torch.optim.AdamW, {"lr": 1e-3}, {"gsam_alpha": 0.1}, 6, 11),
 ]
 
 
@@ -154,7 +165,8 @@ def test_fused_sam_step_moves_the_floor(label, base, base_kw, options, first, se
     p1, p2, k1, k2 = _sam_passes(dtype, base, base_kw, **options)
     assert first <= p1 < first * 1.01, p1
     assert second <= p2 < second * 1.01, p2
-    assert (k1, k2) == (2, 1)  # launches only: no torch op in a steady-state step
+    # launches only (on CPU; on CUDA the per-step Adam hyper-parameter table adds an H2D copy)
+    assert (k1, k2) == (2, 2 if "gsam_alpha" in options else 1)
 
 
 @interpreter
@@ -183,13 +195,29 @@ def test_fused_loss_moves_fewer_bytes_and_holds_less_memory_than_cross_entropy(l
     grad_bytes = B * C * z.element_size()
     # the gradient itself is all the fused loss keeps: one B x C buffer (F.cross_entropy: three)
     assert grad_bytes <= fused.peak_bytes < grad_bytes * 1.01 + 1024
-    assert ce.peak_bytes >= 3 * grad_bytes
+    assert 3 * grad_bytes <= ce.peak_bytes < 3 * grad_bytes * 1.01 + 1024
+    assert not fused.custom_ops  # the eager path (autograd.Function), what a training loop runs
     # logits read once (twice for rows wider than one chunk, except the per-element sigmoid
     # form), gradient written once, scaled in place in backward: 4 or 5 passes; F.cross_entropy 6
     wide = C > TL._MAX_BLOCK_INTERPRET and loss != "obf_sigmoid"  # one column chunk per row?
     passes = (fused.data_bytes - chk.counts.torch_read - chk.counts.torch_written) / grad_bytes
     assert (5 if wide else 4) <= passes < (5 if wide else 4) + 0.05, passes
-    assert ce.data_bytes >= 6 * grad_bytes
-    # kernels: the row kernel, the reduction, autograd's ones_like seed, the factor, the scaling
+    assert 6 <= ce.data_bytes / grad_bytes < 6.05
+    # ops: the row kernel, the reduction, autograd's ones_like seed, the factor, the scaling; the
+    # same count as F.cross_entropy's ATen ops (on CUDA it launches one more: a zero-fill inside
+    # nll_loss_backward)
     assert fused.kernels - chk.counts.kernels == 5 == ce.kernels
     assert sum(fused.triton_launches.values()) == 2
+
+
+@interpreter
+def test_custom_op_outputs_are_tracked():
+    """The traceable form (what torch.compile and FakeTensor modes call) is counted apart, and the
+    memory of its outputs is seen."""
+    B, C = 4, 1000
+    z, t = torch.randn(B, C), torch.randint(0, C, (B,))
+    with Meter() as m:
+        rows, grad = torch.ops.fastsam.obf_fwd(z, t, 1.0, 1.0 / C, False, -100, True)
+    assert dict(m.counts.custom_ops) == {"obf_fwd": 1}
+    assert m.counts.peak_bytes >= grad.numel() * grad.element_size() + rows.numel() * rows.element_size()
+    assert sum(m.counts.triton_launches.values()) == 1
