@@ -250,28 +250,24 @@ class Meter:
         builder = I.InterpreterBuilder
         load0, store0, call0 = builder.create_masked_load, builder.create_masked_store, I.GridExecutor.__call__
 
-        def size(ptrs) -> tuple[int, bool]:
+        def count(ptrs, mask, data_field: str) -> None:
+            """Bytes of the lanes the mask lets through: index bytes for integer pointees."""
+            n = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
             ty = ptrs.get_element_ty()
-            return (ty.primitive_bitwidth + 7) // 8, ty.is_int()  # int1: a byte in memory
+            nbytes = n * ((ty.primitive_bitwidth + 7) // 8)  # int1: a byte in memory
+            if ty.is_int():
+                c.triton_index_bytes += nbytes
+            else:
+                setattr(c, data_field, getattr(c, data_field) + nbytes)
 
         # (builder, ptrs, mask, ...): the trailing cache / eviction / volatile arguments differ
         # between Triton releases (3.0 and 3.6: five or six, 3.9: four or five), hence *rest
         def load(b, ptrs, mask, *rest):
-            n = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
-            s, idx = size(ptrs)
-            if idx:
-                c.triton_index_bytes += n * s
-            else:
-                c.triton_read += n * s
+            count(ptrs, mask, "triton_read")
             return load0(b, ptrs, mask, *rest)
 
         def store(b, ptrs, value, mask, *rest):
-            n = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
-            s, idx = size(ptrs)
-            if idx:
-                c.triton_index_bytes += n * s
-            else:
-                c.triton_written += n * s
+            count(ptrs, mask, "triton_written")
             return store0(b, ptrs, value, mask, *rest)
 
         def call(ex, *args, **kwargs):
