@@ -18,7 +18,7 @@ Reported per implementation: median ms per step, effective GB/s = floor bytes / 
 floor is 12 parameter-sized passes (K1 reads g; K2 reads w, g, writes w, w_old; K3 reads w_old,
 g, m, v, writes w, m, v), the fraction of the measured device copy bandwidth that this is,
 CUDA kernels + memcpys per step (torch.profiler), host syncs per step
-(``torch.cuda.set_sync_debug_mode("warn")``; fastsam triton is also run under ``"error"``), and
+(``torch.cuda.set_sync_debug_mode("warn")``; fastsam triton is also run under ``"error"``),
 peak extra memory, and the fraction of the copy bandwidth each implementation reaches on the bytes
 it really moves (its passes per step as counted on CPU by ``bench.bench_traffic``, with torch's
 CUDA-default foreach AdamW: loop 28, foreach 34, triton 12).
