@@ -195,12 +195,19 @@ def count_syncs(device: torch.device, step: Callable[[], None]) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in rec)
 
 
-def bench_impl(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device,
-               steps: int, warmup: int) -> dict[str, Any]:
+def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> list[torch.nn.Parameter]:
+    """Parameters ~ N(0, 0.02^2) with gradients ~ N(0, 1e-6) already in ``.grad``, seed 0."""
     gen = torch.Generator(device=device).manual_seed(0)  # generated on the device: ViT-L is 304M values
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=device).mul_(0.02).to(dtype)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen, device=device).mul_(1e-3).to(dtype)
+    return params
+
+
+def bench_impl(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+               steps: int, warmup: int) -> dict[str, Any]:
+    params = make_params(shapes, dtype, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

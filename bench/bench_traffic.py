@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench._env import write_result  # noqa: E402
-from bench.bench_optim import PRESETS, build, numel, vit_shapes  # noqa: E402
+from bench.bench_optim import PRESETS, build, make_params, numel, vit_shapes  # noqa: E402
 from bench.make_tables import render_traffic  # noqa: E402
 from bench.traffic import Counts, Meter  # noqa: E402
 
@@ -71,18 +71,10 @@ def _vit(scale: int) -> list[tuple[int, ...]]:
     return vit_shapes(**cfg)
 
 
-def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(dtype)) for s in shapes]
-    for p in params:
-        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(dtype)
-    return params
-
-
 def measure_sam_step(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype,
                      options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Counts of first_step and second_step, in steady state (after two warm-up steps)."""
-    params = _params(shapes, dtype)
+    params = make_params(shapes, dtype)
     opt = build(name, params, lr=1e-4, sam_options=options, foreach=True)  # foreach: the CUDA default
     for _ in range(2):  # state allocated, tables uploaded, F-SAM / Adam first-step branches passed
         opt.first_step()
