@@ -479,7 +479,12 @@ class SAM(torch.optim.Optimizer):
         in the second closure call restores the weights before it propagates.
         """
         if closure is None:
-            raise ValueError("SAM.step requires closure (forward + backward returning the loss)")
+            raise ValueError(
+                "SAM.step requires closure (forward + backward returning the loss): a SAM step needs two "
+                "forward/backward passes. Use fastsam.sam_step(model, opt, x, y, loss_fn), or first_step() / "
+                "second_step() by hand; with Hugging Face transformers use "
+                "fastsam.integrations.transformers.SAMTrainer instead of transformers.Trainer"
+            )
         closure = torch.enable_grad()(closure)
         loss = None
         if not self._has_fresh_grads():
