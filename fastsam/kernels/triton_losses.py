@@ -106,19 +106,35 @@ def _zero_row(g_row, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16_bits(bits):
+    """float32 bit patterns (uint32) rounded to the nearest bfloat16, ties to even, returned as
+    float32 bit patterns whose low 16 bits are 0 (so any fp32 -> bf16 conversion is then exact).
+
+    NaN must stay NaN: adding the rounding increment to a NaN whose low mantissa bits are set
+    carries into the exponent and the sign. The GPU's canonical NaN 0x7FFFFFFF (what sm_90
+    arithmetic produces) would become 0x80000000 = -0.0 and 0xFFFFFFFF would wrap to +0.0: bf16
+    rows with NaN logits or an out-of-range target would get zero gradients on a GPU, while the
+    x86 NaNs of the CPU tests (0x7FC00000, 0xFFC00000) survive. NaNs (tested on the integer bits,
+    immune to any float-compare folding) keep their sign and get the quiet bit, which the
+    truncation to 16 bits keeps (0x7F800001 truncated alone would become +inf).
+    """
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, (bits | 0x00400000) & 0xFFFF0000, rounded)
+
+
+@triton.jit
 def _store_grad(ptrs, g, mask):
     """Store float32 g into the gradient buffer, rounding to nearest even for bfloat16.
 
     The hardware fp32 -> bf16 conversion already rounds to nearest even; the Triton CPU
     interpreter (3.x) truncates instead, which would double the bf16 error in the tests. Rounding
-    the bits first (+0x7FFF plus the lowest kept bit, then clearing the low 16) makes the value
-    exactly representable, so both convert it exactly: a few integer ops, free next to the store.
+    the bits first (:func:`_round_bf16_bits`) makes the value exactly representable, so both
+    convert it exactly: a few integer ops, free next to the store.
     """
     OUT: tl.constexpr = ptrs.dtype.element_ty
     if OUT == tl.bfloat16:
-        bits = g.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        g = bits.to(tl.float32, bitcast=True)
+        g = _round_bf16_bits(g.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
     tl.store(ptrs, g.to(OUT), mask=mask)
 
 
