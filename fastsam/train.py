@@ -16,6 +16,7 @@ What it gets right so a training loop does not have to (DESIGN.md s3, "Training 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .bn import frozen_running_stats
+from .integrations._wrappers import model_output_logits, run_wrapped, unwrap_optimizer
 from .optim.sam import SAM
 
 LossFn = Callable[..., Tensor]
@@ -125,10 +127,13 @@ def _take(x: Any, idx: slice | Tensor, spec: Any) -> Any:
 
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return model(*inputs)
-    return model(inputs)
+        out = model(**inputs)
+    elif isinstance(inputs, (list, tuple)):
+        out = model(*inputs)
+    else:
+        out = model(inputs)
+    # issue #14: a Hugging Face ModelOutput with logits reaches the loss functions as its logits
+    return model_output_logits(out)
 
 
 def _detach(x: Any) -> Any:
@@ -194,7 +199,7 @@ def _autocast(dtype: torch.dtype | None, inputs: Any) -> contextlib.AbstractCont
 
 def sam_step(
     model: nn.Module,
-    optimizer: SAM,
+    optimizer: SAM | torch.optim.Optimizer,
     inputs: Any,
     targets: Any,
     loss_fn: LossFn,
@@ -233,12 +238,17 @@ def sam_step(
 
     Args:
         model: the model (``DistributedDataParallel`` is handled).
-        optimizer: a :class:`fastsam.SAM` (or preset) over ``model``'s parameters.
+        optimizer: a :class:`fastsam.SAM` (or preset) over ``model``'s parameters, or a framework's
+            wrapper around one (issue #14): Lightning's ``self.optimizers()`` (the step is counted
+            as Lightning's ``opt.step()`` counts it), Fabric's, or accelerate's ``AcceleratedOptimizer``
+            (its GradScaler when ``scaler`` is None; inside ``accelerator.accumulate`` only the
+            batch that syncs gradients updates; ``step_was_skipped`` set for its scheduler).
         inputs: tensor, tuple/list (``model(*inputs)``) or dict (``model(**inputs)``), batch in dim 0;
             micro-batches and SDS split the tensors whose first dimension is the batch size and
             pass the others (scalars, broadcast masks) unchanged.
         targets: tensor (or tuple/list/dict of tensors), batch in dim 0.
         loss_fn: ``fn(outputs, targets, reduction="mean"|"none")``, the ``F.cross_entropy`` signature.
+            A Hugging Face ``ModelOutput`` with ``logits`` is passed as its ``logits`` (issue #14).
         ascent_loss_fn: loss of the first pass (default ``loss_fn``), e.g.
             ``fastsam.losses.obf_loss`` or ``fastsam.losses.bisam_loss``.
         micro_batch: m-sharpness micro-batch size ``m`` (the last one may be smaller).
@@ -261,8 +271,18 @@ def sam_step(
     Returns:
         :class:`SAMStepResult` (``.loss``, ``.skipped``, ...).
     """
-    if not isinstance(optimizer, SAM):
-        raise ValueError(f"optimizer must be a fastsam.SAM (or preset), got {type(optimizer).__name__}")
+    # --- issue #14 (fastsam.integrations): framework optimizer wrappers ----------------------------
+    # Lightning's self.optimizers(), Fabric's and accelerate's wrappers: the SAM object inside them
+    # steps (state written on a wrapper reaches no checkpoint) and each framework keeps its own
+    # accounting (Lightning's step counter, accelerate's accumulation and skipped-step flags, their
+    # GradScaler). Raises the "must be a fastsam.SAM" error, with a how-to, for anything else.
+    optimizer, wrappers = unwrap_optimizer(optimizer, SAM)
+    if wrappers:
+        return run_wrapped(wrappers, functools.partial(
+            sam_step, model, optimizer, inputs, targets, loss_fn, ascent_loss_fn=ascent_loss_fn,
+            micro_batch=micro_batch, sds_keep=sds_keep, max_grad_norm=max_grad_norm, amp_dtype=amp_dtype,
+            keep_outputs=keep_outputs), scaler=scaler, update=update)
+    # ------------------------------------------------------------------------------------------------
     if optimizer.is_perturbed:
         raise RuntimeError("sam_step() called while the optimizer's weights are perturbed; call restore() first")
     if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
