@@ -227,9 +227,9 @@ def lightning_closure_problem(closure: Any) -> str | None:
         return None
     return (
         f"fastsam.SAM in Lightning's automatic optimization with accumulate_grad_batches={k}: Lightning calls "
-        f"SAM.step only on every {k}th batch, so SAM would perturb with the other batches' gradient and update "
-        "with the last batch's alone. Accumulate with manual optimization instead: Trainer(accumulate_grad_batches=1), "
-        "self.automatic_optimization = False, and in training_step "
+        f"SAM.step only on the last of every {k} batches, so SAM would perturb with the other batches' gradient "
+        "and update with the last batch's alone. Accumulate with manual optimization instead: "
+        "Trainer(accumulate_grad_batches=1), self.automatic_optimization = False, and in training_step "
         f"fastsam.sam_step(self.net, self.optimizers(), x, y, loss_fn, update=(batch_idx + 1) % {k} == 0) "
         "(each batch gets its own perturbation; the update is the size-weighted mean; Lightning counts one step "
         "per update). See docs/integrations.md"

@@ -1,0 +1,285 @@
+"""fastsam.integrations.transformers.SAMTrainer on the real transformers.Trainer (issue #14):
+tiny randomly initialized BERT / GPT-2 configs, nothing downloaded."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastsam
+
+transformers = pytest.importorskip("transformers", reason="the [dev] extra installs transformers")
+from fastsam.integrations.transformers import SAMBaseStep, SAMTrainer  # noqa: E402
+
+N, T, V = 32, 10, 100
+
+
+@pytest.fixture(autouse=True)
+def _quiet_one_thread():
+    # tiny models: one thread is faster than two on a shared machine and keeps timings steady
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    yield
+    torch.set_num_threads(old)
+
+
+def _bert(dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3,
+                                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _gpt2(dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
+                                  eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+_G = torch.Generator().manual_seed(0)
+IDS = torch.randint(1, V, (N, T), generator=_G)
+CLS = torch.randint(0, 3, (N,), generator=_G)
+LM_LABELS = IDS.clone()
+LM_LABELS[:, :3] = -100  # a prompt that is not trained on
+
+
+def _cls_data() -> list[dict]:
+    return [{"input_ids": IDS[i], "labels": CLS[i]} for i in range(N)]
+
+
+def _lm_data() -> list[dict]:
+    return [{"input_ids": IDS[i], "labels": LM_LABELS[i]} for i in range(N)]
+
+
+def _batches(data: list[dict], size: int):
+    for lo in range(0, len(data), size):
+        rows = data[lo:lo + size]
+        yield {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+class _InOrder(SAMTrainer):
+    """Batches in dataset order, so that a hand-written loop can see the same ones."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def _args(tmp_path, **kw) -> transformers.TrainingArguments:
+    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=8,
+                learning_rate=1e-3, max_grad_norm=0.0, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                seed=0, dataloader_num_workers=0)
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def _reference(model, tmp_path, steps: int, **sam_kw):
+    """Trainer's own AdamW groups and linear schedule, in a fastsam.SAM driven by sam_step."""
+    plain = transformers.Trainer(model=model, args=_args(tmp_path))
+    sam = fastsam.SAM(None, plain.create_optimizer(), **sam_kw)
+    sched = plain.create_scheduler(steps, optimizer=sam)
+    return sam, sched
+
+
+def _max_diff(a, b) -> float:
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_samtrainer_equals_sam_step_loop(tmp_path):
+    """Two forward passes per step, the SAM counter advancing, Trainer's logged loss = the
+    pass-2 loss, and the weights of a sam_step loop on the same model (ModelOutput handled)."""
+    model = _bert()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    trainer = _InOrder(model=model, args=_args(tmp_path, max_steps=4), train_dataset=_cls_data(),
+                       sam_kwargs={"rho": 0.05})
+    out = trainer.train()
+    assert out.global_step == 4 and len(forwards) == 8
+    assert isinstance(trainer.optimizer.optimizer, SAMBaseStep)
+    assert trainer.sam.state_dict()["sam"]["step"] == 4
+
+    ref = _bert()
+    sam, sched = _reference(ref, tmp_path, 4, rho=0.05)
+    losses = []
+    for batch in list(_batches(_cls_data(), 8))[:4]:
+        labels = batch.pop("labels")
+        res = fastsam.sam_step(ref, sam, batch, labels, F.cross_entropy)
+        losses.append(res.loss)
+        sched.step()
+    assert _max_diff(model, ref) == 0.0
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx(losses, abs=1e-6)
+
+
+def _shifted(fn):
+    """A causal LM's loss on sam_step's logits: position t predicts label t + 1."""
+    def loss(logits, labels, reduction="mean"):
+        return fn(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction=reduction)
+    return loss
+
+
+def test_samtrainer_accumulation_and_clipping(tmp_path):
+    """gradient_accumulation_steps=2 with GSAM: each micro-batch gets its own perturbation and
+    GSAM combination; Trainer clips the mean of the perturbed gradients. Equals
+    sam_step(update=False) then sam_step(max_grad_norm=...). (GPT-2: its loss is normalized by
+    Trainer's token count. transformers 5 sums, not averages, the micro-batch gradients of models
+    that accept loss kwargs but ignore them, e.g. BertForSequenceClassification, plain Trainer
+    included; SAMTrainer scales its losses exactly as Trainer does.)"""
+    model = _gpt2()
+    sam_kw = {"rho": 0.05, "gsam_alpha": 0.3}
+    trainer = _InOrder(model=model, args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4,
+                                               gradient_accumulation_steps=2, max_grad_norm=0.5),
+                       train_dataset=_lm_data(), sam_kwargs=sam_kw)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.sam.state_dict()["sam"]["step"] == 4
+
+    def run(clip):
+        ref = _gpt2()
+        sam, sched = _reference(ref, tmp_path, 2, **sam_kw)
+        for i, batch in enumerate(list(_batches(_lm_data(), 4))[:4]):
+            labels = batch.pop("labels")
+            fastsam.sam_step(ref, sam, batch, labels, _shifted(F.cross_entropy), update=i % 2 == 1,
+                             max_grad_norm=clip)
+            if i % 2 == 1:
+                sched.step()
+        return ref
+
+    ref = run(0.5)
+    assert _max_diff(model, ref) < 1e-6
+    assert _max_diff(run(None), ref) > 1e-5  # the clipping threshold was really active
+
+
+def _lm_ascent(logits, labels, reduction="mean"):
+    return fastsam.losses.obf_loss(logits, labels, reduction=reduction)
+
+
+def test_samtrainer_ascent_loss_on_a_causal_lm(tmp_path):
+    """ascent_loss_fn (OBF) in pass 1 on GPT-2's shifted logits; pass 2 Trainer's causal-LM loss
+    (normalized by the token count): a sam_step loop with the same losses."""
+    model = _gpt2()
+    trainer = _InOrder(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_lm_data(),
+                       sam_kwargs={"rho": 0.05}, ascent_loss_fn=_lm_ascent)
+    trainer.train()
+
+    ref = _gpt2()
+    sam, sched = _reference(ref, tmp_path, 3, rho=0.05)
+    for batch in list(_batches(_lm_data(), 8))[:3]:
+        labels = batch.pop("labels")
+        fastsam.sam_step(ref, sam, batch, labels, _shifted(F.cross_entropy), ascent_loss_fn=_shifted(_lm_ascent))
+        sched.step()
+    assert _max_diff(model, ref) < 1e-6
+    plain = _gpt2()
+    sam, sched = _reference(plain, tmp_path, 3, rho=0.05)
+    for batch in list(_batches(_lm_data(), 8))[:3]:
+        labels = batch.pop("labels")
+        fastsam.sam_step(plain, sam, batch, labels, _shifted(F.cross_entropy))
+        sched.step()
+    assert _max_diff(plain, ref) > 1e-5  # the ascent loss changed the step
+
+
+def test_samtrainer_resume_is_bit_identical(tmp_path):
+    """Dropout on, gradient accumulation, ascent loss, F-SAM + ESAM state: resuming from the
+    step-2 checkpoint ends bit-identical to the uninterrupted run, and the checkpoint holds the
+    SAM state (step counter = perturbations so far)."""
+    kw = dict(sam_kwargs={"rho": 0.05, "fsam_sigma": 0.5, "swp_keep": 0.7, "seed": 3}, ascent_loss_fn=_lm_ascent)
+    args = dict(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, save_strategy="steps",
+                save_steps=2, logging_steps=100)
+    full = _gpt2(dropout=0.1)
+    SAMTrainer(model=full, args=_args(tmp_path, **args), train_dataset=_lm_data(), **kw).train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert saved["sam"]["step"] == 4 and saved["sam"]["state"]  # F-SAM EMA saved
+
+    resumed = _gpt2(dropout=0.1)
+    trainer = SAMTrainer(model=resumed, args=_args(tmp_path, **args), train_dataset=_lm_data(), **kw)
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert trainer.sam.state_dict()["sam"]["step"] == 8
+    assert _max_diff(full, resumed) == 0.0
+    assert _max_diff(full, _gpt2()) > 0  # it did train
+
+
+def test_samtrainer_bf16(tmp_path):
+    """bf16=True on CPU: accelerate runs the forward passes under bfloat16 autocast."""
+    model = _bert()
+    dtypes = []
+    model.classifier.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    trainer = SAMTrainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=_cls_data(),
+                         sam_kwargs={"rho": 0.05})
+    trainer.train()
+    assert dtypes == [torch.bfloat16] * 4
+    assert trainer.sam.state_dict()["sam"]["step"] == 2
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert _max_diff(model, _bert()) > 0
+
+
+def test_samtrainer_fp16_grad_scaler(tmp_path):
+    """fp16 with a GradScaler. accelerate turns fp16 off on CPU (it trains in fp32 there), so the
+    test switches on what its constructor sets on a GPU: native AMP and a GradScaler (here
+    torch.amp.GradScaler("cpu")). A scale of 2**20 overflows fp16 now and then: those steps are
+    skipped (weights, optimizer and LR schedule untouched, scale halved); the run matches
+    sam_step with the same scaler, which skips the same steps."""
+    model = _bert()
+    trainer = _InOrder(model=model, args=_args(tmp_path, max_steps=4, fp16=True), train_dataset=_cls_data(),
+                       sam_kwargs={"rho": 0.05})
+    acc = trainer.accelerator
+    assert acc.scaler is None  # accelerate's CPU behaviour, which the two lines below replace
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    skipped = [not math.isfinite(h["grad_norm"]) for h in logged]
+    assert any(skipped) and not all(skipped)
+    assert acc.scaler.get_scale() < 2.0**20
+
+    ref = _bert()
+    sam, sched = _reference(ref, tmp_path, 4, rho=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    ref_skipped = []
+    for batch in list(_batches(_cls_data(), 8))[:4]:
+        labels = batch.pop("labels")
+        res = fastsam.sam_step(ref, sam, batch, labels, F.cross_entropy, scaler=scaler, amp_dtype=torch.float16)
+        ref_skipped.append(res.skipped)
+        if not res.skipped:
+            sched.step()
+    assert skipped == ref_skipped
+    assert scaler.get_scale() == acc.scaler.get_scale()
+    assert trainer.lr_scheduler.get_last_lr() == sched.get_last_lr()
+    assert _max_diff(model, ref) < 1e-5
+
+
+def test_plain_trainer_with_a_fastsam_optimizer_names_samtrainer(tmp_path):
+    model = _bert()
+    opt = fastsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_cls_data(),
+                                   optimizers=(opt, None))
+    with pytest.raises(ValueError, match="fastsam.integrations.transformers.SAMTrainer"):
+        trainer.train()
+
+
+def test_samtrainer_wraps_the_optimizers_it_is_given(tmp_path):
+    # a fastsam.SAM is used as it is (with its own scheduler)
+    model = _bert()
+    sam = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(sam, step_size=1, gamma=0.5)
+    trainer = SAMTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_cls_data(),
+                         optimizers=(sam, sched))
+    trainer.train()
+    assert trainer.sam is sam and sam.state_dict()["sam"]["step"] == 2
+    assert sam.param_groups[0]["lr"] == pytest.approx(0.025)
+    # a plain optimizer becomes SAM's base, with sam_kwargs
+    model = _bert()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = SAMTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_cls_data(),
+                         optimizers=(adamw, None), sam_kwargs={"rho": 0.2, "adaptive": True})
+    trainer.train()
+    assert trainer.sam.base_optimizer is adamw and trainer.sam.param_groups[0]["rho"] == 0.2
+    assert trainer.sam.param_groups[0]["adaptive"] is True
+    with pytest.raises(ValueError, match="sam_kwargs"):
+        SAMTrainer(model=_bert(), args=_args(tmp_path, max_steps=1), train_dataset=_cls_data(),
+                   optimizers=(fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1), None),
+                   sam_kwargs={"rho": 0.1}).train()
