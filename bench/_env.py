@@ -65,10 +65,31 @@ def environment() -> dict[str, Any]:
     return env
 
 
+_ENV_CACHE: dict[str, Any] = {}
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a hidden temporary file in the same folder and a rename:
+    a benchmark stopped by its time cap (SIGINT, then SIGKILL) while saving leaves the previous
+    complete file, never a truncated one (the temporary is removed on an exception)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_result(name: str, results: Any, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``{"env": environment(), "results": results}`` to ``<out_dir>/<name>.json``."""
+    """Write ``{"env": environment(), "results": results}`` to ``<out_dir>/<name>.json``
+    (atomically: the benchmarks rewrite it after every row). The environment is read once per
+    process (git and /proc calls: not after every row)."""
     d = Path(out_dir) if out_dir else RESULTS_DIR
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{name}.json"
-    path.write_text(json.dumps({"env": environment(), "results": results}, indent=2) + "\n")
-    return path
+    if "env" not in _ENV_CACHE:
+        _ENV_CACHE["env"] = environment()
+    return write_text_atomic(d / f"{name}.json",
+                             json.dumps({"env": _ENV_CACHE["env"], "results": results}, indent=2) + "\n")

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._env import write_result  # noqa: E402
+from bench._env import write_result, write_text_atomic  # noqa: E402
 from bench.bench_optim import count_kernels  # noqa: E402
 from fastsam import losses as L  # noqa: E402
 
@@ -116,6 +116,20 @@ def time_cuda_back_to_back(fn, z, t, iters: int) -> float:
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / iters
+
+
+def host_cuda(fn, z, t, iters: int) -> float:
+    """ms of host (Python) time per step: wall time of the call with the GPU idle at its start
+    (synchronized before, not after), so the launches are only queued; the device time is
+    ``time_cuda``'s."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(fn, z, t)
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def time_cpu(fn, z, t, warmup: int, iters: int) -> float:
@@ -214,16 +228,20 @@ def markdown(rows: list[dict], device: str) -> str:
     lines = [
         f"Ascent losses, forward+backward, reduction=mean, on {device}.",
         "",
-        "| B x C | dtype | method | ms | ms back-to-back | peak MB | time / F.ce | b2b time / F.ce | mem / F.ce "
-        "| eager / this | kernels |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ms: device time of one synchronized step (CUDA events); back-to-back: steps issued with no sync; "
+        "host ms: wall time of the Python call with the device idle at its start (launches only queued).",
+        "",
+        "| B x C | dtype | method | ms | ms back-to-back | host ms | peak MB | time / F.ce | b2b time / F.ce "
+        "| mem / F.ce | eager / this | kernels |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         def f(x, fmt):
             return "" if x is None else format(x, fmt)
         lines.append(
             f"| {r['B']}x{r['C']} | {r['dtype']} | {r['method']} | {f(r['ms'], '.3f')} | "
-            f"{f(r.get('ms_b2b'), '.3f')} | {f(r['peak_mb'], '.1f')} | {f(r.get('time_vs_ce'), '.2f')} | "
+            f"{f(r.get('ms_b2b'), '.3f')} | {f(r.get('host_ms'), '.3f')} | {f(r['peak_mb'], '.1f')} | "
+            f"{f(r.get('time_vs_ce'), '.2f')} | "
             f"{f(r.get('b2b_time_vs_ce'), '.2f')} | {f(r.get('mem_vs_ce'), '.2f')} | "
             f"{f(r.get('speedup_vs_eager'), '.2f')} | {r.get('kernels', '')} |"
         )
@@ -273,9 +291,50 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["eager"] + (["fused"] if cuda else []) + (["compiled"] if args.compile else [])
     methods = ["F.cross_entropy"] + [f"{loss}/{k}" for loss in args.losses for k in kinds]
 
+    name = f"losses_{device}"
+    table: dict[tuple, dict] = {}
+
+    def finish() -> dict:
+        """Ratios against F.cross_entropy / eager for the rows so far, and the targets."""
+        rows = list(table.values())
+        for row in rows:
+            ce = table.get((row["B"], row["C"], row["dtype"], "F.cross_entropy"), {})
+            if row["ms"] and ce.get("ms"):
+                row["time_vs_ce"] = row["ms"] / ce["ms"]
+            if row.get("ms_b2b") and ce.get("ms_b2b"):
+                row["b2b_time_vs_ce"] = row["ms_b2b"] / ce["ms_b2b"]
+            if row["peak_bytes"] and ce.get("peak_bytes"):
+                row["mem_vs_ce"] = row["peak_bytes"] / ce["peak_bytes"]
+            if row["method"].endswith(("/fused", "/compiled")):
+                eager = table.get((row["B"], row["C"], row["dtype"], row["method"].split("/")[0] + "/eager"))
+                if eager and eager["ms"] and row["ms"]:
+                    row["speedup_vs_eager"] = eager["ms"] / row["ms"]
+        summary: dict = {"device": device, "shapes": [list(s) for s in shapes], "dtypes": dtypes,
+                         "warmup": warmup, "iters": iters, "rows": rows,
+                         "complete": len(rows) == len(shapes) * len(dtypes) * len(methods)}
+        if cuda:
+            fused = [r for r in rows if r["method"].endswith("/fused") and r["ms"] is not None]
+            summary["targets"] = {
+                "fused_not_slower_than_ce": all(r.get("time_vs_ce", 9) <= 1.0 for r in fused),
+                "fused_not_slower_than_ce_back_to_back": all(r.get("b2b_time_vs_ce", 9) <= 1.0 for r in fused),
+                "fused_rows_failed": [f"{r['B']}x{r['C']} {r['dtype']} {r['method']}: {r['error']}"
+                                      for r in rows if r["method"].endswith("/fused") and r.get("error")],
+                "fused_no_more_memory_than_ce": all(r.get("mem_vs_ce", 9) <= 1.0 for r in fused),
+                "fused_2x_faster_than_eager": all(r.get("speedup_vs_eager", 0) >= 2.0 for r in fused),
+            }
+        else:
+            summary["note"] = ("CPU mode: eager formula vs F.cross_entropy only; the fused Triton path "
+                               "and the GPU targets are not measured here (GPU numbers pending).")
+        return summary
+
+    def save() -> Path:
+        # after every row: a run cut by its time cap keeps every row measured before the cut
+        path = write_result(name, finish(), args.out)
+        write_text_atomic(path.with_suffix(".md"), markdown(list(table.values()), device))
+        return path
+
     # Timings here; memory on CPU in one child process (the memory probe changes malloc's
     # behaviour for the whole process, see _cpu_memory_setup, which must not touch timings).
-    table: dict[tuple, dict] = {}
     for B, C in shapes:
         for dname in dtypes:
             z, t = make_inputs(B, C, DTYPES[dname], device)
@@ -283,14 +342,16 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 row = table[(B, C, dname, method)] = {
                     "B": B, "C": C, "dtype": dname, "method": method, "ms": None, "ms_b2b": None,
-                    "peak_bytes": None, "peak_mb": None}
+                    "host_ms": None, "peak_bytes": None, "peak_mb": None}
                 fn = make_fn(method)
                 try:
                     row["ms"] = (time_cuda if cuda else time_cpu)(fn, z, t, warmup, iters)
                     if cuda:
                         row["ms_b2b"] = time_cuda_back_to_back(fn, z, t, iters)
+                        row["host_ms"] = host_cuda(fn, z, t, max(1, min(iters, 10)))
                     if cuda and not args.no_memory:
                         row["peak_bytes"] = peak_cuda(fn, z, t)
+                        row["peak_mb"] = row["peak_bytes"] / 2**20
                     if cuda:  # after the timings: the profiler must not slow them (see bench_optim)
                         row["kernels"] = count_kernels(torch.device("cuda"), lambda fn=fn, z=z, t=t: step(fn, z, t))[
                             "kernels"]
@@ -302,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                 z.grad = None
                 print(f"{B}x{C} {dname} {method:24s} " + (
                     row.get("error", "?") if row["ms"] is None else
-                    f"{row['ms']:10.3f} ms" + (f" ({row['ms_b2b']:.3f} back-to-back)" if row["ms_b2b"] else "")),
-                    flush=True)
+                    f"{row['ms']:10.3f} ms" + (f" ({row['ms_b2b']:.3f} back-to-back, host {row['host_ms']:.3f})"
+                                               if row["ms_b2b"] else "")), flush=True)
+                save()
             del z, t
     if not cuda and not args.no_memory:
         for key, peak in cpu_memory_in_child(shapes, dtypes, methods).items():
@@ -312,38 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         if row["peak_bytes"] is not None:
             row["peak_mb"] = row["peak_bytes"] / 2**20
             print(f"{row['B']}x{row['C']} {row['dtype']} {row['method']:24s} peak {row['peak_mb']:10.1f} MB")
-    rows = list(table.values())
-    for row in rows:
-        ce = table[(row["B"], row["C"], row["dtype"], "F.cross_entropy")]
-        if row["ms"] and ce["ms"]:
-            row["time_vs_ce"] = row["ms"] / ce["ms"]
-        if row.get("ms_b2b") and ce.get("ms_b2b"):
-            row["b2b_time_vs_ce"] = row["ms_b2b"] / ce["ms_b2b"]
-        if row["peak_bytes"] and ce["peak_bytes"]:
-            row["mem_vs_ce"] = row["peak_bytes"] / ce["peak_bytes"]
-        if row["method"].endswith(("/fused", "/compiled")):
-            eager = table.get((row["B"], row["C"], row["dtype"], row["method"].split("/")[0] + "/eager"))
-            if eager and eager["ms"] and row["ms"]:
-                row["speedup_vs_eager"] = eager["ms"] / row["ms"]
-
-    summary: dict = {"device": device, "shapes": [list(s) for s in shapes], "dtypes": dtypes,
-                     "warmup": warmup, "iters": iters, "rows": rows}
-    if cuda:
-        fused = [r for r in rows if r["method"].endswith("/fused") and r["ms"] is not None]
-        summary["targets"] = {
-            "fused_not_slower_than_ce": all(r.get("time_vs_ce", 9) <= 1.0 for r in fused),
-            "fused_not_slower_than_ce_back_to_back": all(r.get("b2b_time_vs_ce", 9) <= 1.0 for r in fused),
-            "fused_rows_failed": [f"{r['B']}x{r['C']} {r['dtype']} {r['method']}: {r['error']}"
-                                  for r in rows if r["method"].endswith("/fused") and r.get("error")],
-            "fused_no_more_memory_than_ce": all(r.get("mem_vs_ce", 9) <= 1.0 for r in fused),
-            "fused_2x_faster_than_eager": all(r.get("speedup_vs_eager", 0) >= 2.0 for r in fused),
-        }
-    else:
-        summary["note"] = ("CPU mode: eager formula vs F.cross_entropy only; the fused Triton path "
-                           "and the GPU targets are not measured here (GPU numbers pending).")
-    name = f"losses_{device}"
-    path = write_result(name, summary, args.out)
-    path.with_suffix(".md").write_text(markdown(rows, device))
+    path = save()
+    summary = finish()
     print(f"wrote {path} and {path.with_suffix('.md')}")
     if cuda:
         print("targets:", json.dumps(summary["targets"]))

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ._env import write_result
+from ._env import write_result, write_text_atomic
 
 # ------------------------------------------------------------------------------ parameter sets
 PRESETS: dict[str, dict[str, int]] = {
@@ -92,11 +92,18 @@ class LoopSAM:
             p.add_(p.grad * scale.to(p))
 
     @torch.no_grad()
-    def second_step(self) -> None:
+    def restore(self) -> None:
         for p in self.params:
-            if p.grad is None:
-                continue
-            p.data = self.old[p]  # davda54: the parameter's storage becomes the saved copy
+            if p in self.old:
+                p.data = self.old[p]  # davda54: the parameter's storage becomes the saved copy
+        self.old.clear()
+
+    @property
+    def is_perturbed(self) -> bool:
+        return bool(self.old)
+
+    def second_step(self) -> None:
+        self.restore()
         self.base_optimizer.step()
 
 
@@ -205,8 +212,60 @@ def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype,
     return params
 
 
+def _restore(opt: Any) -> str | None:
+    """Put the weights back after a step that raised between ``first_step`` and ``second_step``
+    (a diagnostic run must not leave the optimizer perturbed for the next one); says what it did."""
+    try:
+        if getattr(opt, "is_perturbed", False):
+            opt.restore()
+            return "restored"
+    except Exception as e:  # the recovery itself failing is reported, never raised
+        return f"restore failed: {type(e).__name__}: {e}"[:200]
+    return None
+
+
+def host_times(device: torch.device, step: Callable[[], None], n: int) -> list[float]:
+    """Seconds of host (Python) time per call of ``step``: wall time of the call with the device
+    idle at its start (synchronized before, not after), so launches are only queued: the cost a
+    training loop pays on the CPU whatever the GPU does, as opposed to ``_timed``'s device time."""
+    out = []
+    for _ in range(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def back_to_back(device: torch.device, step: Callable[[], None], n: int) -> float:
+    """Seconds per step for ``n`` steps issued with no sync in between (as in training: the host
+    runs ahead, so a step costs max(host, device) once the queue is full)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        return (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        step()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / n
+
+
 def bench_impl(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device,
-               steps: int, warmup: int) -> dict[str, Any]:
+               steps: int, warmup: int, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Time one implementation; fills and returns ``out``. The timings come first; every later
+    diagnostic (host syncs, sync-debug "error" mode, profiler kernel count, peak memory) is
+    guarded on its own: one that raises is recorded under ``errors`` and the optimizer is
+    restored (a step that raised after ``first_step`` leaves the weights perturbed), so it never
+    loses the measured times nor disturbs the next diagnostic."""
+    out = {} if out is None else out
     params = make_params(shapes, dtype, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -220,26 +279,45 @@ def bench_impl(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, dev
 
     for _ in range(warmup):
         step()
-    out: dict[str, Any] = {}
     # timed before any profiling: torch.profiler leaves CUPTI attached unless TEARDOWN_CUPTI=1,
     # which would slow every later launch (most for the many-launch loop and foreach)
     times = [_timed(device, step) for _ in range(steps)]
-    out["ms"] = 1e3 * statistics.median(times)
+    out["ms"] = 1e3 * statistics.median(times)  # device time per step (CUDA events, synchronized)
     out["ms_min"] = 1e3 * min(times)
+
+    def guarded(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"[:300]
+            fix = _restore(opt)
+            out.setdefault("errors", {})[what] = err + (f" ({fix})" if fix else "")
+            return None
+
+    hosts = guarded("host_ms", lambda: host_times(device, step, max(1, min(steps, 10))))
+    if hosts:
+        out["host_ms"] = 1e3 * statistics.median(hosts)  # Python time per step, launches only queued
+        out["host_ms_min"] = 1e3 * min(hosts)
+    b2b = guarded("b2b_ms", lambda: back_to_back(device, step, steps))
+    if b2b is not None:
+        out["b2b_ms"] = 1e3 * b2b
     if device.type == "cuda":
         torch.cuda.synchronize()
-        out["syncs_per_step"] = count_syncs(device, step)
+        out["syncs_per_step"] = guarded("syncs_per_step", lambda: count_syncs(device, step))
         if name == "fastsam_triton":  # the claim: no host sync at all
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                step()
-                out["sync_debug_error_mode"] = "passed"
-            except RuntimeError as e:
-                out["sync_debug_error_mode"] = f"FAILED: {e}"
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        out.update(count_kernels(device, step))
-    if device.type == "cuda":
+            def sync_error_mode() -> str:
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step()
+                    return "passed"
+                except RuntimeError as e:
+                    fix = _restore(opt)
+                    return f"FAILED: {e}"[:300] + (f" ({fix})" if fix else "")
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+            out["sync_debug_error_mode"] = guarded("sync_debug_error_mode", sync_error_mode)
+        out.update(guarded("kernels", lambda: count_kernels(device, step)) or {})
         out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - mem0) / 2**20
     return out  # params, optimizer state: freed with this frame (the caller collects)
 
@@ -250,25 +328,47 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_triton(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, steps: int) -> list[dict]:
-    """fastsam triton over a few launch geometries (block, warps, programs per SM)."""
+# Launch geometries of the sweep, in the order they are measured (the stage may be cut by its time
+# cap: the default geometry and its scalar-access twin first, then the rest): (block, num_warps,
+# programs_per_sm cap, vectorize). programs_per_sm is a cap: fewer run when the registers do not
+# let that many stay resident.
+SWEEP_DEFAULT: list[tuple[int, int, int, bool]] = [(2048, 8, 4, True), (2048, 8, 4, False)] + [
+    (block, warps, pps, True) for block in (1024, 2048, 4096) for warps in (4, 8) for pps in (2, 4, 8)
+    if (block, warps, pps) != (2048, 8, 4)]
+
+
+def parse_sweep(spec: str) -> list[tuple[int, int, int, bool]]:
+    """``"2048x8x4,2048x8x4:scalar"`` -> [(2048, 8, 4, True), (2048, 8, 4, False)]."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        geo, _, mode = item.partition(":")
+        block, warps, pps = (int(v) for v in geo.split("x"))
+        out.append((block, warps, pps, mode != "scalar"))
+    return out
+
+
+def sweep_triton(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, steps: int,
+                 configs: list[tuple[int, int, int, bool]] | None = None,
+                 on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """fastsam triton over launch geometries (block, warps, programs per SM, vectorize); ``on_row``
+    gets the rows so far after each geometry (the caller saves them: a time cap loses one row)."""
     from fastsam.kernels import triton_sam as TS
 
-    rows = []
-    # programs_per_sm is a cap: fewer run when the registers do not let that many stay resident
-    configs = [(block, warps, pps, True) for block in (1024, 2048, 4096) for warps in (4, 8) for pps in (2, 4, 8)]
-    configs.append((2048, 8, 4, False))  # the default geometry with scalar accesses (no full-block split)
-    for block, warps, pps, vec in configs:
+    rows: list[dict] = []
+    for block, warps, pps, vec in configs or SWEEP_DEFAULT:
         row: dict[str, Any] = {"block": block, "num_warps": warps, "programs_per_sm": pps, "vectorize": vec}
         try:
             with TS.configure(block=block, num_warps=warps, programs_per_sm=pps, vectorize=vec):
-                row["ms"] = bench_impl("fastsam_triton", shapes, dtype, device, steps, warmup=2)["ms"]
+                r = bench_impl("fastsam_triton", shapes, dtype, device, steps, warmup=2)
+            row.update({k: r[k] for k in ("ms", "host_ms", "b2b_ms", "kernels", "errors") if k in r})
         except Exception as e:  # one geometry failing must not lose the others
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         _free(device)
         rows.append(row)
         print(f"  sweep block={block} warps={warps} pps={pps} vectorize={vec}: "
               + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -284,35 +384,51 @@ def counted_passes() -> dict[str, dict[str, float]]:
         return {}
 
 
+def _f(x: Any, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"copy bandwidth: {results['copy_gbps']:.0f} GB/s on {results['device']}", "",
-             "| params | dtype | impl | ms/step | GB/s (12-pass floor / time) | % of copy BW | x vs loop | "
-             "x vs foreach | kernels | memcpy | syncs | % of copy BW on counted bytes |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"copy bandwidth: {_f(results.get('copy_gbps'), '.0f')} GB/s on {results.get('device')}", "",
+             "ms/step: device time (CUDA events around one synchronized step); host ms: wall time of the "
+             "Python call with the device idle at its start (launches only queued); b2b: steps issued back to "
+             "back with no sync (what training pays: about max(host, device)).", "",
+             "| params | dtype | impl | ms/step | host ms | b2b ms | GB/s (12-pass floor / time) | % of copy BW | "
+             "x vs loop | x vs foreach | kernels | memcpy | syncs | % of copy BW on counted bytes | errors |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     passes = results.get("counted_passes", {})
-    for case in results["cases"]:
+    copy = results.get("copy_gbps") or float("nan")
+    for case in results.get("cases", []):
         rows = case["impls"]
         loop = rows.get("loop", {}).get("ms")
         fe = rows.get("fastsam_foreach", {}).get("ms")
         for name, r in rows.items():
+            errs = "; ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items())
+            if "ms" in r and r.get("error"):  # failed after its timing: the time stays, the error is shown
+                errs = "; ".join(filter(None, [errs, r["error"]]))
+            if r.get("sync_debug_error_mode", "passed") != "passed":
+                errs = "; ".join(filter(None, [errs, f"sync debug error mode: {r['sync_debug_error_mode']}"]))
             if "ms" not in r:
-                lines.append(f"| {case['preset']} | {case['dtype']} | {name} | {r.get('error', 'n/a')} |")
+                lines.append(f"| {case['preset']} | {case['dtype']} | {name} | {r.get('error', 'n/a')} | | | | | | | | "
+                             f"| | | {errs} |")
                 continue
             gbps = case["floor_bytes"] / (r["ms"] / 1e3) / 1e9
             counted = passes.get(case["dtype"], {}).get(name)
-            real = f"{100 * gbps * counted / case['floor_passes'] / results['copy_gbps']:.0f}" if counted else ""
+            real = f"{100 * gbps * counted / case['floor_passes'] / copy:.0f}" if counted else ""
             lines.append(
-                f"| {case['preset']} | {case['dtype']} | {name} | {r['ms']:.3f} | {gbps:.0f} | "
-                f"{100 * gbps / results['copy_gbps']:.0f} | {loop / r['ms'] if loop else float('nan'):.2f} | "
-                f"{fe / r['ms'] if fe else float('nan'):.2f} | {r.get('kernels', '')} | {r.get('memcpy_memset', '')} | "
-                f"{r.get('syncs_per_step', '')} | {real} |")
+                f"| {case['preset']} | {case['dtype']} | {name} | {r['ms']:.3f} | {_f(r.get('host_ms'), '.3f')} | "
+                f"{_f(r.get('b2b_ms'), '.3f')} | {gbps:.0f} | {100 * gbps / copy:.0f} | "
+                f"{loop / r['ms'] if loop else float('nan'):.2f} | {fe / r['ms'] if fe else float('nan'):.2f} | "
+                f"{r.get('kernels', '')} | {r.get('memcpy_memset', '')} | {_f(r.get('syncs_per_step'), 'd')} | "
+                f"{real} | {errs} |")
     if results.get("sweep_vit_b16_fp32"):
-        lines += ["", "Launch geometry sweep, fastsam triton, vit_b16 float32:", "",
-                  "| BLOCK | num_warps | programs/SM (cap) | vectorize | ms/step |", "|---:|---:|---:|---|---:|"]
+        lines += ["", f"Launch geometry sweep, fastsam triton, {results.get('sweep_case', 'vit_b16 float32')}:", "",
+                  "| BLOCK | num_warps | programs/SM (cap) | vectorize | ms/step | host ms | b2b ms |",
+                  "|---:|---:|---:|---|---:|---:|---:|"]
         for r in results["sweep_vit_b16_fp32"]:
             ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")
             lines.append(f"| {r['block']} | {r['num_warps']} | {r['programs_per_sm']} | {r.get('vectorize', True)} | "
-                         f"{ms} |")
+                         f"{ms} | {_f(r.get('host_ms'), '.3f')} | {_f(r.get('b2b_ms'), '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -325,6 +441,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sweep", action="store_true", help="also sweep the triton launch geometry (ViT-B fp32)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the sweep, added to an existing <out>/bench_optim.json (a separate, capped stage)")
+    ap.add_argument("--sweep-configs", default=None,
+                    help="BLOCKxWARPSxPPS[:scalar],... (default: the 20 geometries of SWEEP_DEFAULT); on CPU the "
+                         "interpreter ignores the geometry: a plumbing check only")
+    ap.add_argument("--sweep-preset", default=None, help="parameter set of the sweep (default vit_b16; tiny on CPU)")
+    ap.add_argument("--sweep-steps", type=int, default=10)
     ap.add_argument("--out", default=None, help="directory for bench_optim.json / .md (default bench/results)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -335,44 +458,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         if os.environ.get("TRITON_INTERPRET") != "1":
             impls.remove("fastsam_triton")  # needs the interpreter on CPU (set before triton is imported)
-    copy_gbps = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
-    results: dict[str, Any] = {"device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
-                               "copy_gbps": copy_gbps, "steps": args.steps, "counted_passes": counted_passes(),
-                               "cases": []}
-    print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
-    for preset in presets:
-        shapes = vit_shapes(**PRESETS[preset])
-        n = numel(shapes)
-        if preset in EXPECTED_NUMEL:
-            assert n == EXPECTED_NUMEL[preset], (preset, n)
-        for dt_name in args.dtypes.split(","):
-            dtype = getattr(torch, dt_name)
-            item = torch.finfo(dtype).bits // 8
-            case = {"preset": preset, "dtype": dt_name, "numel": n, "tensors": len(shapes),
-                    "floor_passes": 12, "floor_bytes": 12 * n * item, "impls": {}}
-            for name in impls:
-                try:
-                    r = bench_impl(name, shapes, dtype, device, args.steps, args.warmup)
-                except Exception as e:  # a missing peer library must not stop the run
-                    r = {"error": f"{type(e).__name__}: {e}"[:300]}
-                _free(device)
-                case["impls"][name] = r
-                if "ms" in r:
-                    gbps = case["floor_bytes"] / (r["ms"] / 1e3) / 1e9
-                    print(f"{preset} {dt_name} {name}: {r['ms']:.3f} ms, {gbps:.0f} GB/s "
-                          f"({100 * gbps / copy_gbps:.0f}% of copy), {r.get('kernels', '?')} kernels, "
-                          f"{r.get('syncs_per_step', '?')} syncs", flush=True)
-                else:
-                    print(f"{preset} {dt_name} {name}: {r['error']}", flush=True)
-            results["cases"].append(case)
-    def save() -> None:
-        path = write_result("bench_optim", results, args.out)
-        Path(path).with_suffix(".md").write_text(markdown(results))
 
-    save()  # the main table is on disk before the sweep (a timeout there loses only the sweep)
-    if args.sweep and device.type == "cuda":
-        results["sweep_vit_b16_fp32"] = sweep_triton(vit_shapes(**PRESETS["vit_b16"]), torch.float32, device, 10)
+    def save() -> None:
+        # after every row: a stage cut by its time cap keeps everything measured before the cut
+        path = write_result("bench_optim", results, args.out)
+        write_text_atomic(Path(path).with_suffix(".md"), markdown(results))
+
+    prior = Path(args.out or Path(__file__).resolve().parent / "results") / "bench_optim.json"
+    if args.sweep_only and prior.is_file():
+        try:
+            results = json.loads(prior.read_text())["results"]
+        except (ValueError, KeyError):
+            results = {}
+    else:
+        results = {}
+    if "copy_gbps" not in results:
+        results["copy_gbps"] = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+        results.update({"device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
+                        "steps": args.steps, "counted_passes": counted_passes(), "cases": []})
+        print(f"copy bandwidth {results['copy_gbps']:.0f} GB/s", flush=True)
+    if not args.sweep_only:
+        results["cases"] = []
         save()
+        for preset in presets:
+            shapes = vit_shapes(**PRESETS[preset])
+            n = numel(shapes)
+            if preset in EXPECTED_NUMEL:
+                assert n == EXPECTED_NUMEL[preset], (preset, n)
+            for dt_name in args.dtypes.split(","):
+                dtype = getattr(torch, dt_name)
+                item = torch.finfo(dtype).bits // 8
+                case = {"preset": preset, "dtype": dt_name, "numel": n, "tensors": len(shapes),
+                        "floor_passes": 12, "floor_bytes": 12 * n * item, "impls": {}}
+                results["cases"].append(case)
+                for name in impls:
+                    r: dict[str, Any] = {}
+                    case["impls"][name] = r
+                    try:
+                        bench_impl(name, shapes, dtype, device, args.steps, args.warmup, out=r)
+                    except Exception as e:  # a missing peer library must not stop the run
+                        r["error"] = f"{type(e).__name__}: {e}"[:300]  # what was measured before stays
+                    _free(device)
+                    save()
+                    if "ms" in r:
+                        gbps = case["floor_bytes"] / (r["ms"] / 1e3) / 1e9
+                        print(f"{preset} {dt_name} {name}: {r['ms']:.3f} ms (host {_f(r.get('host_ms'), '.3f')}, "
+                              f"b2b {_f(r.get('b2b_ms'), '.3f')}), {gbps:.0f} GB/s "
+                              f"({100 * gbps / results['copy_gbps']:.0f}% of copy), {r.get('kernels', '?')} kernels, "
+                              f"{r.get('syncs_per_step', '?')} syncs"
+                              + (f", errors {r['errors']}" if r.get("errors") else ""), flush=True)
+                    else:
+                        print(f"{preset} {dt_name} {name}: {r['error']}", flush=True)
+    # the main table is on disk before the sweep (a timeout there loses only the sweep)
+    if (args.sweep or args.sweep_only) and (device.type == "cuda" or args.sweep_configs):
+        configs = parse_sweep(args.sweep_configs) if args.sweep_configs else SWEEP_DEFAULT
+        preset = args.sweep_preset or ("vit_b16" if device.type == "cuda" else "tiny")
+        results["sweep_case"] = f"{preset} float32, {args.sweep_steps} steps"
+
+        def on_row(rows: list[dict]) -> None:
+            results["sweep_vit_b16_fp32"] = rows
+            save()
+
+        sweep_triton(vit_shapes(**PRESETS[preset]), torch.float32, device, args.sweep_steps, configs, on_row)
+    save()
     print(markdown(results))
     return results
 
