@@ -202,6 +202,32 @@ def test_automatic_gradient_clipping_clips_both_passes():
     assert not _same(ref, ref2)  # the clipping points are really different
 
 
+def test_proportional_rho_callback_and_second_pass_flag():
+    """ProportionalRhoCallback: each step perturbs with rho = max_rho * lr / max_lr under a
+    OneCycleLR scheduler dict; is_second_pass tells training_step's two calls apart."""
+    from fastsam.integrations.lightning import ProportionalRhoCallback, is_second_pass
+
+    class Cycle(Auto):
+        def configure_optimizers(self):
+            opt = fastsam.SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def training_step(self, batch, batch_idx):
+            group = self.optimizers().optimizer.param_groups[0]
+            self.seen.append((group["lr"], group["rho"], is_second_pass(self)))
+            return super().training_step(batch, batch_idx)
+
+    model = Cycle()
+    model.seen = []
+    _trainer(max_steps=8, callbacks=[ProportionalRhoCallback()]).fit(model, _loader())
+    assert [second for _, _, second in model.seen] == [False, True] * 8
+    lrs = [lr for lr, _, second in model.seen if not second]
+    assert len(set(lrs)) == 8  # the lr really moved
+    for lr, rho, _ in model.seen:
+        assert rho == pytest.approx(0.05 * lr / 0.1, rel=1e-12)
+
+
 class _CheckedSAM(fastsam.SAM):
     """SAM with the closure check that SAM.step is asked to run (see the xfail test below)."""
 

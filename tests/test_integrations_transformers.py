@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +288,52 @@ def test_samtrainer_wraps_the_optimizers_it_is_given(tmp_path):
         SAMTrainer(model=_bert(), args=_args(tmp_path, max_steps=1), train_dataset=_cls_data(),
                    optimizers=(fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1), None),
                    sam_kwargs={"rho": 0.1}).train()
+
+
+def _ddp_worker(out: Path) -> None:
+    """One rank of test_samtrainer_ddp_is_per_rank_m_sharpness (run by torchrun)."""
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    model = _gpt2()
+    trainer = _InOrder(model=model, args=_args(out, max_steps=3, per_device_train_batch_size=4, ddp_backend="gloo",
+                                               logging_strategy="no"),
+                       train_dataset=_lm_data(), sam_kwargs={"rho": 0.05, "gsam_alpha": 0.2})
+    assert trainer.args.world_size == 2
+    trainer.train()
+    state = {"weights": [p.detach() for p in model.parameters()], "sam_step": trainer.sam.state_dict()["sam"]["step"]}
+    torch.save(state, out / f"rank{os.environ['RANK']}.pt")
+
+
+def test_samtrainer_ddp_is_per_rank_m_sharpness(tmp_path):
+    """2 ranks (torchrun, gloo on CPU), 4 sequences each: every rank perturbs with its own
+    gradient and the final gradient is averaged once: sam_step on the 8 sequences with
+    micro_batch=4 (with GSAM per rank), not SAM on the whole batch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", __file__, "--ddp-worker", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    assert ranks[0]["sam_step"] == ranks[1]["sam_step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]))
+
+    def run(micro_batch):
+        ref = _gpt2()
+        sam, sched = _reference(ref, tmp_path, 3, rho=0.05, gsam_alpha=0.2)
+        for batch in list(_batches(_lm_data(), 8))[:3]:
+            labels = batch.pop("labels")
+            fastsam.sam_step(ref, sam, batch, labels, _shifted(F.cross_entropy), micro_batch=micro_batch)
+            sched.step()
+        return [p.detach() for p in ref.parameters()]
+
+    def diff(a, b):
+        return max(float((p - q).abs().max()) for p, q in zip(a, b))
+
+    assert diff(ranks[0]["weights"], run(4)) < 1e-6
+    assert diff(ranks[0]["weights"], run(None)) > 1e-5
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-worker"]:
+    _ddp_worker(Path(sys.argv[2]))
