@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -174,9 +175,23 @@ void for_items(const std::vector<Item>& items, int64_t total, int nthreads, F&& 
 }
 
 // ------------------------------------------------------------------------------ K1: norm part
-// sum over [b, e) of |u|^q, u = T * d, d = g - sigma * m (FS) or g, T = |w| + eta (AD) or 1.
+// u = T * d, d = g - sigma * m (FS) or g, T = |w| + eta (AD) or 1.
+template <class Tag, bool FS, bool AD>
+inline typename IO<Tag>::C u_at(const typename IO<Tag>::S* g, const typename IO<Tag>::S* m,
+                                const typename IO<Tag>::S* w, typename IO<Tag>::C sigma,
+                                typename IO<Tag>::C eta, int64_t i) {
+  using io = IO<Tag>;
+  auto u = io::ld(g, i);
+  if constexpr (FS) u = u - sigma * io::ld(m, i);
+  if constexpr (AD) u = u * (std::fabs(io::ld(w, i)) + eta);
+  return u;
+}
+
+// Sum over [b, e) of |u|^q as (S, E) (kernels.h Scaled). float64 sums of float32 values cannot
+// overflow at q = 1, 2 (E = 0, the single-pass vectorized loop); float64 tensors and general q
+// first find max |u| (a second pass over the item, from cache) and sum |u * 2^-E|^q.
 template <class Tag, int QM, bool FS, bool AD>
-double norm_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
+Scaled norm_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
   using io = IO<Tag>;
   using S = typename io::S;
   using C = typename io::C;
@@ -185,25 +200,40 @@ double norm_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars
   const S* w = static_cast<const S*>(r.w);
   const C sigma = static_cast<C>(s.sigma);
   const C eta = static_cast<C>(r.eta);
+  constexpr bool kScaled = QM == 0 || std::is_same<Tag, double>::value;
   double acc = 0.0;
-  if constexpr (QM == 0) {
-    const double q = s.q;
+  if constexpr (kScaled) {
+    double mx = 0.0;
+    bool bad = false;
     for (int64_t i = b; i < e; ++i) {
-      C u = io::ld(g, i);
-      if constexpr (FS) u = u - sigma * io::ld(m, i);
-      if constexpr (AD) u = u * (std::fabs(io::ld(w, i)) + eta);
-      acc += std::pow(std::fabs(static_cast<double>(u)), q);
+      const double a = std::fabs(static_cast<double>(u_at<Tag, FS, AD>(g, m, w, sigma, eta, i)));
+      bad = bad || !std::isfinite(a);
+      mx = a > mx ? a : mx;
     }
+    if (bad) return Scaled{NAN, 0.0};
+    if (mx == 0.0) return Scaled{0.0, -INFINITY};
+    int k = 0;
+    std::frexp(mx, &k);
+    k = std::max(k, -1000);
+    const double inv = std::ldexp(1.0, -k);
+    for (int64_t i = b; i < e; ++i) {
+      const double a = std::fabs(static_cast<double>(u_at<Tag, FS, AD>(g, m, w, sigma, eta, i))) * inv;
+      if constexpr (QM == 2) {
+        acc += a * a;
+      } else if constexpr (QM == 1) {
+        acc += a;
+      } else {
+        acc += a != 0.0 ? std::pow(a, s.q) : 0.0;
+      }
+    }
+    return Scaled{acc, static_cast<double>(k)};
   } else {
     // kStreams interleaved sub-ranges of the item: one core then has kStreams sequential read
     // streams in flight instead of one (a single stream of g alone is latency-bound)
     const int64_t len = e - b;
     const int64_t q = (len / kStreams) & ~int64_t{15};  // 16-element aligned sub-range length
     auto val = [&](int64_t i) -> double {
-      C u = io::ld(g, i);
-      if constexpr (FS) u = u - sigma * io::ld(m, i);
-      if constexpr (AD) u = u * (std::fabs(io::ld(w, i)) + eta);
-      const double ud = static_cast<double>(u);
+      const double ud = static_cast<double>(u_at<Tag, FS, AD>(g, m, w, sigma, eta, i));
       if constexpr (QM == 2) {
         return ud * ud;
       } else {
@@ -216,12 +246,12 @@ double norm_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars
     }
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = b + kStreams * q; i < e; ++i) acc += val(i);
+    return Scaled{acc, 0.0};
   }
-  return acc;
 }
 
 template <class Tag, int QM>
-double norm_dispatch_fs(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
+Scaled norm_dispatch_fs(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
   const bool fs = s.fsam && r.ready_now;
   if (fs) {
     return r.adaptive ? norm_item<Tag, QM, true, true>(r, b, e, s) : norm_item<Tag, QM, true, false>(r, b, e, s);
@@ -230,7 +260,7 @@ double norm_dispatch_fs(const PerturbRow& r, int64_t b, int64_t e, const Perturb
 }
 
 template <class Tag>
-double norm_dispatch(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
+Scaled norm_dispatch(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
   switch (s.qmode) {
     case 2: return norm_dispatch_fs<Tag, 2>(r, b, e, s);
     case 1: return norm_dispatch_fs<Tag, 1>(r, b, e, s);
@@ -239,26 +269,30 @@ double norm_dispatch(const PerturbRow& r, int64_t b, int64_t e, const PerturbSca
 }
 
 // ----------------------------------------------------------------------------- K2: perturbation
-// FS: 0 F-SAM off, 1 F-SAM on and the tensor's EMA not ready (d = g, m <- g), 2 ready
-// (d = g - sigma * m, m <- lam * m + (1 - lam) * g).
+// FS: 0 F-SAM off, 1 F-SAM on and the tensor's EMA not ready (d = g, m' = g), 2 ready
+// (d = g - sigma * m, m' = lam * m + (1 - lam) * g); m is read from ema, m' written to ema_out.
+// e = rho T sign(u) |u|^(q-1) / (N^(q-1) + 1e-12) from the scaled norm (kernels.h DualNorm):
+// q = 2: (rho / denom) * (u inv) * T; p = inf: rho fac sign(u) T; else rho fac sign(u) (|u inv| / n_hat)^(q-1) T.
 template <class Tag, int QM, int FS, bool SWP>
-void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, double denom_d) {
+void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, const DualNorm& dn) {
   using io = IO<Tag>;
   using S = typename io::S;
   using C = typename io::C;
   S* w = static_cast<S*>(r.w);
   const S* g = static_cast<const S*>(r.g);
-  S* m = static_cast<S*>(r.ema);
+  const S* m = static_cast<const S*>(r.ema);
+  S* mo = static_cast<S*>(r.ema_out);
   const bool nt = s.nt != 0;
-  // rho / (N^(q-1) + 1e-12) in float64, rounded once: a multiply per element instead of a divide
+  // the per-row factor in float64, rounded once: a multiply per element instead of a divide
   // (AVX2 divides 8 floats per ~5 cycles, which alone would cap one core near the bandwidth)
-  const C scale = static_cast<C>(r.rho / denom_d);
+  const C scale = static_cast<C>(QM == 2 ? r.rho / dn.denom : r.rho * dn.fac);
+  const C inv = static_cast<C>(dn.inv);  // a power of two: u * inv is exact
   const C eta = static_cast<C>(r.eta);
   const C sigma = static_cast<C>(s.sigma);
   const C lam = static_cast<C>(s.lam);
   const C one_m_lam = static_cast<C>(1.0 - s.lam);
   const C inv_beta = static_cast<C>(1.0 / s.beta);
-  const double qm1 = s.q - 1.0;
+  const double qm1 = s.q - 1.0, inv_d = dn.inv, inv_nh = 1.0 / dn.n_hat;
   const bool ad = r.adaptive != 0;
   alignas(64) uint8_t keep[kSub];
   for (int64_t sb = b; sb < e; sb += kSub) {
@@ -274,9 +308,10 @@ void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars&
     }
     S* wp = w + sb;
     const S* gp = g + sb;
-    S* mp = FS ? m + sb : nullptr;
+    const S* mp = FS == 2 ? m + sb : nullptr;
+    S* mop = FS ? mo + sb : nullptr;
     if constexpr (QM == 0) {
-      // general q: float64 pow per element (sign(u) |u|^(q-1)); not vectorized, rarely used
+      // general q: float64 pow per element; not vectorized, rarely used
       for (int64_t j = 0; j < len; ++j) {
         const C wv = io::ld(wp, j), gv = io::ld(gp, j);
         C u = gv, mv = C(0);
@@ -286,13 +321,13 @@ void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars&
         }
         const C T = ad ? std::fabs(wv) + eta : C(1);
         u = u * T;
-        const double a = std::pow(std::fabs(static_cast<double>(u)), qm1);
+        const double a = std::pow(std::fabs(static_cast<double>(u)) * inv_d * inv_nh, qm1);  // <= 1
         const C mag = static_cast<C>(u < 0 ? -a : (u > 0 ? a : 0.0));
         C ev = scale * mag * T;
         if constexpr (SWP) ev = keep[j] ? ev * inv_beta : C(0);
         io::st(wp, j, wv + ev);
-        if constexpr (FS == 1) io::st(mp, j, gv);
-        if constexpr (FS == 2) io::st(mp, j, lam * mv + one_m_lam * gv);
+        if constexpr (FS == 1) io::st(mop, j, gv);
+        if constexpr (FS == 2) io::st(mop, j, lam * mv + one_m_lam * gv);
       }
     } else {
 #pragma omp simd
@@ -307,7 +342,7 @@ void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars&
         u = u * T;
         C mag;
         if constexpr (QM == 2) {
-          mag = u;
+          mag = u * inv;
         } else {
           // sign(u) from two compares, branch-free: a ternary here compiled to a scalar loop with an
           // unpredictable branch per element (p = inf first step 570 ms -> see bench/NOTES.md)
@@ -316,39 +351,39 @@ void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars&
         C ev = scale * mag * T;
         if constexpr (SWP) ev = keep[j] ? ev * inv_beta : C(0);
         io::st(wp, j, wv + ev);
-        if constexpr (FS == 1) io::st(mp, j, gv);
-        if constexpr (FS == 2) io::st(mp, j, lam * mv + one_m_lam * gv);
+        if constexpr (FS == 1) io::st(mop, j, gv);
+        if constexpr (FS == 2) io::st(mop, j, lam * mv + one_m_lam * gv);
       }
     }
   }
 }
 
 template <class Tag, int QM, int FS>
-void apply_dispatch_swp(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, double denom) {
+void apply_dispatch_swp(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, const DualNorm& d) {
   if (s.swp) {
-    apply_item<Tag, QM, FS, true>(r, b, e, s, denom);
+    apply_item<Tag, QM, FS, true>(r, b, e, s, d);
   } else {
-    apply_item<Tag, QM, FS, false>(r, b, e, s, denom);
+    apply_item<Tag, QM, FS, false>(r, b, e, s, d);
   }
 }
 
 template <class Tag, int QM>
-void apply_dispatch_fs(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, double denom) {
+void apply_dispatch_fs(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, const DualNorm& d) {
   if (!s.fsam) {
-    apply_dispatch_swp<Tag, QM, 0>(r, b, e, s, denom);
+    apply_dispatch_swp<Tag, QM, 0>(r, b, e, s, d);
   } else if (!r.ready_now) {
-    apply_dispatch_swp<Tag, QM, 1>(r, b, e, s, denom);
+    apply_dispatch_swp<Tag, QM, 1>(r, b, e, s, d);
   } else {
-    apply_dispatch_swp<Tag, QM, 2>(r, b, e, s, denom);
+    apply_dispatch_swp<Tag, QM, 2>(r, b, e, s, d);
   }
 }
 
 template <class Tag>
-void apply_dispatch(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, double denom) {
+void apply_dispatch(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, const DualNorm& d) {
   switch (s.qmode) {
-    case 2: apply_dispatch_fs<Tag, 2>(r, b, e, s, denom); break;
-    case 1: apply_dispatch_fs<Tag, 1>(r, b, e, s, denom); break;
-    default: apply_dispatch_fs<Tag, 0>(r, b, e, s, denom); break;
+    case 2: apply_dispatch_fs<Tag, 2>(r, b, e, s, d); break;
+    case 1: apply_dispatch_fs<Tag, 1>(r, b, e, s, d); break;
+    default: apply_dispatch_fs<Tag, 0>(r, b, e, s, d); break;
   }
 }
 
@@ -490,6 +525,7 @@ void accum_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
   using S = typename io::S;
   using C = typename io::C;
   S* acc = static_cast<S*>(r.s1);
+  const S* acc_in = r.s2 != nullptr ? static_cast<const S*>(r.s2) : acc;
   const S* g = static_cast<const S*>(r.g);
   const S* go = static_cast<const S*>(r.g_old);
   const C weight = static_cast<C>(r.hyp[0]), scale = static_cast<C>(r.hyp[1]);
@@ -502,7 +538,7 @@ void accum_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
       if constexpr (GS) gv = coef * gv - alpha * io::ld(go, i);
       v = weight * gv;
     }
-    if constexpr (!RESET) v = io::ld(acc, i) + v;
+    if constexpr (!RESET) v = io::ld(acc_in, i) + v;
     io::st(acc, i, scale * v);
   }
 }
@@ -527,23 +563,41 @@ void accum_dispatch(const StepRow& r, int64_t b, int64_t e, bool gs, const StepC
   }
 }
 
+// GSAM partial sums of one item. float64 sums of float32-range values cannot overflow
+// (es = eo = 0); float64 tensors are scaled by 2^-es / 2^-eo just above their max |.| (a second
+// pass over the item, from cache).
 template <class Tag>
-void gsam_sums_item(const StepRow& r, int64_t b, int64_t e, double* out) {
+GsamSums gsam_sums_item(const StepRow& r, int64_t b, int64_t e) {
   using io = IO<Tag>;
   using S = typename io::S;
   const S* g = static_cast<const S*>(r.g);
   const S* go = static_cast<const S*>(r.g_old);
+  double is = 1.0, io_ = 1.0, es = 0.0, eo = 0.0;
+  if constexpr (std::is_same<Tag, double>::value) {
+    double ms = 0.0, mo = 0.0;
+    for (int64_t i = b; i < e; ++i) {
+      ms = std::max(ms, std::fabs(static_cast<double>(io::ld(g, i))));
+      mo = std::max(mo, std::fabs(static_cast<double>(io::ld(go, i))));
+    }
+    int ks = 0, ko = 0;
+    if (std::isfinite(ms) && ms > 0.0) std::frexp(ms, &ks);
+    if (std::isfinite(mo) && mo > 0.0) std::frexp(mo, &ko);
+    ks = std::max(ks, -1000);
+    ko = std::max(ko, -1000);
+    es = ks;
+    eo = ko;
+    is = std::ldexp(1.0, -ks);
+    io_ = std::ldexp(1.0, -ko);
+  }
   double dot = 0.0, ssn = 0.0, sso = 0.0;
 #pragma omp simd reduction(+ : dot, ssn, sso)
   for (int64_t i = b; i < e; ++i) {
-    const double x = io::ld(g, i), y = io::ld(go, i);
+    const double x = static_cast<double>(io::ld(g, i)) * is, y = static_cast<double>(io::ld(go, i)) * io_;
     dot += x * y;
     ssn += x * x;
     sso += y * y;
   }
-  out[0] = dot;
-  out[1] = ssn;
-  out[2] = sso;
+  return GsamSums{dot, ssn, sso, es, eo};
 }
 
 template <class Tag>
@@ -590,13 +644,13 @@ void step_item(const StepRow& r, int64_t b, int64_t e, const StepScalars& s, con
 }  // namespace
 
 // ================================================================================ entry points
-double perturb_norm(const PerturbRow* rows, int64_t n, const PerturbScalars& s, int nthreads) {
+Scaled perturb_norm(const PerturbRow* rows, int64_t n, const PerturbScalars& s, int nthreads) {
   int64_t total = 0;
   const auto items = make_items(rows, n, [](int64_t) { return true; }, &total);
-  std::vector<double> part(items.size(), 0.0);
+  std::vector<Scaled> part(items.size(), Scaled{0.0, -INFINITY});
   for_items(items, total, nthreads, [&](const Item& it, int64_t k) {
     const PerturbRow& r = rows[it.row];
-    double v;
+    Scaled v;
     switch (r.dtype) {
       case kF32: v = norm_dispatch<float>(r, it.begin, it.end, s); break;
       case kF64: v = norm_dispatch<double>(r, it.begin, it.end, s); break;
@@ -605,56 +659,55 @@ double perturb_norm(const PerturbRow* rows, int64_t n, const PerturbScalars& s, 
     }
     part[k] = v;
   });
-  double acc = 0.0;
-  for (double v : part) acc += v;  // item order: independent of threads and schedule
+  Scaled acc{0.0, -INFINITY};
+  for (const Scaled& v : part) acc = scaled_add(acc, v, s.q);  // item order: independent of threads
   return acc;
 }
 
-void perturb_apply(const PerturbRow* rows, int64_t n, const PerturbScalars& s, double denom, bool finite,
-                   int nthreads) {
+void perturb_apply(const PerturbRow* rows, int64_t n, const PerturbScalars& s, const DualNorm& d, int nthreads) {
   int64_t total = 0;
   const auto items = make_items(rows, n, [](int64_t) { return true; }, &total);
   const bool nt = s.nt != 0;
   for_items(items, total, nthreads, [&](const Item& it, int64_t) {
     const PerturbRow& r = rows[it.row];
-    if (!finite) {  // nothing is perturbed: w_old <- w, g_old <- 0, EMA untouched
+    if (!d.finite) {  // nothing is perturbed: w_old <- w, g_old <- 0, ema_out <- ema
       const size_t es = elem_size(r.dtype);
-      copy_bytes(static_cast<char*>(r.w_old) + it.begin * es, static_cast<const char*>(r.w) + it.begin * es,
-                 (it.end - it.begin) * es, nt);
-      if (r.g_old != nullptr) std::memset(static_cast<char*>(r.g_old) + it.begin * es, 0, (it.end - it.begin) * es);
+      const size_t off = it.begin * es, len = (it.end - it.begin) * es;
+      copy_bytes(static_cast<char*>(r.w_old) + off, static_cast<const char*>(r.w) + off, len, nt);
+      if (r.g_old != nullptr) std::memset(static_cast<char*>(r.g_old) + off, 0, len);
+      if (r.ema_out != nullptr && r.ema_out != r.ema) {
+        std::memcpy(static_cast<char*>(r.ema_out) + off, static_cast<const char*>(r.ema) + off, len);
+      }
     } else {
       switch (r.dtype) {
-        case kF32: apply_dispatch<float>(r, it.begin, it.end, s, denom); break;
-        case kF64: apply_dispatch<double>(r, it.begin, it.end, s, denom); break;
-        case kBF16: apply_dispatch<bf16_t>(r, it.begin, it.end, s, denom); break;
-        default: apply_dispatch<f16_t>(r, it.begin, it.end, s, denom); break;
+        case kF32: apply_dispatch<float>(r, it.begin, it.end, s, d); break;
+        case kF64: apply_dispatch<double>(r, it.begin, it.end, s, d); break;
+        case kBF16: apply_dispatch<bf16_t>(r, it.begin, it.end, s, d); break;
+        default: apply_dispatch<f16_t>(r, it.begin, it.end, s, d); break;
       }
     }
     stream_fence(nt);
   });
 }
 
-void gsam_sums(const StepRow* rows, int64_t n, double* out, int nthreads) {
+GsamSums gsam_sums(const StepRow* rows, int64_t n, int nthreads) {
   int64_t total = 0;
   const auto items = make_items(
       rows, n, [&](int64_t r) { return rows[r].g != nullptr && rows[r].g_old != nullptr; },
       &total);
-  std::vector<double> part(3 * items.size(), 0.0);
+  std::vector<GsamSums> part(items.size());
   for_items(items, total, nthreads, [&](const Item& it, int64_t k) {
     const StepRow& r = rows[it.row];
     switch (r.dtype) {
-      case kF32: gsam_sums_item<float>(r, it.begin, it.end, &part[3 * k]); break;
-      case kF64: gsam_sums_item<double>(r, it.begin, it.end, &part[3 * k]); break;
-      case kBF16: gsam_sums_item<bf16_t>(r, it.begin, it.end, &part[3 * k]); break;
-      default: gsam_sums_item<f16_t>(r, it.begin, it.end, &part[3 * k]); break;
+      case kF32: part[k] = gsam_sums_item<float>(r, it.begin, it.end); break;
+      case kF64: part[k] = gsam_sums_item<double>(r, it.begin, it.end); break;
+      case kBF16: part[k] = gsam_sums_item<bf16_t>(r, it.begin, it.end); break;
+      default: part[k] = gsam_sums_item<f16_t>(r, it.begin, it.end); break;
     }
   });
-  out[0] = out[1] = out[2] = 0.0;
-  for (size_t k = 0; k < items.size(); ++k) {
-    out[0] += part[3 * k];
-    out[1] += part[3 * k + 1];
-    out[2] += part[3 * k + 2];
-  }
+  GsamSums out{0.0, 0.0, 0.0, -INFINITY, -INFINITY};
+  for (const GsamSums& p : part) out = gsam_add(out, p);  // item order
+  return out;
 }
 
 void second_step(const StepRow* rows, int64_t n, const StepScalars& s, double coef, int nthreads) {

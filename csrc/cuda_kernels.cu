@@ -116,11 +116,67 @@ __device__ double block_sum(double v) {
   return out;
 }
 
-// Sum of part[0 .. n) in a fixed order (the same bits in every block).
-__device__ double sum_partials(const double* part, int64_t n) {
+// Block max of one double per thread (-inf neutral; result valid in every thread).
+__device__ double block_max(double v) {
+  __shared__ double warp_max[kThreads / 32];
+  __shared__ double total;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmax(v, __shfl_down_sync(0xFFFFFFFFu, v, off));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = -INFINITY;
+    for (int w = 0; w < kThreads / 32; ++w) t = fmax(t, warp_max[w]);
+    total = t;
+  }
+  __syncthreads();
+  const double out = total;
+  __syncthreads();
+  return out;
+}
+
+// Sum of scaled partials (S in part[0 .. n), E in part[n .. 2n)) at their largest exponent, in a
+// fixed order; w = q (kernels.h Scaled).
+__device__ Scaled sum_scaled_partials(const double* part, int64_t n, double w) {
+  double e = -INFINITY;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) e = fmax(e, part[n + k]);
+  e = block_max(e);
   double v = 0.0;
-  for (int64_t k = threadIdx.x; k < n; k += kThreads) v += part[k];
-  return block_sum(v);
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+    const double ek = part[n + k];
+    v += ek == -INFINITY ? part[k] : part[k] * exp2(w * (ek - e));  // an empty partial is 0 (or NaN)
+  }
+  return Scaled{block_sum(v), e};
+}
+
+// One thread's running scaled sum of |x|^w: terms |x * 2^-e|^w, e raised (and the sum rescaled)
+// when a larger |x| comes; `bad` records a non-finite x.
+struct RunningSum {
+  double s = 0.0, e = -INFINITY, inv = 1.0;
+  bool bad = false;
+  __device__ __forceinline__ void raise_to(double mx, double w) {
+    if (!(mx > 0.0) || !finite_d(mx)) {
+      bad = bad || !finite_d(mx);
+      return;
+    }
+    int k = 0;
+    frexp(mx, &k);
+    const double ek = k < -1000 ? -1000.0 : static_cast<double>(k);
+    if (ek > e) {
+      s = e == -INFINITY ? 0.0 : s * exp2(w * (e - ek));
+      e = ek;
+      inv = exp2(-ek);
+    }
+  }
+};
+
+// Block reduction of the threads' running sums to one partial (S, E).
+__device__ Scaled block_scaled(const RunningSum& r, double w) {
+  const double e = block_max(r.e);
+  double v = r.e == -INFINITY ? 0.0 : r.s * exp2(w * (r.e - e));
+  if (r.bad) v = NAN;
+  return Scaled{block_sum(v), e};
 }
 
 __device__ __forceinline__ void item_range(const Item& it, int64_t numel, int64_t* start, int64_t* end) {
@@ -130,15 +186,21 @@ __device__ __forceinline__ void item_range(const Item& it, int64_t numel, int64_
 }
 
 // ------------------------------------------------------------------------------ K1: norm partials
+// Partial (S, E) of sum |u|^q per block: S in part[slot0 + block], E in part[nslots + slot0 + block]
+// (kernels.h Scaled). float64 sums of float32 values at q = 1, 2 cannot overflow: E = 0, no scaling;
+// float64 tensors and general q scale by a running power of two per thread.
 template <class Tag, int QM>
 __global__ void __launch_bounds__(kThreads) perturb_norm_kernel(const PerturbRow* rows, const Item* items,
                                                                 int64_t count, PerturbScalars s, double* part,
-                                                                int64_t slot0, int32_t* snap) {
+                                                                int64_t nslots, int64_t slot0, int32_t* snap) {
   using io = DIO<Tag>;
   using S = typename io::S;
   using C = typename io::C;
   constexpr int N = Pack<S>::N;
-  double acc = 0.0;
+  constexpr bool kScaled = QM == 0 || sizeof(S) == 8;
+  const double w = QM == 2 ? 2.0 : (QM == 1 ? 1.0 : s.q);
+  RunningSum rs;
+  if (!kScaled) rs.e = 0.0;
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
     const Item it = items[k];
     const PerturbRow& r = rows[it.row];
@@ -152,34 +214,48 @@ __global__ void __launch_bounds__(kThreads) perturb_norm_kernel(const PerturbRow
     const bool ad = r.adaptive != 0, vec = r.vec != 0;
     const S* g = static_cast<const S*>(r.g);
     const S* m = static_cast<const S*>(r.ema);
-    const S* w = static_cast<const S*>(r.w);
+    const S* wt = static_cast<const S*>(r.w);
     const C sigma = static_cast<C>(s.sigma), eta = static_cast<C>(r.eta);
     for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * N; i < end; i += static_cast<int64_t>(kThreads) * N) {
       const Pack<S> gp = ldp(g, i, end, vec);
       Pack<S> mp{}, wp{};
       if (fs) mp = ldp(m, i, end, vec);
-      if (ad) wp = ldp(w, i, end, vec);
+      if (ad) wp = ldp(wt, i, end, vec);
+      double ud[N];
+      double mx = 0.0;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         C u = io::cv(gp.v[j]);
         if (fs) u = u - sigma * io::cv(mp.v[j]);
         if (ad) u = u * (fabs(io::cv(wp.v[j])) + eta);
-        const double ud = static_cast<double>(u);  // zeros past the end add nothing
+        ud[j] = fabs(static_cast<double>(u));  // zeros past the end add nothing
+        if (kScaled) mx = (ud[j] > mx || !finite_d(ud[j])) ? ud[j] : mx;
+      }
+      if (kScaled) rs.raise_to(mx, w);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const double a = kScaled ? ud[j] * rs.inv : ud[j];
         if (QM == 2) {
-          acc += ud * ud;
+          rs.s += a * a;
         } else if (QM == 1) {
-          acc += fabs(ud);
+          rs.s += a;
         } else {
-          acc += ud != 0.0 ? pow(fabs(ud), s.q) : 0.0;
+          rs.s += a != 0.0 ? pow(a, s.q) : 0.0;
         }
       }
     }
   }
-  const double tot = block_sum(acc);
-  if (threadIdx.x == 0) part[slot0 + blockIdx.x] = tot;
+  const Scaled tot = block_scaled(rs, w);
+  if (threadIdx.x == 0) {
+    part[slot0 + blockIdx.x] = tot.s;
+    part[nslots + slot0 + blockIdx.x] = tot.e;
+  }
 }
 
 // ------------------------------------------------------------------------------ K2: perturbation
+// e from the scaled global norm (kernels.h DualNorm): q = 2: rho T (u inv) / denom; p = inf:
+// rho fac sign(u) T; else rho fac sign(u) (|u inv| / n_hat)^(q-1) T. F-SAM reads m from ema and
+// writes m' to ema_out (the same tensor when in place); the flag goes to ready_out.
 template <class Tag, int QM>
 __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRow* rows, const Item* items,
                                                                  int64_t count, PerturbScalars s,
@@ -189,21 +265,14 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
   using S = typename io::S;
   using C = typename io::C;
   constexpr int N = Pack<S>::N;
-  const double sum = sum_partials(part, nslots);
-  double Nn, denom;
-  if (QM == 2) {
-    Nn = sqrt(sum);
-    denom = Nn + 1e-12;
-  } else if (QM == 1) {
-    Nn = sum;
-    denom = 1.0 + 1e-12;
-  } else {
-    Nn = pow(sum, 1.0 / s.q);
-    denom = pow(Nn, s.q - 1.0) + 1e-12;
-  }
-  const bool finite = isfinite(Nn);
+  const double wq = QM == 2 ? 2.0 : (QM == 1 ? 1.0 : s.q);
+  const Scaled sum = sum_scaled_partials(part, nslots, wq);
+  const DualNorm dn = sizeof(C) == 8 ? dual_norm_scaled(sum, s.q, QM, -1000, 1000)
+                                     : dual_norm_scaled(sum, s.q, QM, -100, 127);
+  const bool finite = dn.finite != 0;
   if (blockIdx.x == 0 && threadIdx.x == 0) *ok = finite;
-  const double qm1 = s.q - 1.0;
+  const double qm1 = s.q - 1.0, inv_nh = 1.0 / dn.n_hat;
+  const C inv = static_cast<C>(dn.inv);  // a power of two: u * inv is exact
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
     const Item it = items[k];
     const PerturbRow& r = rows[it.row];
@@ -214,9 +283,10 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
     S* w = static_cast<S*>(r.w);
     const S* g = static_cast<const S*>(r.g);
     S* wo = static_cast<S*>(r.w_old);
-    S* m = static_cast<S*>(r.ema);
+    const S* m = static_cast<const S*>(r.ema);
+    S* mo = static_cast<S*>(r.ema_out);
     S* go = static_cast<S*>(r.g_old);
-    const C scale = static_cast<C>(r.rho / denom), eta = static_cast<C>(r.eta);
+    const C scale = static_cast<C>(QM == 2 ? r.rho / dn.denom : r.rho * dn.fac), eta = static_cast<C>(r.eta);
     const C sigma = static_cast<C>(s.sigma), lam = static_cast<C>(s.lam), one_m_lam = static_cast<C>(1.0 - s.lam);
     const C inv_beta = static_cast<C>(1.0 / s.beta);
     for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * N; i < end; i += static_cast<int64_t>(kThreads) * N) {
@@ -227,9 +297,12 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
         Pack<S> z{};
         stp(go, i, end, vec, finite ? gp : z);
       }
-      if (!finite) continue;
       Pack<S> mp{};
-      if (fsm == 2) mp = ldp(m, i, end, vec);
+      if (fsm == 2 || (fsm != 0 && !finite && mo != m)) mp = ldp(m, i, end, vec);
+      if (!finite) {
+        if (fsm != 0 && mo != m) stp(mo, i, end, vec, mp);  // the EMA keeps its value
+        continue;
+      }
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const C wv = io::cv(wp.v[j]), gv = io::cv(gp.v[j]);
@@ -242,11 +315,11 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
         u = u * T;
         C mag;
         if (QM == 2) {
-          mag = u;
+          mag = u * inv;
         } else if (QM == 1) {
           mag = u > 0 ? C(1) : (u < 0 ? C(-1) : C(0));
         } else {
-          const double a = pow(fabs(static_cast<double>(u)), qm1);
+          const double a = pow(fabs(static_cast<double>(u)) * dn.inv * inv_nh, qm1);  // <= 1
           mag = static_cast<C>(u < 0 ? -a : (u > 0 ? a : 0.0));
         }
         C ev = scale * mag * T;
@@ -259,20 +332,26 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
         if (fsm == 2) mp.v[j] = io::to(lam * mv + one_m_lam * gv);
       }
       stp(w, i, end, vec, wp);
-      if (fsm != 0) stp(m, i, end, vec, mp);
+      if (fsm != 0) stp(mo, i, end, vec, mp);
     }
-    if (finite && fsm != 0 && it.chunk == 0 && threadIdx.x == 0) *r.ready = 1.0f;
+    if (fsm != 0 && it.chunk == 0 && threadIdx.x == 0) *r.ready_out = (finite || fsm == 2) ? 1.0f : 0.0f;
   }
 }
 
 // ------------------------------------------------------------------------------ K3: second step
+// GSAM partials: <g_old, gs>, |gs|^2, |g_old|^2 and the two exponents (kernels.h GsamSums) in
+// part[k * nslots + slot0 + block], k = 0..4. float64 sums of float32 values cannot overflow
+// (exponents 0); float64 tensors are scaled by running powers of two per thread.
 template <class Tag>
 __global__ void __launch_bounds__(kThreads) gsam_sums_kernel(const StepRow* rows, const Item* items, int64_t count,
                                                              double* part, int64_t nslots, int64_t slot0) {
   using io = DIO<Tag>;
   using S = typename io::S;
   constexpr int N = Pack<S>::N;
-  double dot = 0.0, ssn = 0.0, sso = 0.0;
+  constexpr bool kScaled = sizeof(S) == 8;
+  RunningSum rn, ro;  // |gs|^2 and |g_old|^2 with their exponents
+  if (!kScaled) rn.e = ro.e = 0.0;
+  double dot = 0.0;
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
     const Item it = items[k];
     const StepRow& r = rows[it.row];
@@ -284,23 +363,63 @@ __global__ void __launch_bounds__(kThreads) gsam_sums_kernel(const StepRow* rows
     const S* go = static_cast<const S*>(r.g_old);
     for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * N; i < end; i += static_cast<int64_t>(kThreads) * N) {
       const Pack<S> a = ldp(g, i, end, vec), b = ldp(go, i, end, vec);
+      if (kScaled) {
+        double mn = 0.0, mo = 0.0;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const double x = fabs(static_cast<double>(io::cv(a.v[j]))), y = fabs(static_cast<double>(io::cv(b.v[j])));
+          mn = (x > mn || !finite_d(x)) ? x : mn;
+          mo = (y > mo || !finite_d(y)) ? y : mo;
+        }
+        const double en = rn.e, eo = ro.e;
+        rn.raise_to(mn, 2.0);
+        ro.raise_to(mo, 2.0);
+        if (en != rn.e || eo != ro.e) {
+          dot = (en == -INFINITY || eo == -INFINITY) ? 0.0 : dot * exp2((en - rn.e) + (eo - ro.e));
+        }
+      }
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const double x = io::cv(a.v[j]), y = io::cv(b.v[j]);
+        const double x = io::cv(a.v[j]) * rn.inv, y = io::cv(b.v[j]) * ro.inv;
         dot += x * y;
-        ssn += x * x;
-        sso += y * y;
+        rn.s += x * x;
+        ro.s += y * y;
       }
     }
   }
-  dot = block_sum(dot);
-  ssn = block_sum(ssn);
-  sso = block_sum(sso);
+  const double es = block_max(rn.e), eo = block_max(ro.e);
+  const double fs = rn.e == -INFINITY ? 0.0 : exp2(rn.e - es), fo = ro.e == -INFINITY ? 0.0 : exp2(ro.e - eo);
+  const bool bad = rn.bad || ro.bad;
+  const double t_dot = block_sum(bad ? NAN : dot * fs * fo);
+  const double t_ssn = block_sum(bad ? NAN : rn.s * fs * fs);
+  const double t_sso = block_sum(bad ? NAN : ro.s * fo * fo);
   if (threadIdx.x == 0) {
-    part[slot0 + blockIdx.x] = dot;
-    part[nslots + slot0 + blockIdx.x] = ssn;
-    part[2 * nslots + slot0 + blockIdx.x] = sso;
+    part[slot0 + blockIdx.x] = t_dot;
+    part[nslots + slot0 + blockIdx.x] = t_ssn;
+    part[2 * nslots + slot0 + blockIdx.x] = t_sso;
+    part[3 * nslots + slot0 + blockIdx.x] = es;
+    part[4 * nslots + slot0 + blockIdx.x] = eo;
   }
+}
+
+// The GSAM sums of all partials (fixed order, the same bits in every block).
+__device__ GsamSums sum_gsam_partials(const double* part, int64_t n) {
+  double es = -INFINITY, eo = -INFINITY;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+    es = fmax(es, part[3 * n + k]);
+    eo = fmax(eo, part[4 * n + k]);
+  }
+  es = block_max(es);
+  eo = block_max(eo);
+  double dot = 0.0, ssn = 0.0, sso = 0.0;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+    const double ks = part[3 * n + k], ko = part[4 * n + k];
+    const double fs = ks == -INFINITY ? 0.0 : exp2(ks - es), fo = ko == -INFINITY ? 0.0 : exp2(ko - eo);
+    dot += part[k] * fs * fo;
+    ssn += part[n + k] * fs * fs;
+    sso += part[2 * n + k] * fo * fo;
+  }
+  return GsamSums{block_sum(dot), block_sum(ssn), block_sum(sso), es, eo};
 }
 
 // MODE: kModeRestore / kModeCombine (copies and the GSAM combine), kModeSGD, kModeAdam, kModeAccum.
@@ -313,10 +432,8 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
   constexpr int N = Pack<S>::N;
   double coef_d = 1.0;
   if (s.gsam) {
-    const double dot = sum_partials(part, nslots);
-    const double ssn = sum_partials(part + nslots, nslots);
-    const double sso = sum_partials(part + 2 * nslots, nslots);
-    coef_d = gsam_coef(dot, ssn, sso, s.alpha);
+    const GsamSums g = sum_gsam_partials(part, nslots);
+    coef_d = gsam_coef(g.dot, g.ssn, g.sso, g.es, g.eo, s.alpha);
   }
   const C coef = static_cast<C>(coef_d), alpha = static_cast<C>(s.alpha);
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
@@ -332,15 +449,16 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
     const S* go = static_cast<const S*>(r.g_old);
     const int64_t stride = static_cast<int64_t>(kThreads) * N;
     const int64_t first = start + static_cast<int64_t>(threadIdx.x) * N;
-    if (MODE == kModeAccum) {  // m-SAM micro-batch: restore, acc <- scale * ((reset ? 0 : acc) + weight * g)
+    if (MODE == kModeAccum) {  // m-SAM micro-batch: restore, acc <- scale * ((reset ? 0 : acc_in) + weight * g)
       S* acc = static_cast<S*>(r.s1);
+      const S* acc_in = r.s2 != nullptr ? static_cast<const S*>(r.s2) : acc;
       const C weight = static_cast<C>(r.hyp[0]), scale = static_cast<C>(r.hyp[1]);
       const bool reset = r.fresh != 0;
       for (int64_t i = first; i < end; i += stride) {
         if (wo != nullptr) stp(w, i, end, vec, ldp(wo, i, end, vec));
         if (acc == nullptr) continue;
         Pack<S> ap{}, gp{}, gop{};
-        if (!reset) ap = ldp(acc, i, end, vec);
+        if (!reset) ap = ldp(acc_in, i, end, vec);
         if (g != nullptr) gp = ldp(g, i, end, vec);
         if (gs) gop = ldp(go, i, end, vec);
 #pragma unroll
@@ -464,11 +582,15 @@ void by_dtype(int32_t dt, A&&... a) {
 template <class Tag>
 struct LaunchNorm {
   static void run(int64_t grid, cudaStream_t st, const PerturbRow* rows, const Item* items, int64_t count,
-                  const PerturbScalars& s, double* part, int64_t slot0, int32_t* snap) {
+                  const PerturbScalars& s, double* part, int64_t nslots, int64_t slot0, int32_t* snap) {
     const dim3 g(static_cast<unsigned>(grid)), b(kThreads);
-    if (s.qmode == 2) perturb_norm_kernel<Tag, 2><<<g, b, 0, st>>>(rows, items, count, s, part, slot0, snap);
-    else if (s.qmode == 1) perturb_norm_kernel<Tag, 1><<<g, b, 0, st>>>(rows, items, count, s, part, slot0, snap);
-    else perturb_norm_kernel<Tag, 0><<<g, b, 0, st>>>(rows, items, count, s, part, slot0, snap);
+    if (s.qmode == 2) {
+      perturb_norm_kernel<Tag, 2><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, slot0, snap);
+    } else if (s.qmode == 1) {
+      perturb_norm_kernel<Tag, 1><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, slot0, snap);
+    } else {
+      perturb_norm_kernel<Tag, 0><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, slot0, snap);
+    }
   }
 };
 
@@ -521,7 +643,7 @@ void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int
   for (int k = 0; k < ngroups; ++k) {
     const Group& gr = groups[k];
     const int64_t grid = grid_of(gr.count, sms);
-    by_dtype<LaunchNorm>(gr.dtype, grid, st, rows, items + gr.begin, gr.count, s, part, slot, snap);
+    by_dtype<LaunchNorm>(gr.dtype, grid, st, rows, items + gr.begin, gr.count, s, part, nslots, slot, snap);
     slot += grid;
   }
   for (int k = 0; k < ngroups; ++k) {

@@ -22,9 +22,11 @@ struct PerturbRow {
   void* w;            // parameter, updated in place: w <- w + e
   const void* g;      // gradient
   void* w_old;        // receives an exact copy of w
-  void* ema;          // F-SAM EMA m (nullptr when F-SAM is off)
+  void* ema;          // F-SAM EMA m, read (nullptr when F-SAM is off)
+  void* ema_out;      // F-SAM: receives m' (== ema: in place; else the caller keeps m for a rollback)
   void* g_old;        // GSAM copy of g (nullptr when GSAM is off)
-  float* ready;       // F-SAM 0-dim float32 flag (nullptr when F-SAM is off)
+  float* ready;       // F-SAM 0-dim float32 flag, read (nullptr when F-SAM is off)
+  float* ready_out;   // F-SAM: receives the new flag (may be == ready)
   int64_t numel;
   int64_t offset;     // global element index of element 0 (ESAM mask counter)
   double rho;
@@ -50,14 +52,76 @@ struct PerturbScalars {
   int32_t pad_;
 };
 
+// Scaled norms. A sum of |u|^q overflows long before the norm does (float64: |u|^21 > 1.8e308 at
+// p = 1.05; |u|^2 at |u| > 1.3e154), so reductions return (S, E) with the sum = S * 2^(q E): the
+// terms are |u * 2^-E|^q, 2^E a power of two just above the max (exact scaling). float32-stored
+// tensors at q = 1 or 2 need no scaling in float64 sums (|u| <= 3.4e38) and use E = 0.
+struct Scaled {
+  double s;
+  double e;  // an integer; -inf for an empty partial
+};
+
+// (S, E) + (S', E') at the larger exponent; `w` = q (the power the exponents are weighted by).
+// isfinite without <cmath>'s host/device overload questions: x - x is 0 for finite x, NaN else.
+FASTSAM_HD bool finite_d(double x) { return x - x == 0.0; }
+
+FASTSAM_HD Scaled scaled_add(Scaled a, Scaled b, double w) {
+  if (b.e > a.e) {
+    const Scaled t = a;
+    a = b;
+    b = t;
+  }
+  if (b.e == -INFINITY) return a;
+  return Scaled{a.s + b.s * exp2(w * (b.e - a.e)), a.e};
+}
+
+// What K2 needs from the global sum (S, E) of |u|^q:
+//   N = 2^E2 * n_hat with n_hat in [0.5, 1) (E2 clamped so 2^-E2 is finite in the math type),
+//   inv = 2^-E2 (|u| * inv <= n_hat <= 1: no overflow in |u * inv|^(q-1)),
+//   q = 2:  denom = n_hat + 1e-12 * inv        (e = rho T (u inv) / denom = rho T u / (N + 1e-12))
+//   else:   fac = 1 / (1 + 1e-12 N^-(q-1))      (e = rho T sign(u) (|u inv| / n_hat)^(q-1) fac)
+struct DualNorm {
+  double inv, n_hat, denom, fac;
+  int finite;
+};
+
+FASTSAM_HD DualNorm dual_norm_scaled(Scaled sum, double q, int32_t qmode, int e_min, int e_max) {
+  DualNorm d{1.0, 0.0, 1.0, 1.0, 1};
+  d.finite = finite_d(sum.s) ? 1 : 0;
+  if (!d.finite) return d;
+  if (qmode == 1) {
+    d.fac = 1.0 / (1.0 + 1e-12);
+    return d;
+  }
+  const double nh = qmode == 2 ? sqrt(sum.s) : pow(sum.s, 1.0 / q);  // N = nh * 2^E
+  if (nh == 0.0) {  // every u is 0: e = 0 (n_hat = 1 keeps |u inv| / n_hat = 0, not 0 / 0)
+    d.n_hat = 1.0;
+    d.denom = 1.0;
+    d.fac = 0.0;
+    return d;
+  }
+  int k = 0;
+  const double f = frexp(nh, &k);  // nh = f * 2^k, f in [0.5, 1)
+  double e2 = (sum.e == -INFINITY ? 0.0 : sum.e) + k;
+  e2 = e2 < e_min ? e_min : (e2 > e_max ? e_max : e2);
+  // n_hat = N * 2^-E2 exactly (a power-of-two rescale of f unless clamped)
+  const double shift = (sum.e == -INFINITY ? 0.0 : sum.e) + k - e2;
+  d.n_hat = ldexp(f, static_cast<int>(shift));
+  d.inv = exp2(-e2);
+  d.denom = d.n_hat + 1e-12 * d.inv;
+  if (qmode == 0) d.fac = 1.0 / (1.0 + 1e-12 * exp2(-(q - 1.0) * (e2 + log2(d.n_hat))));
+  return d;
+}
+
 // ---------------------------------------------------------------------------------- second step
 enum StepMode : int32_t { kModeRestore = 0, kModeSGD = 1, kModeAdam = 2, kModeCombine = 3, kModeAccum = 4 };
 
 // SGD hyp:  lr, weight_decay, momentum, 1 - dampening, -, -, -, -
 // Adam hyp: weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd
 // Accum hyp (m-SAM micro-batch): weight, scale, -, ...; fresh = reset. Rows with s1 (the accumulator):
-//   s1 <- scale * ((0 if reset else s1) + weight * g), g the GSAM-combined gradient (not written back), 0 if
-//   the row has no gradient; every row with w_old is restored.
+//   s1 <- scale * ((0 if reset else acc_in) + weight * g), g the GSAM-combined gradient (not written back), 0
+//   if the row has no gradient; acc_in = s2 when set (out of place: the caller keeps the old sum), else s1.
+//   Every row with w_old is restored.
 constexpr int kNumHyp = 8;
 
 struct StepRow {
@@ -91,22 +155,37 @@ struct StepScalars {
 // GSAM: from the global sums (dot = <g_old, gs>, ss_new = |gs|^2, ss_old = |g_old|^2),
 // coef = 1 + alpha * cos * |g_old| / (|gs| + 1e-12) with cos = dot / (|gs| |g_old| + 1e-12),
 // so that gs - alpha * (g_old - cos |g_old| gs / (|gs| + 1e-12)) = coef * gs - alpha * g_old.
-FASTSAM_HD double gsam_coef(double dot, double ss_new, double ss_old, double alpha) {
-  const double n_new = sqrt(ss_new), n_old = sqrt(ss_old);
-  const double cos = dot / (n_new * n_old + 1e-12);
-  return 1.0 + alpha * (cos * n_old / (n_new + 1e-12));
+// The sums come scaled: gs by 2^-es, g_old by 2^-eo (dot by 2^-(es+eo)); es = eo = 0 unscaled.
+FASTSAM_HD double gsam_coef(double dot, double ss_new, double ss_old, double es, double eo, double alpha) {
+  const double n_new = sqrt(ss_new), n_old = sqrt(ss_old);  // |gs| = n_new 2^es, |g_old| = n_old 2^eo
+  const double cos = dot / (n_new * n_old + 1e-12 * exp2(-(es + eo)));
+  const double ratio = n_old / (n_new * exp2(es - eo) + 1e-12 * exp2(-eo));
+  return 1.0 + alpha * (cos * ratio);
+}
+
+// Sums of one GSAM partial: scaled like `Scaled`, one exponent per vector.
+struct GsamSums {
+  double dot, ssn, sso, es, eo;
+};
+
+FASTSAM_HD GsamSums gsam_add(GsamSums a, const GsamSums& b) {
+  const double es = a.es > b.es ? a.es : b.es, eo = a.eo > b.eo ? a.eo : b.eo;
+  if (es == -INFINITY || eo == -INFINITY) return a.es == -INFINITY ? b : a;
+  const double fa_s = a.es == -INFINITY ? 0.0 : exp2(a.es - es), fb_s = b.es == -INFINITY ? 0.0 : exp2(b.es - es);
+  const double fa_o = a.eo == -INFINITY ? 0.0 : exp2(a.eo - eo), fb_o = b.eo == -INFINITY ? 0.0 : exp2(b.eo - eo);
+  return GsamSums{a.dot * fa_s * fa_o + b.dot * fb_s * fb_o, a.ssn * fa_s * fa_s + b.ssn * fb_s * fb_s,
+                  a.sso * fa_o * fa_o + b.sso * fb_o * fb_o, es, eo};
 }
 
 namespace cpu {
 // Sum over all rows of |u|^q (u = T * d), accumulated in float64 with a fixed partition of the
-// elements (independent of the thread count). Reads the ready_now snapshots.
-double perturb_norm(const PerturbRow* rows, int64_t n, const PerturbScalars& s, int nthreads);
-// w_old <- w; if finite: w <- w + e, F-SAM EMA update, g_old <- g; else g_old <- 0.
-// denom = N^(q-1) + 1e-12. Does not touch the ready flags (the op layer sets them).
-void perturb_apply(const PerturbRow* rows, int64_t n, const PerturbScalars& s, double denom, bool finite,
-                   int nthreads);
-// out[0..2] = <g_old, gs>, |gs|^2, |g_old|^2 over rows with both g and g_old (float64).
-void gsam_sums(const StepRow* rows, int64_t n, double* out, int nthreads);
+// elements (independent of the thread count), scaled (see Scaled). Reads the ready_now snapshots.
+Scaled perturb_norm(const PerturbRow* rows, int64_t n, const PerturbScalars& s, int nthreads);
+// w_old <- w; if finite: w <- w + e, F-SAM EMA update into ema_out, g_old <- g; else g_old <- 0
+// and ema_out <- ema. Does not touch the ready flags (the op layer sets them).
+void perturb_apply(const PerturbRow* rows, int64_t n, const PerturbScalars& s, const DualNorm& d, int nthreads);
+// <g_old, gs>, |gs|^2, |g_old|^2 over rows with both g and g_old (float64, scaled).
+GsamSums gsam_sums(const StepRow* rows, int64_t n, int nthreads);
 // Restore / combine / SGD / Adam over all rows (coef from gsam_coef when s.gsam).
 void second_step(const StepRow* rows, int64_t n, const StepScalars& s, double coef, int nthreads);
 }  // namespace cpu
@@ -146,13 +225,14 @@ inline int64_t partial_slots(const Group* groups, int ngroups, int sms) {
   return t;
 }
 
-// First step: K1 (partials of sum |u|^q into part[0..slots), F-SAM flag snapshot into snap[row])
-// then K2 (every block reduces all partials, block 0 writes *ok = isfinite(N)). Rows and items
-// live in device memory; groups on the host. Asynchronous on `stream` (a cudaStream_t).
+// First step: K1 (scaled partials of sum |u|^q: S in part[0..slots), E in part[slots..2 slots); F-SAM
+// flag snapshot into snap[row]) then K2 (every block reduces all partials, block 0 writes
+// *ok = isfinite(N)). Rows and items live in device memory; groups on the host. Asynchronous on
+// `stream` (a cudaStream_t).
 void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups, const PerturbScalars& s,
              double* part, int32_t* snap, bool* ok, int sms, void* stream);
-// Second step (restore / combine / SGD / Adam); with s.gsam, a partial pass first (3 slots per
-// block: <g_old, gs>, |gs|^2, |g_old|^2 in part[k * slots + block]).
+// Second step (restore / combine / SGD / Adam / accumulate); with s.gsam, a partial pass first (5 slots
+// per block: <g_old, gs>, |gs|^2, |g_old|^2, and their two exponents in part[k * slots + block]).
 void second_step(const StepRow* rows, const Item* items, const Group* groups, int ngroups, const StepScalars& s,
                  double* part, int sms, void* stream);
 }  // namespace cuda

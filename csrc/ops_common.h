@@ -6,8 +6,11 @@
 //   sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, Tensor(c!)[] ema,
 //               Tensor(d!)[] ema_ready, Tensor(e!)[] g_old, float[] rhos, float[] etas,
 //               int[] adaptive, int[] offsets, float q, bool fsam, float sigma, float lam,
-//               float beta, int seed, int step, bool nt) -> Tensor
-//     ema / ema_ready empty unless fsam, g_old empty unless GSAM; returns "N finite" (0-dim bool).
+//               float beta, int seed, int step, bool nt, Tensor(f!)[] ema_out,
+//               Tensor(g!)[] ready_out) -> Tensor
+//     ema / ema_ready empty unless fsam, g_old empty unless GSAM; ema_out / ready_out empty: the
+//     EMA and flags are updated in place, else they receive the new values (ema / ema_ready only
+//     read: the caller keeps them for a rollback). Returns "N finite" (0-dim bool).
 //
 //   sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx,
 //                   Tensor[] w_old, int[] w_old_idx, Tensor[] g_old, int[] g_old_idx,
@@ -18,7 +21,8 @@
 //     belongs to (schemas have no list of optional tensors that can be mutated). hyp holds
 //     kNumHyp floats per parameter (see kernels.h). mode: kernels.h StepMode; in kModeCombine
 //     params are the gradients themselves and only g <- coef * g - alpha * g_old is done; in
-//     kModeAccum s1 holds the accumulators (grads only read), hyp[0..1] = weight, scale, fresh = reset.
+//     kModeAccum s1 holds the accumulators (grads only read), hyp[0..1] = weight, scale, fresh = reset,
+//     s2 (optional) the running sums to add to (default: s1, in place).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -75,7 +79,8 @@ inline PerturbArgs perturb_rows(at::TensorList params, at::TensorList grads, at:
                                 at::TensorList ema, at::TensorList ema_ready, at::TensorList g_old,
                                 at::ArrayRef<double> rhos, at::ArrayRef<double> etas, at::IntArrayRef adaptive,
                                 at::IntArrayRef offsets, double q, bool fsam, double sigma, double lam, double beta,
-                                int64_t seed, int64_t step, bool nt, c10::DeviceType dev) {
+                                int64_t seed, int64_t step, bool nt, at::TensorList ema_out,
+                                at::TensorList ready_out, c10::DeviceType dev) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(w_old.size()) == n &&
                   static_cast<int64_t>(rhos.size()) == n && static_cast<int64_t>(etas.size()) == n &&
@@ -85,6 +90,9 @@ inline PerturbArgs perturb_rows(at::TensorList params, at::TensorList grads, at:
               "fastsam: F-SAM needs ema and ema_ready for every parameter");
   TORCH_CHECK(g_old.empty() || static_cast<int64_t>(g_old.size()) == n,
               "fastsam: g_old must be empty or have one entry per parameter");
+  TORCH_CHECK((ema_out.empty() || (fsam && static_cast<int64_t>(ema_out.size()) == n)) &&
+                  ema_out.size() == ready_out.size(),
+              "fastsam: ema_out and ready_out must both be empty or have one entry per parameter (F-SAM)");
   TORCH_CHECK(q >= 1.0 && std::isfinite(q), "fastsam: dual exponent q must be in [1, inf), got ", q);
   PerturbArgs a;
   a.rows.resize(n);
@@ -110,6 +118,16 @@ inline PerturbArgs perturb_rows(at::TensorList params, at::TensorList grads, at:
       check_flag(ema_ready[i], w, i);
       r.ema = ema[i].data_ptr();
       r.ready = ema_ready[i].data_ptr<float>();
+      r.ema_out = r.ema;
+      r.ready_out = r.ready;
+      if (!ema_out.empty()) {
+        check_companion(ema_out[i], w, "ema_out", i);
+        TORCH_CHECK(ready_out[i].numel() == 1 && ready_out[i].scalar_type() == at::kFloat &&
+                        ready_out[i].device() == w.device(),
+                    "fastsam: ready_out[", i, "] must be a one-element float32 tensor on the parameter's device");
+        r.ema_out = ema_out[i].data_ptr();
+        r.ready_out = ready_out[i].data_ptr<float>();
+      }
     }
     if (!g_old.empty()) {
       check_companion(g_old[i], w, "g_old", i);
@@ -135,18 +153,13 @@ inline PerturbArgs perturb_rows(at::TensorList params, at::TensorList grads, at:
   return a;
 }
 
-// N and the perturbation denominator N^(q-1) + 1e-12 from the global sum of |u|^q (float64).
-inline void dual_norm(double sum, double q, int32_t qmode, double* N, double* denom) {
-  if (qmode == 2) {
-    *N = std::sqrt(sum);
-    *denom = *N + 1e-12;
-  } else if (qmode == 1) {
-    *N = sum;
-    *denom = 1.0 + 1e-12;  // N^0
-  } else {
-    *N = std::pow(sum, 1.0 / q);
-    *denom = std::pow(*N, q - 1.0) + 1e-12;
-  }
+// Exponent range of the K2 scale 2^-E2 in the math type (kernels.h dual_norm_scaled): float32
+// math for every storage type but float64 (2^100 and 2^-127 are float32 numbers).
+inline void math_exponent_range(const std::vector<PerturbRow>& rows, int* e_min, int* e_max) {
+  bool f64 = false;
+  for (const auto& r : rows) f64 = f64 || r.dtype == kF64;
+  *e_min = f64 ? -1000 : -100;
+  *e_max = f64 ? 1000 : 127;
 }
 
 // Dense optional list -> per-parameter tensor pointer (nullptr where absent).
@@ -214,6 +227,10 @@ inline StepArgs step_rows(int64_t mode, at::TensorList params, at::TensorList gr
         r.s1 = A[i]->data_ptr();
         for (int k = 0; k < kNumHyp; ++k) r.hyp[k] = hyp[i * kNumHyp + k];
         r.fresh = fresh[i] != 0;
+        if (B[i]) {
+          check_companion(*B[i], w, "acc_in", i);
+          r.s2 = B[i]->data_ptr();
+        }
       }
       continue;
     }

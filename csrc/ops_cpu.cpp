@@ -15,23 +15,24 @@ namespace {
 at::Tensor sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList w_old, at::TensorList ema,
                            at::TensorList ema_ready, at::TensorList g_old, at::ArrayRef<double> rhos,
                            at::ArrayRef<double> etas, at::IntArrayRef adaptive, at::IntArrayRef offsets, double q,
-                           bool fsam, double sigma, double lam, double beta, int64_t seed, int64_t step, bool nt) {
+                           bool fsam, double sigma, double lam, double beta, int64_t seed, int64_t step, bool nt,
+                           at::TensorList ema_out, at::TensorList ready_out) {
   PerturbArgs a = perturb_rows(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam,
-                               sigma, lam, beta, seed, step, nt, c10::DeviceType::CPU);
+                               sigma, lam, beta, seed, step, nt, ema_out, ready_out, c10::DeviceType::CPU);
   const int64_t n = static_cast<int64_t>(a.rows.size());
   // Snapshot the F-SAM flags: the perturbation reads them for every element of a tensor while the
-  // op sets them (once, after the kernels).
+  // op sets them (once, after the kernels; ready_out may be the flag itself).
   for (auto& r : a.rows) r.ready_now = (r.ready != nullptr && *r.ready != 0.0f) ? 1 : 0;
   const int nthreads = at::get_num_threads();
-  const double sum = n ? cpu::perturb_norm(a.rows.data(), n, a.s, nthreads) : 0.0;
-  double N = 0.0, denom = 1.0;
-  dual_norm(sum, a.s.q, a.s.qmode, &N, &denom);
-  const bool finite = std::isfinite(N);
-  if (n) cpu::perturb_apply(a.rows.data(), n, a.s, denom, finite, nthreads);
-  if (finite && fsam) {
-    for (auto& r : a.rows) *r.ready = 1.0f;
+  const Scaled sum = n ? cpu::perturb_norm(a.rows.data(), n, a.s, nthreads) : Scaled{0.0, -INFINITY};
+  int e_min = -100, e_max = 127;
+  math_exponent_range(a.rows, &e_min, &e_max);
+  const DualNorm d = dual_norm_scaled(sum, a.s.q, a.s.qmode, e_min, e_max);
+  if (n) cpu::perturb_apply(a.rows.data(), n, a.s, d, nthreads);
+  if (fsam) {
+    for (auto& r : a.rows) *r.ready_out = d.finite ? 1.0f : (r.ready_now ? 1.0f : 0.0f);
   }
-  return at::scalar_tensor(finite, at::TensorOptions().dtype(at::kBool));
+  return at::scalar_tensor(static_cast<bool>(d.finite), at::TensorOptions().dtype(at::kBool));
 }
 
 void sam_second_step_cpu(int64_t mode, at::TensorList params, at::TensorList grads, at::IntArrayRef grad_idx,
@@ -48,9 +49,8 @@ void sam_second_step_cpu(int64_t mode, at::TensorList params, at::TensorList gra
   const int nthreads = at::get_num_threads();
   double coef = 1.0;
   if (a.s.gsam) {
-    double sums[3];
-    cpu::gsam_sums(a.rows.data(), n, sums, nthreads);
-    coef = gsam_coef(sums[0], sums[1], sums[2], alpha);
+    const GsamSums g = cpu::gsam_sums(a.rows.data(), n, nthreads);
+    coef = gsam_coef(g.dot, g.ssn, g.sso, g.es, g.eo, alpha);
   }
   cpu::second_step(a.rows.data(), n, a.s, coef, nthreads);
 }
@@ -65,7 +65,8 @@ TORCH_LIBRARY(fastsam_cpu, m) {
   m.def(
       "sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, Tensor(c!)[] ema, "
       "Tensor(d!)[] ema_ready, Tensor(e!)[] g_old, float[] rhos, float[] etas, int[] adaptive, int[] offsets, "
-      "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt) -> Tensor");
+      "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt, Tensor(f!)[] ema_out, "
+      "Tensor(g!)[] ready_out) -> Tensor");
   m.def(
       "sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx, Tensor[] w_old, "
       "int[] w_old_idx, Tensor[] g_old, int[] g_old_idx, Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, "

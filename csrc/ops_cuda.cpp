@@ -88,15 +88,16 @@ void check_one_device(at::TensorList ts, const at::Device& dev) {
 at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList w_old, at::TensorList ema,
                             at::TensorList ema_ready, at::TensorList g_old, at::ArrayRef<double> rhos,
                             at::ArrayRef<double> etas, at::IntArrayRef adaptive, at::IntArrayRef offsets, double q,
-                            bool fsam, double sigma, double lam, double beta, int64_t seed, int64_t step, bool nt) {
+                            bool fsam, double sigma, double lam, double beta, int64_t seed, int64_t step, bool nt,
+                            at::TensorList ema_out, at::TensorList ready_out) {
   TORCH_CHECK(!params.empty(), "fastsam: sam_perturb needs at least one tensor");
   const at::Device dev = params[0].device();
   check_one_device(params, dev);
   PerturbArgs a = perturb_rows(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam,
-                               sigma, lam, beta, seed, step, nt, c10::DeviceType::CUDA);
+                               sigma, lam, beta, seed, step, nt, ema_out, ready_out, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(dev);
   for (auto& r : a.rows) r.vec = aligned16(r.w) && aligned16(r.g) && aligned16(r.w_old) && aligned16(r.ema) &&
-                                 aligned16(r.g_old);
+                                 aligned16(r.ema_out) && aligned16(r.g_old);
   std::vector<cuda::Item> items;
   std::vector<cuda::Group> groups;
   make_items(a.rows, &items, &groups);
@@ -107,7 +108,7 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   }
   const int sms = sm_count(dev);
   const int64_t nslots = cuda::partial_slots(groups.data(), static_cast<int>(groups.size()), sms);
-  at::Tensor part = at::empty({nslots}, at::TensorOptions().dtype(at::kDouble).device(dev));
+  at::Tensor part = at::empty({2 * nslots}, at::TensorOptions().dtype(at::kDouble).device(dev));  // (S, E) pairs
   at::Tensor snap = at::empty({static_cast<int64_t>(a.rows.size())}, at::TensorOptions().dtype(at::kInt).device(dev));
   const PerturbRow* d_rows = nullptr;
   const cuda::Item* d_items = nullptr;
@@ -141,7 +142,7 @@ void sam_second_step_cuda(int64_t mode, at::TensorList params, at::TensorList gr
   if (groups.empty()) return;
   const int sms = sm_count(dev);
   const int64_t nslots = cuda::partial_slots(groups.data(), static_cast<int>(groups.size()), sms);
-  at::Tensor part = at::empty({a.s.gsam ? 3 * nslots : 1}, at::TensorOptions().dtype(at::kDouble).device(dev));
+  at::Tensor part = at::empty({a.s.gsam ? 5 * nslots : 1}, at::TensorOptions().dtype(at::kDouble).device(dev));
   const StepRow* d_rows = nullptr;
   const cuda::Item* d_items = nullptr;
   at::Tensor tables = upload(a.rows, items, dev, &d_rows, &d_items);
@@ -160,7 +161,8 @@ TORCH_LIBRARY(fastsam_cuda, m) {
   m.def(
       "sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, Tensor(c!)[] ema, "
       "Tensor(d!)[] ema_ready, Tensor(e!)[] g_old, float[] rhos, float[] etas, int[] adaptive, int[] offsets, "
-      "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt) -> Tensor");
+      "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt, Tensor(f!)[] ema_out, "
+      "Tensor(g!)[] ready_out) -> Tensor");
   m.def(
       "sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx, Tensor[] w_old, "
       "int[] w_old_idx, Tensor[] g_old, int[] g_old_idx, Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, "

@@ -192,15 +192,20 @@ def sam_perturb_(
     swp_keep: float = 1.0,
     seed: int = 0,
     step: int = 0,
+    ema_out: list[Tensor] | None = None,
+    ready_out: list[Tensor] | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """SAM first step (direction, dual norm, ESAM mask, ``w_old``, ``w += e``); see
     :func:`fastsam.reference.sam_perturb_` for the formulas. Returns the 0-dim bool tensor
-    "N was finite" without synchronizing."""
+    "N was finite" without synchronizing. F-SAM: the new EMA and flags go to ``ema_out`` /
+    ``ready_out`` (default: ``ema`` / ``ema_ready``, in place). On an exception the parameters
+    are unchanged (every backend)."""
     dev = params[0].device if params else None
     return _impl(resolve_backend(backend, dev)).sam_perturb_(
         params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets,
         p=p, fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda, swp_keep=swp_keep, seed=seed, step=step,
+        ema_out=ema_out, ready_out=ready_out,
     )
 
 
@@ -228,14 +233,15 @@ def sam_restore_accumulate_(
     weight: float,
     scale: float = 1.0,
     gsam_alpha: float = 0.0,
+    acc_in: list[Tensor | None] | None = None,
     backend: str = "auto",
 ) -> None:
     """m-SAM per micro-batch in one pass: ``w <- w_old``, GSAM combine (``grads`` only read),
-    ``acc <- scale * ((0 if reset else acc) + weight * g)``; see
-    :func:`fastsam.reference.sam_restore_accumulate_`."""
+    ``acc <- scale * ((0 if reset else acc_in) + weight * g)`` (``acc_in`` default ``acc``: in
+    place); see :func:`fastsam.reference.sam_restore_accumulate_`. An exception changes nothing."""
     dev = params[0].device if params else None
     _impl(resolve_backend(backend, dev)).sam_restore_accumulate_(
-        params, grads, w_old, g_old, acc, reset, weight=weight, scale=scale, gsam_alpha=gsam_alpha,
+        params, grads, w_old, g_old, acc, reset, weight=weight, scale=scale, gsam_alpha=gsam_alpha, acc_in=acc_in,
     )
 
 

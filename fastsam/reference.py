@@ -39,6 +39,51 @@ def dual_exponent(p: float) -> float:
     return p / (p - 1.0)
 
 
+# Scaled norms (DESIGN: "robust norms"). A sum of |u|^q overflows long before the norm does
+# (fp32: |u| > 1.8e19 at q = 2; float64: |u|^21 > 1.8e308 at p = 1.05) and underflows for tiny
+# gradients, so every backend sums |u / 2^E|^q with 2^E the power of two just above max|u| (the
+# max-abs scaling of LAPACK's nrm2, with a power of two so that the scaling is exact) and never
+# forms N^(q-1) itself:
+#     e = rho * T * sign(u) * (|u| / N)^(q-1) / (1 + 1e-12 * N^-(q-1)),   N = 2^E * (sum |u/2^E|^q)^(1/q)
+# which is the perturbation rho * T * sign(u) |u|^(q-1) / (N^(q-1) + 1e-12) of Foret et al.,
+# finite for every finite gradient.
+E_MIN_F64 = -1000  # 2^-E must stay finite: exponents are clamped below at this (tiny gradients)
+
+
+def exp2(x: float) -> float:
+    """``2 ** x`` as a float, inf on overflow and 0 on underflow (math.ldexp raises instead)."""
+    if x > 1100:
+        return math.inf
+    if x < -1100:
+        return 0.0
+    return 2.0 ** x
+
+
+def scale_exponent(m: float, lo: int = E_MIN_F64) -> int:
+    """``E`` with ``m / 2^E`` in [0.5, 1) for a finite ``m > 0`` (``frexp``), clamped below at
+    ``lo``; 0 for ``m = 0``."""
+    if m <= 0:
+        return 0
+    return max(math.frexp(m)[1], lo)
+
+
+def perturb_factor(q: float, E: int, n_hat: float) -> float:
+    """``1 / (1 + 1e-12 * N^-(q-1))`` for ``N = 2^E * n_hat`` without forming ``N^(q-1)``
+    (0 when ``N^(q-1)`` is far below 1e-12)."""
+    if q == 1.0:
+        return 1.0 / (1.0 + PERTURB_EPS)
+    t = -(q - 1.0) * (E + math.log2(n_hat))
+    return 1.0 / (1.0 + PERTURB_EPS * exp2(t))
+
+
+def _max_abs(ts: list[Tensor]) -> float:
+    """max |t| over a list as a host float (NaN if any element is NaN)."""
+    ms = [t.abs().max() for t in ts if t.numel()]
+    if not ms:
+        return 0.0
+    return float(torch.stack([m.to(torch.float64) for m in ms]).max())
+
+
 @torch.no_grad()
 def sam_perturb_(
     params: list[Tensor],
@@ -58,6 +103,8 @@ def sam_perturb_(
     swp_keep: float = 1.0,
     seed: int = 0,
     step: int = 0,
+    ema_out: list[Tensor] | None = None,
+    ready_out: list[Tensor] | None = None,
 ) -> Tensor:
     """SAM first step over the tensors of P: direction, dual norm, perturbation, ``w_old``.
 
@@ -65,76 +112,130 @@ def sam_perturb_(
 
     1. ``d = g``; F-SAM (``fsam_sigma`` set): with ``r`` = ``ema_ready`` (0-dim float, 0 before
        the tensor's first finite step) ``d = g - sigma * r * m`` and
-       ``m <- lam * m + (1 - lam) * g`` if r else ``m <- g``; then ``r <- 1``.
+       ``m' = lam * m + (1 - lam) * g`` if r else ``m' = g``; ``r' = 1``.
     2. ``T = |w| + eta`` if adaptive else 1, ``u = T * d``.
     3. ``N = (sum_P |u|^q)^(1/q)``, ``q = p / (p - 1)``;
-       ``e = rho * T * sign(u) * |u|^(q-1) / (N^(q-1) + 1e-12)``.
+       ``e = rho * T * sign(u) * |u|^(q-1) / (N^(q-1) + 1e-12)``, computed with scaled sums
+       (see :func:`perturb_factor`): finite for every finite gradient.
     4. ESAM (``swp_keep = beta < 1``): ``e <- e * keep / beta`` with the Philox keep-mask of
        the global element indices (see ``fastsam._philox``), key (seed, step).
     5. ``w_old <- w``; ``w <- w + e``; GSAM (``g_old`` given): ``g_old <- g``.
-    6. Non-finite N: nothing is perturbed and no state changes (``w_old`` still gets ``w``,
-       ``g_old`` gets zeros so a later GSAM combine is a no-op).
+    6. ``m'`` and ``r'`` go to ``ema_out`` / ``ready_out`` (default: ``ema`` / ``ema_ready``,
+       in place); out-of-place outputs let the caller keep ``m`` and ``r`` for a rollback.
+    7. Non-finite N (a NaN or inf in some ``u``): nothing is perturbed and no state changes
+       (``w_old`` still gets ``w``, ``g_old`` gets zeros so a later GSAM combine is a no-op,
+       ``ema_out``/``ready_out`` get copies of ``m``/``r``).
 
+    On an exception ``params`` are left unchanged (outputs other than ``params`` unspecified).
     Returns a 0-dim bool tensor on the parameters' device: True iff N was finite.
     """
     dev = params[0].device if params else torch.device("cpu")
     q = dual_exponent(p)
     f64 = torch.float64
+    fsam = fsam_sigma is not None
+    if fsam:
+        assert ema is not None and ema_ready is not None
+        ema_out = ema if ema_out is None else ema_out
+        ready_out = ema_ready if ready_out is None else ready_out
 
     dirs: list[Tensor] = []
     geos: list[Tensor | None] = []
     new_ema: list[Tensor | None] = []
-    acc = torch.zeros((), dtype=f64, device=dev)
     for i, (w, g) in enumerate(zip(params, grads)):
         g64 = g.to(f64)
         d = g64
-        if fsam_sigma is not None:
-            assert ema is not None and ema_ready is not None
-            r = float(ema_ready[i])
-            m64 = ema[i].to(f64)
+        if fsam:
+            r = float(ema_ready[i])  # type: ignore[index]
+            m64 = ema[i].to(f64)  # type: ignore[index]
             if r:
                 d = g64 - fsam_sigma * m64
                 new_ema.append(fsam_lambda * m64 + (1.0 - fsam_lambda) * g64)
             else:
                 new_ema.append(g64.clone())
         T = (w.to(f64).abs() + etas[i]) if adaptive[i] else None
-        u = d * T if T is not None else d
-        acc = acc + (u.abs().sum() if q == 1.0 else u.abs().pow(q).sum())
-        dirs.append(u)
+        dirs.append(d * T if T is not None else d)
         geos.append(T)
 
-    N = acc if q == 1.0 else acc.pow(1.0 / q)
-    finite = bool(torch.isfinite(N))
-    denom = N.pow(q - 1.0) + PERTURB_EPS
+    M = _max_abs(dirs)
+    finite = math.isfinite(M)
+    new_w: list[Tensor | None] = [None] * len(params)
+    if finite and M > 0:
+        E = scale_exponent(M)
+        inv = exp2(-E)  # exact power of two: |u| * inv in [0, 1)
+        if q == 2.0:
+            s_hat = sum(float((u * inv).square().sum()) for u in dirs)
+        elif q == 1.0:
+            s_hat = sum(float((u * inv).abs().sum()) for u in dirs)
+        else:
+            s_hat = sum(float((u * inv).abs().pow(q).sum()) for u in dirs)
+        n_hat = s_hat ** (1.0 / q)
+        fac = perturb_factor(q, E, n_hat)
+        for i, (w, u) in enumerate(zip(params, dirs)):
+            if q == 1.0:
+                mag = torch.sign(u)
+            elif q == 2.0:
+                mag = (u * inv) / n_hat
+            else:
+                mag = torch.sign(u) * ((u * inv).abs() / n_hat).pow(q - 1.0)
+            e = rhos[i] * fac * mag
+            if geos[i] is not None:
+                e = e * geos[i]
+            if swp_keep < 1.0:
+                keep = keep_mask(offsets[i], w.numel(), seed, step, swp_keep, device=w.device)
+                e = e * keep.view(w.shape).to(f64) / swp_keep
+            new_w[i] = w.to(f64) + e
+    elif finite:  # every u is 0: e = 0
+        new_w = [w.to(f64) for w in params]
 
-    for i, (w, g) in enumerate(zip(params, grads)):
+    # writes: scratch outputs first, the parameters last (undone if a write fails)
+    for i, w in enumerate(params):
         w_old[i].copy_(w)
         if g_old is not None:
             if finite:
-                g_old[i].copy_(g)
+                g_old[i].copy_(grads[i])
             else:
                 g_old[i].zero_()
-        if not finite:
-            continue
-        u, T = dirs[i], geos[i]
-        if q == 2.0:
-            mag = u
-        elif q == 1.0:
-            mag = torch.sign(u)
-        else:
-            mag = torch.sign(u) * u.abs().pow(q - 1.0)
-        e = rhos[i] * mag / denom
-        if T is not None:
-            e = e * T
-        if swp_keep < 1.0:
-            keep = keep_mask(offsets[i], w.numel(), seed, step, swp_keep, device=w.device)
-            e = e * keep.view(w.shape).to(f64) / swp_keep
-        w.copy_(w.to(f64) + e)
-        if fsam_sigma is not None:
-            assert ema is not None and ema_ready is not None
-            ema[i].copy_(new_ema[i])
-            ema_ready[i].fill_(1.0)
+        if fsam:
+            if finite:
+                ema_out[i].copy_(new_ema[i])  # type: ignore[index,arg-type]
+                ready_out[i].fill_(1.0)  # type: ignore[index]
+            else:
+                if ema_out[i] is not ema[i]:  # type: ignore[index]
+                    ema_out[i].copy_(ema[i])  # type: ignore[index]
+                if ready_out[i] is not ema_ready[i]:  # type: ignore[index]
+                    ready_out[i].copy_(ema_ready[i])  # type: ignore[index]
+    if finite:
+        done = 0
+        try:
+            for i, w in enumerate(params):
+                w.copy_(new_w[i])  # type: ignore[arg-type]
+                done = i + 1
+        except BaseException:
+            for k in range(done):
+                params[k].copy_(w_old[k])
+            raise
     return torch.tensor(finite, device=dev)
+
+
+def gsam_coefficients(grads: list[Tensor], g_old: list[Tensor]) -> tuple[float, float]:
+    """``(cos, ratio)`` of GSAM over the lists, in float64 with scaled sums:
+    ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)``, ``ratio = |g_old| / (|gs| + 1e-12)``
+    (``gs`` = ``grads``). Finite for every finite input. Host floats (syncs)."""
+    f64 = torch.float64
+    gs = [g.to(f64) for g in grads]
+    go = [g.to(f64) for g in g_old]
+    ms, mo = _max_abs(gs), _max_abs(go)
+    if not (math.isfinite(ms) and math.isfinite(mo)):
+        return math.nan, math.nan
+    es, eo = scale_exponent(ms), scale_exponent(mo)
+    i_s, i_o = exp2(-es), exp2(-eo)
+    dot = sum(float(((a * i_s) * (b * i_o)).sum()) for a, b in zip(gs, go))
+    ss_new = sum(float((a * i_s).square().sum()) for a in gs)
+    ss_old = sum(float((b * i_o).square().sum()) for b in go)
+    n_new, n_old = math.sqrt(ss_new), math.sqrt(ss_old)  # |gs| = n_new 2^es, |g_old| = n_old 2^eo
+    cos = dot / (n_new * n_old + PERTURB_EPS * exp2(-(es + eo)))
+    ratio = n_old / (n_new * exp2(es - eo) + PERTURB_EPS * exp2(-eo))
+    return cos, ratio
 
 
 @torch.no_grad()
@@ -143,33 +244,29 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
 
     ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)``,
     ``v = g_old - cos * |g_old| * gs / (|gs| + 1e-12)``, ``gs <- gs - alpha * v``;
-    norms and the dot product are global over the lists.
+    norms and the dot product are global over the lists (scaled sums, see
+    :func:`gsam_coefficients`).
     """
     if not grads:
         return
     f64 = torch.float64
-    dev = grads[0].device
-    dot = torch.zeros((), dtype=f64, device=dev)
-    ss_new = torch.zeros((), dtype=f64, device=dev)
-    ss_old = torch.zeros((), dtype=f64, device=dev)
-    for gs, go in zip(grads, g_old):
-        gs64, go64 = gs.to(f64), go.to(f64)
-        dot = dot + (gs64 * go64).sum()
-        ss_new = ss_new + (gs64 * gs64).sum()
-        ss_old = ss_old + (go64 * go64).sum()
-    n_new, n_old = ss_new.sqrt(), ss_old.sqrt()
-    cos = dot / (n_new * n_old + PERTURB_EPS)
-    for gs, go in zip(grads, g_old):
-        gs64, go64 = gs.to(f64), go.to(f64)
-        v = go64 - cos * n_old * gs64 / (n_new + PERTURB_EPS)
-        gs.copy_(gs64 - alpha * v)
+    cos, ratio = gsam_coefficients(grads, g_old)
+    new = [gs.to(f64) - alpha * (go.to(f64) - cos * ratio * gs.to(f64)) for gs, go in zip(grads, g_old)]
+    for gs, v in zip(grads, new):
+        gs.copy_(v)
 
 
 @torch.no_grad()
 def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
-    """``w <- w_old`` exactly (in-place copy, parameter storage unchanged)."""
-    for w, wo in zip(params, w_old):
-        w.copy_(wo)
+    """``w <- w_old`` exactly (in-place copy, parameter storage unchanged); nothing changes on
+    an exception."""
+    undo = _Undo()
+    try:
+        for w, wo in zip(params, w_old):
+            undo.write(w, wo)
+    except BaseException:
+        undo.undo()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,13 +299,12 @@ def _per_tensor(x: float | list[float] | tuple[float, ...], n: int, name: str) -
 
 
 def _gsam_combined64(
-    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float, write_back: bool = True
+    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float
 ) -> list[Tensor | None]:
     """float64 combined gradients (None where the tensor has no gradient); GSAM when alpha > 0.
 
     ``gs' = gs - alpha * (g_old - cos * |g_old| * gs / (|gs| + 1e-12))`` over the tensors with
-    both ``g_old`` and ``grads``; the others keep ``gs``. ``write_back``: also store ``gs'``
-    into ``grads`` (rounded to their dtype).
+    both ``g_old`` and ``grads`` (:func:`gsam_coefficients`); the others keep ``gs``.
     """
     f64 = torch.float64
     out: list[Tensor | None] = [None if g is None else g.to(f64) for g in grads]
@@ -217,34 +313,44 @@ def _gsam_combined64(
     pairs = [i for i, (g, go) in enumerate(zip(grads, g_old)) if g is not None and go is not None]
     if not pairs:
         return out
-    dev = grads[pairs[0]].device  # type: ignore[union-attr]
-    dot = torch.zeros((), dtype=f64, device=dev)
-    ss_new = torch.zeros((), dtype=f64, device=dev)
-    ss_old = torch.zeros((), dtype=f64, device=dev)
+    cos, ratio = gsam_coefficients([grads[i] for i in pairs], [g_old[i] for i in pairs])  # type: ignore[misc]
     for i in pairs:
         gs64, go64 = out[i], g_old[i].to(f64)  # type: ignore[union-attr]
-        dot = dot + (gs64 * go64).sum()  # type: ignore[operator]
-        ss_new = ss_new + (gs64 * gs64).sum()  # type: ignore[operator]
-        ss_old = ss_old + (go64 * go64).sum()
-    n_new, n_old = ss_new.sqrt(), ss_old.sqrt()
-    cos = dot / (n_new * n_old + PERTURB_EPS)
-    for i in pairs:
-        gs64, go64 = out[i], g_old[i].to(f64)  # type: ignore[union-attr]
-        out[i] = gs64 - alpha * (go64 - cos * n_old * gs64 / (n_new + PERTURB_EPS))  # type: ignore[operator]
-        if write_back:
-            grads[i].copy_(out[i])  # type: ignore[union-attr,arg-type]
+        out[i] = gs64 - alpha * (go64 - cos * ratio * gs64)  # type: ignore[operator]
     return out
 
 
+class _Undo:
+    """Copies of the tensors an op is about to write, put back if a write fails: the reference
+    twins change nothing when they raise (what the fused backends guarantee by validating first
+    and writing in one launch)."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[Tensor, Tensor]] = []
+
+    def write(self, dst: Tensor, value: Tensor) -> None:
+        self.saved.append((dst, dst.clone()))
+        dst.copy_(value)
+
+    def undo(self) -> None:
+        for dst, old in reversed(self.saved):
+            dst.copy_(old)
+
+
 def check_accumulate_args(params: list[Tensor], grads: list[Tensor | None], w_old: list[Tensor | None],
-                          acc: list[Tensor | None], reset: list[bool]) -> None:
+                          acc: list[Tensor | None], reset: list[bool],
+                          acc_in: list[Tensor | None] | None = None) -> None:
     """The list rules of :func:`sam_restore_accumulate_`, shared by every backend."""
     n = len(params)
     if len(grads) != n or len(w_old) != n or len(acc) != n or len(reset) != n:
         raise ValueError("sam_restore_accumulate_: grads, w_old, acc and reset need one entry per parameter")
+    if acc_in is not None and len(acc_in) != n:
+        raise ValueError("sam_restore_accumulate_: acc_in needs one entry per parameter")
     for i in range(n):
         if grads[i] is not None and acc[i] is None:
             raise ValueError(f"sam_restore_accumulate_: params[{i}] has a gradient but no acc buffer")
+        if acc_in is not None and acc[i] is not None and not reset[i] and acc_in[i] is None:
+            raise ValueError(f"sam_restore_accumulate_: params[{i}] adds to a running sum but has no acc_in entry")
 
 
 @torch.no_grad()
@@ -259,6 +365,7 @@ def sam_restore_accumulate_(
     weight: float,
     scale: float = 1.0,
     gsam_alpha: float = 0.0,
+    acc_in: list[Tensor | None] | None = None,
 ) -> None:
     """m-SAM, once per micro-batch: restore + GSAM combine + gradient accumulation, in float64.
 
@@ -270,24 +377,39 @@ def sam_restore_accumulate_(
 
     ``grads`` are only read (the combined gradient goes into ``acc``, not back into ``.grad``).
     Every tensor with a gradient needs an ``acc`` entry (same shape and dtype as the parameter).
+    ``acc_in`` (default: ``acc``, in place) is where the running sum is read from when not
+    ``reset``: an out-of-place sum lets the caller keep the old one for a rollback.
     A training step calls it with ``weight = n_k / n_ref`` per micro-batch ``k`` and, on the last
     micro-batch before the base update, ``scale = n_ref / sum(n_k)``, so ``acc`` ends as the
     size-weighted mean of the micro-batch gradients with one rounding per micro-batch.
+    On an exception nothing is changed.
     """
-    check_accumulate_args(params, grads, w_old, acc, reset)
+    check_accumulate_args(params, grads, w_old, acc, reset, acc_in)
     f64 = torch.float64
-    gs = _gsam_combined64(grads, g_old, gsam_alpha, write_back=False)
-    for i, w in enumerate(params):
-        if w_old[i] is not None:
-            w.copy_(w_old[i])  # type: ignore[arg-type]
+    src = acc if acc_in is None else acc_in
+    gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    vals: list[Tensor | None] = []
+    for i in range(len(params)):
         a = acc[i]
         if a is None:
+            vals.append(None)
             continue
         g = gs[i]
         v = torch.zeros(a.shape, dtype=f64, device=a.device) if g is None else weight * g
         if not reset[i]:
-            v = a.to(f64) + v
-        a.copy_(scale * v)
+            v = src[i].to(f64) + v  # type: ignore[union-attr]
+        vals.append(scale * v)
+    undo = _Undo()
+    try:
+        for i, w in enumerate(params):
+            if vals[i] is not None:
+                undo.write(acc[i], vals[i])  # type: ignore[arg-type]
+        for i, w in enumerate(params):
+            if w_old[i] is not None:
+                undo.write(w, w_old[i])  # type: ignore[arg-type]
+    except BaseException:
+        undo.undo()
+        raise
 
 
 @torch.no_grad()
@@ -327,13 +449,17 @@ def sam_restore_sgd_(
     damps = _per_tensor(dampening, n, "dampening")
     f64 = torch.float64
     gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    writes: list[tuple[Tensor, Tensor]] = []  # computed first, written last (nothing changes on an error)
+    fresh: list[tuple[int, Tensor]] = []
     for i, w in enumerate(params):
         src = w_old[i] if w_old[i] is not None else w
         g = gs[i]
         if g is None:
             if w_old[i] is not None:
-                w.copy_(src)
+                writes.append((w, src))
             continue
+        if g_old is not None and gsam_alpha > 0 and g_old[i] is not None:
+            writes.append((grads[i], g))  # type: ignore[arg-type]  # .grad holds the combined gradient
         w64 = src.to(f64)
         d = -g if maximize else g
         if wds[i] != 0:
@@ -342,13 +468,22 @@ def sam_restore_sgd_(
             buf = momentum_buffers[i]
             if buf is None:
                 buf = torch.empty_like(w, memory_format=torch.preserve_format)
-                momentum_buffers[i] = buf
+                fresh.append((i, buf))
                 b64 = d
             else:
                 b64 = moms[i] * buf.to(f64) + (1.0 - damps[i]) * d
-            buf.copy_(b64)
+            writes.append((buf, b64))
             d = d + moms[i] * b64 if nesterov else b64
-        w.copy_(w64 - lrs[i] * d)
+        writes.append((w, w64 - lrs[i] * d))
+    undo = _Undo()
+    try:
+        for dst, val in writes:
+            undo.write(dst, val)
+    except BaseException:
+        undo.undo()
+        raise
+    for i, buf in fresh:  # created as torch creates state["momentum_buffer"], once every write succeeded
+        momentum_buffers[i] = buf
 
 
 @torch.no_grad()
@@ -393,17 +528,20 @@ def sam_restore_adam_(
     wds = _per_tensor(weight_decay, n, "weight_decay")
     f64 = torch.float64
     gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    writes: list[tuple[Tensor, Tensor]] = []  # computed first, written last (nothing changes on an error)
     for i, w in enumerate(params):
         src = w_old[i] if w_old[i] is not None else w
         g = gs[i]
         if g is None:
             if w_old[i] is not None:
-                w.copy_(src)
+                writes.append((w, src))
             continue
+        if g_old is not None and gsam_alpha > 0 and g_old[i] is not None:
+            writes.append((grads[i], g))  # type: ignore[arg-type]  # .grad holds the combined gradient
         m_t, v_t, s_t = exp_avgs[i], exp_avg_sqs[i], steps[i]
         assert m_t is not None and v_t is not None and s_t is not None
-        s_t += 1
-        t = float(s_t)
+        t = float(s_t) + 1.0
+        writes.append((s_t, s_t + 1))
         w64 = src.to(f64)
         if maximize:
             g = -g
@@ -415,14 +553,20 @@ def sam_restore_adam_(
         m64 = m_t.to(f64)
         m64 = m64 + (1.0 - b1s[i]) * (g - m64)
         v64 = b2s[i] * v_t.to(f64) + (1.0 - b2s[i]) * g * g
-        m_t.copy_(m64)
-        v_t.copy_(v64)
+        writes += [(m_t, m64), (v_t, v64)]
         if amsgrad:
             assert max_exp_avg_sqs is not None and max_exp_avg_sqs[i] is not None
             vmax_t = max_exp_avg_sqs[i]
             v64 = torch.maximum(vmax_t.to(f64), v64)  # type: ignore[union-attr]
-            vmax_t.copy_(v64)  # type: ignore[union-attr]
+            writes.append((vmax_t, v64))  # type: ignore[arg-type]
         bc1 = 1.0 - b1s[i] ** t
         bc2 = 1.0 - b2s[i] ** t
         denom = v64.sqrt() / math.sqrt(bc2) + epss[i]
-        w.copy_(w64 - (lrs[i] / bc1) * m64 / denom)
+        writes.append((w, w64 - (lrs[i] / bc1) * m64 / denom))
+    undo = _Undo()
+    try:
+        for dst, val in writes:
+            undo.write(dst, val)
+    except BaseException:
+        undo.undo()
+        raise

@@ -408,7 +408,11 @@ def test_ops_schema_and_fake_kernels():
     ops = cpp_sam._BACKEND.ops()
     params, grads, w_old, ema, rdy, g_old = perturb_inputs(torch.float32, [(5,), (9,)], 0, True, True)
     args = (params, grads, w_old, ema, rdy, g_old, [0.1, 0.2], [0.0, 0.0], [1, 0], [0, 5],
-            2.0, True, 1.0, 0.9, 0.5, 3, 1, False)
+            2.0, True, 1.0, 0.9, 0.5, 3, 1, False, [], [])
+    torch.library.opcheck(ops.sam_perturb.default, args, test_utils=("test_schema", "test_faketensor"))
+    # out-of-place EMA and flags: the inputs are only read
+    ema_out, rdy_out = [torch.empty_like(m) for m in ema], [torch.empty_like(r) for r in rdy]
+    args = args[:-2] + (ema_out, rdy_out)
     torch.library.opcheck(ops.sam_perturb.default, args, test_utils=("test_schema", "test_faketensor"))
     gs = [g.clone() for g in grads]
     m = [torch.zeros_like(p) for p in params]

@@ -45,10 +45,12 @@ def _sqrt(x, CT: tl.constexpr):
 
 
 # Column layouts of the tables (constexpr so the kernels can use them; host code reads .value).
-# Perturbation (K1/K2): int64 columns, hyperparameter columns, scalars.
+# Perturbation (K1/K2): int64 columns, hyperparameter columns, scalars. EMA / READY are read,
+# EMA_OUT / READY_OUT written (the same addresses when the F-SAM state is updated in place).
 P_W, P_G, P_WOLD, P_EMA = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
-P_READY, P_GOLD, P_NUMEL, P_OFFSET = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
-P_NCOL = tl.constexpr(8)
+P_READY, P_GOLD, P_EMA_OUT, P_READY_OUT = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
+P_NUMEL, P_OFFSET = tl.constexpr(8), tl.constexpr(9)
+P_NCOL = tl.constexpr(10)
 P_RHO, P_ETA, P_ADAPTIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 P_NHYP = tl.constexpr(3)
 P_NSCAL = tl.constexpr(6)  # q_hi, q_lo (q = q_hi + q_lo in float64), sigma, lambda, beta, 1 - lambda
@@ -62,7 +64,8 @@ S_NCOL = tl.constexpr(8)
 S_NHYP = tl.constexpr(8)
 S_NSCAL = tl.constexpr(1)  # gsam_alpha
 
-# Accumulate hyp (m-SAM micro-batches): weight, scale, reset (1: acc starts from 0)
+# Accumulate hyp (m-SAM micro-batches): weight, scale, reset (1: acc starts from 0); the running sum
+# is read from column S_2 when it has an address (out of place), else from S_1 (in place)
 MODE_RESTORE, MODE_SGD, MODE_ADAM, MODE_ACCUM = 0, 1, 2, 3
 
 
@@ -99,10 +102,76 @@ def _abs_pow(a, q):
     return tl.where(nz, tl.exp2(q * tl.log2(tl.where(nz, a64, 1.0))), 0.0)
 
 
+# Scaled sums (see fastsam.reference: "scaled norms"). A sum of |u|^q overflows long before the
+# norm (float32: u^2 at |u| > 1.8e19), so each program sums |u * 2^-E|^q with 2^E its running max's
+# power of two, rescaling its lanes (exactly: powers of two) when a block brings a larger max. Up to
+# under/overflow, which is what the scaling avoids, the scaled sum is the unscaled one times 2^-qE
+# bit for bit: every product and sum is the unscaled one shifted by a power of two.
 @triton.jit
-def _k1_block(row, hrow, ntab, offs, inb, sigma, q, DT: tl.constexpr, CT: tl.constexpr,
+def _frexp_exp(m, CT: tl.constexpr):
+    """``E`` with ``m = f * 2^E``, ``f`` in [0.5, 1) (frexp) for a float ``m >= 0`` of type CT, from
+    its bits; clamped so that ``2^-E`` is a normal CT number ([-100, 126] for float32, [-1000,
+    1022] for float64: tiny values get a scale that keeps their squares normal; inf and NaN the
+    top one, through which they stay inf / NaN)."""
+    if CT == tl.float64:
+        e = ((m.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022
+        return tl.minimum(tl.maximum(e, -1000), 1022)
+    else:
+        e = ((m.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+        return tl.minimum(tl.maximum(e, -100), 126)
+
+
+@triton.jit
+def _pow2(e, CT: tl.constexpr):
+    """``2^e`` in CT for an int32 ``e`` <= the exponent of CT's largest power of two, exactly,
+    from the bits; 0 below the normal range (a flush where the exact value is a denormal)."""
+    if CT == tl.float64:
+        b = e.to(tl.int64) + 1023
+        return tl.where(b > 0, (tl.maximum(b, 0) << 52).to(tl.float64, bitcast=True), 0.0)
+    else:
+        b = e + 127
+        return tl.where(b > 0, (tl.maximum(b, 0) << 23).to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def _e_lo(CT: tl.constexpr):
+    """The lowest exponent _frexp_exp returns (a program's running exponent starts there)."""
+    if CT == tl.float64:
+        return -1000
+    else:
+        return -100
+
+
+@triton.jit
+def _e_hi(CT: tl.constexpr):
+    """The highest exponent _frexp_exp returns (2^-E stays a normal number)."""
+    if CT == tl.float64:
+        return 1022
+    else:
+        return 126
+
+
+@triton.jit
+def _sum_scaled(part, npart, part_stride, pl, q, QMODE: tl.constexpr, PT: tl.constexpr):
+    """(S, E) of all scaled partials (S in ``part[k]``, E in ``part[part_stride + k]``): the sum
+    ``S * 2^(qE)`` of |u|^q, with E the largest exponent (a fixed order: the same bits in every
+    program)."""
+    pm = pl < npart
+    sp = tl.load(part + pl, mask=pm, other=0.0)
+    ep = tl.load(part + part_stride + pl, mask=pm, other=-2000.0).to(tl.int32)
+    emax = tl.max(ep, 0)
+    if QMODE == 0:
+        f = tl.exp2(q * (ep - emax).to(tl.float64)).to(PT)
+    else:
+        f = _pow2(QMODE * (ep - emax), PT)
+    return tl.sum(tl.where(pm, sp * f, 0.0), 0), emax
+
+
+@triton.jit
+def _k1_block(row, hrow, ntab, offs, inb, sigma, DT: tl.constexpr, CT: tl.constexpr,
               QMODE: tl.constexpr, FSAM: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr):
-    """K1 work of one block: the block's ``|u|^q`` (a BLOCK vector). ``inb``: the lanes in bounds."""
+    """K1 work of one block: the block's ``|u|`` (a BLOCK vector, in float64 for general q).
+    ``inb``: the lanes in bounds (the others are 0)."""
     u = tl.load(_ptr(tl.load(row + P_G * ntab), DT, ALIGNED) + offs, mask=inb, other=0.0).to(CT)
     if FSAM:
         r = tl.load(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)))
@@ -114,27 +183,27 @@ def _k1_block(row, hrow, ntab, offs, inb, sigma, q, DT: tl.constexpr, CT: tl.con
         pw = _ptr(tl.load(row + P_W * ntab), DT, ALIGNED)
         w = tl.load(pw + offs, mask=tl.where(ad, inb, False), other=0.0).to(CT)
         u = tl.where(ad, u * (tl.abs(w) + tl.load(hrow + P_ETA * ntab)), u)
-    if QMODE == 2:
-        return u * u
-    elif QMODE == 1:
-        return tl.abs(u)
+    if QMODE == 0:
+        return tl.abs(u).to(tl.float64)
     else:
-        return _abs_pow(tl.abs(u), q)
+        return tl.abs(u)
 
 
 @triton.jit
 def perturb_partials_kernel(
-    tab, ntab, hyp, scal, blocks, nblk, part, part_base, snap,
-    DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
+    tab, ntab, hyp, scal, blocks, nblk, part, part_base, part_stride, snap,
+    DT: tl.constexpr, CT: tl.constexpr, PT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
     ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """K1: ``part[part_base + pid] = sum over this program's blocks of |u|^q``.
+    """K1: this program's scaled partial of ``sum |u|^q``: ``S`` into ``part[part_base + pid]``,
+    ``E`` into ``part[part_stride + part_base + pid]`` (the sum is ``S * 2^(qE)``).
 
     ``u = T * d``: ``d = g - sigma * m`` when the tensor's EMA is ready (flag r != 0), else ``g``;
     ``T = |w| + eta`` on adaptive tensors, else 1 (``w`` is not read for the others).
-    QMODE 2: q = 2 (u^2); 1: q = 1 (p = inf, |u|); 0: general q (float64 pow). F-SAM: also
-    snapshots each tensor's ``fsam_ready`` flag into ``snap[t]`` (read by K2, which updates the
-    flags; K2 cannot read the flags themselves, another program may already have set them).
+    QMODE 2: q = 2; 1: q = 1 (p = inf); 0: general q (float64 pow). Every block's ``|u|`` is
+    scaled by ``2^-E`` with E the running max's exponent (:func:`_frexp_exp`), the lanes rescaled
+    when E grows. F-SAM: also snapshots each tensor's ``fsam_ready`` flag into ``snap[t]`` (K2
+    writes the flags, possibly in place: it reads the snapshot).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -143,8 +212,10 @@ def perturb_partials_kernel(
     sigma = tl.load(scal + 2)
     if QMODE == 0:
         acc = tl.zeros([BLOCK], dtype=tl.float64)
+        ep = _e_lo(tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=CT)
+        ep = _e_lo(CT)
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32
@@ -156,22 +227,39 @@ def perturb_partials_kernel(
         # SPLIT: full blocks get their own copy of the body with an all-true mask (the compiler
         # then knows 16-byte groups are all in or all out and vectorizes); the tail is masked
         if SPLIT and start + BLOCK <= numel:
-            acc += _k1_block(row, hrow, ntab, offs, lanes < BLOCK, sigma, q, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
+            a = _k1_block(row, hrow, ntab, offs, lanes < BLOCK, sigma, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
         else:
-            acc += _k1_block(row, hrow, ntab, offs, offs < numel, sigma, q, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
+            a = _k1_block(row, hrow, ntab, offs, offs < numel, sigma, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
+        if QMODE == 0:
+            en = tl.maximum(ep, _frexp_exp(tl.max(a, 0), tl.float64))
+            acc = acc * tl.exp2(q * (ep - en).to(tl.float64))
+            acc += _abs_pow(a * _pow2(-en, tl.float64), q)
+        else:
+            en = tl.maximum(ep, _frexp_exp(tl.max(a, 0), CT))
+            acc = acc * _pow2(QMODE * (ep - en), CT)
+            x = a * _pow2(-en, CT)
+            if QMODE == 2:
+                acc += x * x
+            else:
+                acc += x
+        ep = en
         if FSAM:
             # after the block's loads: a conditional store ahead of them stops triton 3.9 from
             # vectorizing the loads that follow it
             if start == 0:
                 tl.store(snap + t, tl.load(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32))))
-    tl.store(part + part_base + pid, tl.sum(acc, 0).to(part.dtype.element_ty))
+    tl.store(part + part_base + pid, tl.sum(acc, 0).to(PT))
+    tl.store(part + part_stride + part_base + pid, ep.to(PT))
 
 
 @triton.jit
-def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta, q, denom, seed64, thr,
-              DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr, ADAPTIVE: tl.constexpr,
-              GSAM: tl.constexpr, SWP: tl.constexpr, RNE_BF16: tl.constexpr, ALIGNED: tl.constexpr):
-    """K2 work of one block (``inb``: the lanes in bounds; ``r``: the tensor's F-SAM flag snapshot)."""
+def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta, q, denom, inv, n_hat, seed64,
+              thr, DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
+              ADAPTIVE: tl.constexpr, GSAM: tl.constexpr, SWP: tl.constexpr, RNE_BF16: tl.constexpr,
+              ALIGNED: tl.constexpr):
+    """K2 work of one block (``inb``: the lanes in bounds; ``r``: the tensor's F-SAM flag snapshot).
+    ``e = rho * mag / denom * T`` with ``mag = u * inv`` (q = 2), ``sign(u)`` (q = 1),
+    ``sign(u) (|u| inv / n_hat)^(q-1)`` (general q); see :func:`perturb_apply_kernel`."""
     inb_ok = tl.where(finite, inb, False)
     pw = _ptr(tl.load(row + P_W * ntab), DT, ALIGNED)
     w_raw = tl.load(pw + offs, mask=inb, other=0.0)
@@ -182,7 +270,9 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta
     m = g
     if FSAM:
         pm = _ptr(tl.load(row + P_EMA * ntab), DT, ALIGNED)
-        m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
+        # read where the EMA is ready, and everywhere when N is not finite (it is then copied to
+        # ema_out as it is); a not-ready EMA is not read on a finite step: m = 0, d = g bit for bit
+        m = tl.load(pm + offs, mask=tl.where(tl.where(finite, r != 0, True), inb, False), other=0.0).to(CT)
         u = g - sigma * m
     T = 1.0
     if ADAPTIVE:
@@ -190,11 +280,11 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta
         T = tl.where(ad, tl.abs(w) + tl.load(hrow + P_ETA * ntab), 1.0)
         u = u * T
     if QMODE == 2:
-        mag = u
+        mag = u * inv  # a power of two: exact
     elif QMODE == 1:
         mag = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(CT)
     else:
-        mag = tl.where(u < 0, -1.0, 1.0).to(CT) * _abs_pow(tl.abs(u), q - 1.0).to(CT)
+        mag = tl.where(u < 0, -1.0, 1.0).to(CT) * _abs_pow(tl.abs(u).to(tl.float64) * inv / n_hat, q - 1.0).to(CT)
     e = tl.load(hrow + P_RHO * ntab) * mag / denom
     if ADAPTIVE:
         e = e * T
@@ -212,25 +302,35 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta
         pgo = _ptr(tl.load(row + P_GOLD * ntab), DT, ALIGNED)
         tl.store(pgo + offs, tl.where(finite, g_raw, 0.0).to(DT), mask=inb)
     if FSAM:
-        m_new = tl.where(r != 0, lam * m + one_m_lam * g, g)
+        # m' when N is finite, else m itself (ema_out may be another buffer than ema: it must hold
+        # the EMA either way)
+        m_new = tl.where(finite, tl.where(r != 0, lam * m + one_m_lam * g, g), m)
+        pmo = _ptr(tl.load(row + P_EMA_OUT * ntab), DT, ALIGNED)
         if RNE_BF16:
-            tl.store(pm + offs, _bf16_rne(m_new), mask=inb_ok)
+            tl.store(pmo + offs, _bf16_rne(m_new), mask=inb)
         else:
-            tl.store(pm + offs, m_new.to(DT), mask=inb_ok)
+            tl.store(pmo + offs, m_new.to(DT), mask=inb)
 
 
 # seed/step keys change every step: no value specialization (a step of 1 or a multiple of 16
 # would otherwise compile its own kernel variant).
 @triton.jit(do_not_specialize=["seed_key", "step_key", "keep_thr"])
 def perturb_apply_kernel(
-    tab, ntab, hyp, scal, blocks, nblk, part, npart, snap, ok, seed_key, step_key, keep_thr,
-    DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
+    tab, ntab, hyp, scal, blocks, nblk, part, npart, part_stride, snap, ok, seed_key, step_key, keep_thr,
+    DT: tl.constexpr, CT: tl.constexpr, PT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
     ADAPTIVE: tl.constexpr, GSAM: tl.constexpr, SWP: tl.constexpr, RNE_BF16: tl.constexpr,
     BLOCK: tl.constexpr, PBLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """K2: reduce all partials to ``N``, then per element ``w_old = w``; if N is finite
     ``w += e`` with ``e = rho * T * sign(u)|u|^(q-1) / (N^(q-1) + 1e-12)`` (ESAM: times
-    keep / beta), F-SAM EMA and flag update, GSAM ``g_old = g`` (zeros when N is not finite).
+    keep / beta), F-SAM EMA and flag into their out columns, GSAM ``g_old = g`` (zeros when N is
+    not finite; then the EMA and flag outputs get the inputs' values).
+
+    Scaled: with ``N = 2^E2 * n_hat`` (``2^E2`` N's power of two, clamped to CT's range),
+    ``inv = 2^-E2`` and ``e = rho * mag / denom * T``: q = 2 ``mag = u * inv``,
+    ``denom = n_hat + 1e-12 * inv`` (= (N + 1e-12) * inv exactly); q = 1 ``mag = sign(u)``,
+    ``denom = 1 + 1e-12``; general q ``mag = sign(u) (|u| inv / n_hat)^(q-1)`` (<= 1),
+    ``denom = 1 + 1e-12 * N^-(q-1)``. Finite for every finite u.
 
     Program 0 writes ``ok = isfinite(N)`` (uint8). ESAM keep bit of global element ``i``:
     ``philox(seed64 = step * 2^32 + seed, counter = (i mod 2^32, i div 2^32, 0, 0))[0] < keep_thr``,
@@ -240,23 +340,34 @@ def perturb_apply_kernel(
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
     pl = tl.arange(0, PBLOCK)
-    tot = tl.sum(tl.load(part + pl, mask=pl < npart, other=0.0), 0)
     q = tl.load(scal + 0).to(tl.float64) + tl.load(scal + 1).to(tl.float64)
     sigma = tl.load(scal + 2)
     lam = tl.load(scal + 3)
     beta = tl.load(scal + 4)
     one_m_lam = tl.load(scal + 5)
+    tot, emax = _sum_scaled(part, npart, part_stride, pl, q, QMODE, PT)
     if QMODE == 2:
-        N = _sqrt(tot.to(CT), CT)
-        denom = N + 1e-12
+        nh = _sqrt(tot.to(CT), CT)
     elif QMODE == 1:
-        N = tot.to(CT)
+        nh = tot.to(CT)
+    else:
+        nh = _abs_pow(tot.to(tl.float64), 1.0 / q)
+    finite = nh * 0 == 0  # False for inf and NaN
+    # N = nh * 2^emax; E2 = its exponent, clamped; n_hat = N * 2^-E2 (a power-of-two rescale)
+    e2 = tl.minimum(tl.maximum(emax + _frexp_exp(nh.to(CT), CT), _e_lo(CT)), _e_hi(CT))
+    inv = _pow2(-e2, CT)
+    if QMODE == 2:
+        n_hat = nh * _pow2(emax - e2, CT)
+        denom = n_hat + 1e-12 * inv
+    elif QMODE == 1:
+        n_hat = nh
         denom = 1.0 + 1e-12  # N^(q-1) = N^0 = 1
     else:
-        N64 = _abs_pow(tot, 1.0 / q)
-        N = N64.to(CT)
-        denom = (_abs_pow(N64, q - 1.0) + 1e-12).to(CT)
-    finite = N * 0 == 0  # False for inf and NaN
+        n_hat = nh * tl.exp2((emax - e2).to(tl.float64))
+        ok_n = n_hat > 0
+        lg = tl.log2(tl.where(ok_n, n_hat, 1.0))
+        denom = tl.where(ok_n, 1.0 + 1e-12 * tl.exp2(-(q - 1.0) * (e2.to(tl.float64) + lg)), float("inf")).to(CT)
+        n_hat = tl.where(ok_n, n_hat, 1.0)  # every u = 0: mag = 0 / 1, e = 0 / inf
     if pid == 0:
         tl.store(ok, finite.to(tl.uint8))
     seed64 = (step_key.to(tl.uint64) << 32) | seed_key.to(tl.uint64)
@@ -273,16 +384,16 @@ def perturb_apply_kernel(
         if FSAM:
             r = tl.load(snap + t)
         if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)
-            _k2_block(row, hrow, ntab, offs, lanes < BLOCK, finite, r, sigma, lam, one_m_lam, beta, q, denom, seed64,
-                      thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
+            _k2_block(row, hrow, ntab, offs, lanes < BLOCK, finite, r, sigma, lam, one_m_lam, beta, q, denom, inv,
+                      n_hat, seed64, thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
         else:
-            _k2_block(row, hrow, ntab, offs, offs < numel, finite, r, sigma, lam, one_m_lam, beta, q, denom, seed64,
-                      thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
+            _k2_block(row, hrow, ntab, offs, offs < numel, finite, r, sigma, lam, one_m_lam, beta, q, denom, inv,
+                      n_hat, seed64, thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
         if FSAM:
             if start == 0:  # after the block's loads (see K1)
                 # unmasked: the flag keeps its snapshot r when N is not finite (a scalar store
                 # masked by a scalar is ignored by triton 3.0's interpreter)
-                tl.store(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)), tl.where(finite, 1.0, r))
+                tl.store(tl.load(row + P_READY_OUT * ntab).to(tl.pointer_type(tl.float32)), tl.where(finite, 1.0, r))
 
 
 @triton.jit
@@ -295,16 +406,21 @@ def _kg_block(a_g, a_go, offs, inb, DT: tl.constexpr, CT: tl.constexpr, ALIGNED:
 @triton.jit
 def gsam_partials_kernel(
     tab, ntab, blocks, nblk, part, part_base, part_stride,
-    DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
+    DT: tl.constexpr, CT: tl.constexpr, PT: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    """GSAM reduction: partial ``<g_old, gs>``, ``|gs|^2``, ``|g_old|^2`` of this program's blocks
-    (tensors with both a gradient and ``g_old``) into ``part[k * part_stride + part_base + pid]``."""
+    """GSAM reduction, scaled: partial ``<g_old, gs>``, ``|gs|^2``, ``|g_old|^2`` of this
+    program's blocks (tensors with both a gradient and ``g_old``) with ``gs`` scaled by ``2^-es``
+    and ``g_old`` by ``2^-eo`` (running maxima, see K1), into ``part[k * part_stride + part_base +
+    pid]`` for k = 0..4: dot, |gs|^2, |g_old|^2, es, eo."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
     a_dot = tl.zeros([BLOCK], dtype=CT)
     a_new = tl.zeros([BLOCK], dtype=CT)
     a_old = tl.zeros([BLOCK], dtype=CT)
+    es = _e_lo(CT)
+    eo = _e_lo(CT)
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32
@@ -319,13 +435,50 @@ def gsam_partials_kernel(
                 gs, go = _kg_block(a_g, a_go, offs, lanes < BLOCK, DT, CT, ALIGNED)
             else:
                 gs, go = _kg_block(a_g, a_go, offs, offs < numel, DT, CT, ALIGNED)
-            a_dot += gs * go
-            a_new += gs * gs
-            a_old += go * go
-    ty = part.dtype.element_ty
-    tl.store(part + part_base + pid, tl.sum(a_dot, 0).to(ty))
-    tl.store(part + part_stride + part_base + pid, tl.sum(a_new, 0).to(ty))
-    tl.store(part + 2 * part_stride + part_base + pid, tl.sum(a_old, 0).to(ty))
+            ns = tl.maximum(es, _frexp_exp(tl.max(tl.abs(gs), 0), CT))
+            no = tl.maximum(eo, _frexp_exp(tl.max(tl.abs(go), 0), CT))
+            a_dot = a_dot * _pow2((es - ns) + (eo - no), CT)
+            a_new = a_new * _pow2(2 * (es - ns), CT)
+            a_old = a_old * _pow2(2 * (eo - no), CT)
+            xs = gs * _pow2(-ns, CT)
+            xo = go * _pow2(-no, CT)
+            a_dot += xs * xo
+            a_new += xs * xs
+            a_old += xo * xo
+            es = ns
+            eo = no
+    tl.store(part + part_base + pid, tl.sum(a_dot, 0).to(PT))
+    tl.store(part + part_stride + part_base + pid, tl.sum(a_new, 0).to(PT))
+    tl.store(part + 2 * part_stride + part_base + pid, tl.sum(a_old, 0).to(PT))
+    tl.store(part + 3 * part_stride + part_base + pid, es.to(PT))
+    tl.store(part + 4 * part_stride + part_base + pid, eo.to(PT))
+
+
+@triton.jit
+def _gsam_coef(part, npart, part_stride, alpha, PBLOCK: tl.constexpr, PT: tl.constexpr):
+    """``1 + alpha * cos * |g_old| / (|gs| + 1e-12)``, ``cos = <g_old, gs> / (|gs| |g_old| +
+    1e-12)``, from the scaled partials of :func:`gsam_partials_kernel` (float64 scalars; the same
+    bits in every program)."""
+    pl = tl.arange(0, PBLOCK)
+    pm = pl < npart
+    ep_s = tl.load(part + 3 * part_stride + pl, mask=pm, other=-2000.0).to(tl.int32)
+    ep_o = tl.load(part + 4 * part_stride + pl, mask=pm, other=-2000.0).to(tl.int32)
+    es = tl.max(ep_s, 0)
+    eo = tl.max(ep_o, 0)
+    fs = _pow2(ep_s - es, PT)
+    fo = _pow2(ep_o - eo, PT)
+    dot = tl.sum(tl.where(pm, tl.load(part + pl, mask=pm, other=0.0) * (fs * fo), 0.0), 0).to(tl.float64)
+    ssn = tl.sum(tl.where(pm, tl.load(part + part_stride + pl, mask=pm, other=0.0) * _pow2(2 * (ep_s - es), PT),
+                          0.0), 0).to(tl.float64)
+    sso = tl.sum(tl.where(pm, tl.load(part + 2 * part_stride + pl, mask=pm, other=0.0) * _pow2(2 * (ep_o - eo), PT),
+                          0.0), 0).to(tl.float64)
+    n_new = tl.sqrt(ssn)  # |gs| = n_new 2^es, |g_old| = n_old 2^eo
+    n_old = tl.sqrt(sso)
+    es64 = es.to(tl.float64)
+    eo64 = eo.to(tl.float64)
+    cos = dot / (n_new * n_old + 1e-12 * tl.exp2(-(es64 + eo64)))
+    ratio = n_old / (n_new * tl.exp2(es64 - eo64) + 1e-12 * tl.exp2(-eo64))
+    return 1.0 + alpha.to(tl.float64) * (cos * ratio)
 
 
 @triton.jit
@@ -376,16 +529,18 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
         w_old = tl.load(src + offs, mask=tl.where(has_wo, inb, False))
         tl.store(pw + offs, w_old, mask=tl.where(has_wo, inb, False))
         a_acc = tl.load(row + S_1 * ntab)
+        a_in = tl.load(row + S_2 * ntab)
         has_acc = a_acc != 0
         weight = tl.load(hrow + 0 * ntab)
         scale = tl.load(hrow + 1 * ntab)
         keep = tl.load(hrow + 2 * ntab) == 0  # reset == 0: add to the running sum
         pa = _ptr(tl.where(has_acc, a_acc, a_w), DT, ALIGNED)
+        pin = _ptr(tl.where(a_in != 0, a_in, tl.where(has_acc, a_acc, a_w)), DT, ALIGNED)
         g = tl.load(pg + offs, mask=tl.where(has_acc & has_g, inb, False), other=0.0).to(CT)
         if GSAM:
             g = tl.where(has_go, coef * g - alpha * go, g)
         val = tl.where(has_g, weight * g, 0.0)
-        old = tl.load(pa + offs, mask=tl.where(has_acc & keep, inb, False), other=0.0).to(CT)
+        old = tl.load(pin + offs, mask=tl.where(has_acc & keep, inb, False), other=0.0).to(CT)
         val = tl.where(keep, old + val, val)
         _st(pa + offs, scale * val, tl.where(has_acc, inb, False), DT, RNE_BF16)
     else:
@@ -456,7 +611,7 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
 @triton.jit
 def second_step_kernel(
     tab, ntab, hyp, scal, blocks, nblk, part, npart, part_stride,
-    DT: tl.constexpr, CT: tl.constexpr, MODE: tl.constexpr, GSAM: tl.constexpr,
+    DT: tl.constexpr, CT: tl.constexpr, PT: tl.constexpr, MODE: tl.constexpr, GSAM: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr,
     RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, SPLIT: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -478,13 +633,7 @@ def second_step_kernel(
     alpha = tl.load(scal + 0)
     coef = 1.0
     if GSAM:
-        pl = tl.arange(0, PBLOCK)
-        pmask = pl < npart
-        dot = tl.sum(tl.load(part + pl, mask=pmask, other=0.0), 0).to(CT)
-        n_new = _sqrt(tl.sum(tl.load(part + part_stride + pl, mask=pmask, other=0.0), 0).to(CT), CT)
-        n_old = _sqrt(tl.sum(tl.load(part + 2 * part_stride + pl, mask=pmask, other=0.0), 0).to(CT), CT)
-        cos = dot / (n_new * n_old + 1e-12)
-        coef = 1.0 + alpha * (cos * n_old / (n_new + 1e-12))
+        coef = _gsam_coef(part, npart, part_stride, alpha, PBLOCK, PT).to(CT)
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32

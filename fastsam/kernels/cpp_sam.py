@@ -105,7 +105,7 @@ def _register_fakes(kind: str) -> None:
     ns = f"fastsam_{kind}"
 
     def perturb_fake(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam, sigma,
-                     lam, beta, seed, step, nt):
+                     lam, beta, seed, step, nt, ema_out, ready_out):
         return torch.empty((), dtype=torch.bool, device=params[0].device if params else "cpu")
 
     def second_step_fake(*args, **kwargs):
@@ -169,6 +169,8 @@ class CsrcBackend:
         swp_keep: float = 1.0,
         seed: int = 0,
         step: int = 0,
+        ema_out: list[Tensor] | None = None,
+        ready_out: list[Tensor] | None = None,
     ) -> Tensor:
         """First step in two passes (K1 norm partials, K2 perturbation); same contract as
         :func:`fastsam.reference.sam_perturb_`:
@@ -176,8 +178,10 @@ class CsrcBackend:
         ``d = g`` (F-SAM: ``g - sigma * m`` once the tensor's ``ema_ready`` flag is set),
         ``u = T * d`` with ``T = |w| + eta`` on adaptive tensors, ``N = ||u||_q`` over all tensors,
         ``w += rho * T * sign(u) |u|^(q-1) / (N^(q-1) + 1e-12)`` (ESAM: ``* keep / beta``),
-        ``w_old = w``, ``g_old = g``. Returns the 0-dim bool "N finite"; when False nothing is
-        perturbed, the EMA and flags are untouched and ``g_old`` is zeroed.
+        ``w_old = w``, ``g_old = g``; the new EMA and flags go to ``ema_out`` / ``ready_out``
+        (default: in place). Returns the 0-dim bool "N finite"; when False nothing is perturbed,
+        the EMA and flags keep their values and ``g_old`` is zeroed. One call into the
+        extension, which validates every tensor before it writes any: an exception changes nothing.
         """
         if not params:
             return torch.ones((), dtype=torch.bool)
@@ -193,6 +197,8 @@ class CsrcBackend:
             [float(r) for r in rhos], [float(e) for e in etas], [1 if a else 0 for a in adaptive],
             [int(o) for o in offsets], float(dual_exponent(p)), fsam, 0.0 if fsam_sigma is None else float(fsam_sigma),
             float(fsam_lambda), float(swp_keep), int(seed) & _MASK32, int(step) & _MASK32, self.stream(params),
+            st.many(ema_out, True) if fsam and ema_out is not None else [],  # type: ignore[arg-type]
+            list(ready_out) if fsam and ready_out is not None else [],
         )
         st.finish()
         return ok
@@ -280,11 +286,15 @@ class CsrcBackend:
             if moms[i] == 0:
                 continue
             if momentum_buffers[i] is None:
-                momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+                bufs[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
                 fresh[i] = 1
-            bufs[i] = momentum_buffers[i]
+            else:
+                bufs[i] = momentum_buffers[i]
         self._second_step(_MODE_SGD, params, grads, w_old, g_old, bufs, None, None, hyp, fresh, gsam_alpha,
                           nesterov=nesterov, maximize=maximize)
+        for i in range(n):  # handed over once the op succeeded (an exception leaves the list as it was)
+            if fresh[i]:
+                momentum_buffers[i] = bufs[i]
 
     @torch.no_grad()
     def sam_restore_adam_(
@@ -321,12 +331,11 @@ class CsrcBackend:
         present = [steps[i] for i in upd]
         if any(s is None for s in present):
             raise ValueError("sam_restore_adam_: every tensor with a gradient needs its step tensor")
-        if present:
-            torch._foreach_add_(present, 1.0)  # type: ignore[arg-type]
-            if all(s.device == present[0].device for s in present):  # type: ignore[union-attr]
-                vals = torch.stack(present).tolist()  # type: ignore[arg-type]
+        if present:  # the incremented values; the counters themselves move once the kernels ran
+            if all(s.device == present[0].device and s.dtype == present[0].dtype for s in present):  # type: ignore
+                vals = torch.stack(present).add(1).tolist()  # type: ignore[arg-type]  # in the step's dtype
             else:
-                vals = [float(s) for s in present]  # type: ignore[arg-type]
+                vals = [float(s + 1) for s in present]  # type: ignore[operator]
         hyp = [0.0] * (n * _NUM_HYP)
         for i, t in zip(upd, vals if present else []):
             bc1 = 1.0 - b1s[i] ** t
@@ -341,6 +350,8 @@ class CsrcBackend:
         vmax = [max_exp_avg_sqs[i] if i in keep else None for i in range(n)] if amsgrad and max_exp_avg_sqs else None
         self._second_step(_MODE_ADAM, params, grads, w_old, g_old, m, v, vmax, hyp, [0] * n, gsam_alpha,
                           maximize=maximize, amsgrad=amsgrad, decoupled=decoupled_weight_decay)
+        if present:
+            torch._foreach_add_(present, 1.0)  # type: ignore[arg-type]
 
 
     @torch.no_grad()
@@ -356,12 +367,14 @@ class CsrcBackend:
         weight: float,
         scale: float = 1.0,
         gsam_alpha: float = 0.0,
+        acc_in: list[Tensor | None] | None = None,
     ) -> None:
         """m-SAM micro-batch in one call: restore, GSAM combine (``grads`` only read),
-        ``acc <- scale * ((0 if reset else acc) + weight * g)`` (formulas:
-        :func:`fastsam.reference.sam_restore_accumulate_`). 5 parameter-sized passes (8 with
-        GSAM) against 5 (10) for restore, combine and ``acc += weight * g`` as separate ops."""
-        check_accumulate_args(params, grads, w_old, acc, reset)
+        ``acc <- scale * ((0 if reset else acc_in) + weight * g)`` (formulas:
+        :func:`fastsam.reference.sam_restore_accumulate_`; ``acc_in`` default ``acc``). 5
+        parameter-sized passes (8 with GSAM) against 5 (10) for restore, combine and
+        ``acc += weight * g`` as separate ops."""
+        check_accumulate_args(params, grads, w_old, acc, reset, acc_in)
         n = len(params)
         if n == 0:
             return
@@ -372,7 +385,10 @@ class CsrcBackend:
                 hyp[i * _NUM_HYP] = float(weight)
                 hyp[i * _NUM_HYP + 1] = float(scale)
         fresh = [1 if r else 0 for r in reset]
-        self._second_step(_MODE_ACCUM, params, grads, w_old, g_old if gsam_alpha > 0 else None, acc, None, None,
+        src = None
+        if acc_in is not None:  # out of place: the running sums are read from acc_in
+            src = [None if (a is None or reset[i] or acc_in[i] is acc[i]) else acc_in[i] for i, a in enumerate(acc)]
+        self._second_step(_MODE_ACCUM, params, grads, w_old, g_old if gsam_alpha > 0 else None, acc, src, None,
                           hyp, fresh, float(gsam_alpha) if gsam_alpha > 0 else 0.0)
 
 

@@ -53,14 +53,17 @@ def _zero_unless_(tensors: list[Tensor], ok: Tensor) -> None:
         torch._foreach_mul_(_int_views(tensors), ok.to(torch.int64))
 
 
-def _select_(dst: list[Tensor], src: list[Tensor], ok: Tensor) -> None:
-    """``dst <- src if ok else dst``, bit-exact, no host sync."""
+def _select_(dst: list[Tensor], src: list[Tensor], ok: Tensor, per_tensor: bool = False) -> None:
+    """``dst <- src if ok else dst``, bit-exact, no host sync. ``ok``: a 0-dim bool/int tensor,
+    or with ``per_tensor`` a 1-D one with one flag per tensor."""
     if not dst:
         return
     k = ok.to(torch.int64)
+    ks = list(k.unbind()) if per_tensor else k
+    nk = [1 - x for x in ks] if per_tensor else 1 - k
     di, si = _int_views(dst), _int_views(src)
-    torch._foreach_mul_(di, 1 - k)
-    torch._foreach_add_(di, torch._foreach_mul(si, k))
+    torch._foreach_mul_(di, nk)
+    torch._foreach_add_(di, torch._foreach_mul(si, ks))
 
 
 class _MaskCache:
@@ -104,6 +107,55 @@ class _MaskCache:
 _MASKS = _MaskCache()
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 tensors (their range and precision cannot hold |u|^(q-1) or the
+    scaled sums), the tensor's own dtype otherwise."""
+    return torch.float32 if t.dtype in _LOW else t.dtype
+
+
+def _in_math_dtype(ts: list[Tensor]) -> list[Tensor]:
+    if not any(t.dtype in _LOW for t in ts):
+        return list(ts)
+    return [t.float() if t.dtype in _LOW else t for t in ts]
+
+
+def _max_abs(tensors: list[Tensor], acc: torch.dtype, dev: torch.device) -> Tensor:
+    """0-dim ``max |t|`` over a list, exact, NaN if any element is NaN (no host sync)."""
+    tensors = [t for t in tensors if t.numel()]  # the inf-norm of an empty tensor is an error
+    if not tensors:
+        return torch.zeros((), dtype=acc, device=dev)
+    norms = torch._foreach_norm(tensors, float("inf"), dtype=acc)
+    if any(n.device != dev for n in norms):
+        norms = [n.to(dev) for n in norms]
+    return torch.stack(norms).max()
+
+
+def _scale_exponent(m: Tensor) -> Tensor:
+    """0-dim int ``E`` with ``m / 2^E`` in [0.5, 1) (frexp), clamped so that ``2^-E`` is a
+    normal number of ``m``'s dtype (tiny and zero ``m``: the lower clamp; inf/NaN: garbage,
+    masked by the caller's finite flag)."""
+    lo, hi = (-100, 126) if m.dtype != torch.float64 else (-1000, 1022)
+    return torch.frexp(m)[1].clamp(lo, hi)
+
+
+def _neg_zero_unless_(tensors: list[Tensor], ok: Tensor) -> None:
+    """``t <- t if ok else -0.0`` elementwise, exactly, with no host sync: ``w + (-0.0)`` leaves
+    every bit of ``w`` as it is (``w + 0.0`` would turn a -0.0 weight into +0.0)."""
+    if not tensors:
+        return
+    k = ok.to(torch.int64)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dt, ts in by_dtype.items():
+        iv = _int_views(ts)
+        torch._foreach_mul_(iv, k)
+        torch._foreach_add_(iv, (1 - k) * torch.iinfo(_INT_VIEW[dt]).min)  # the sign bit alone: -0.0
+
+
 @torch.no_grad()
 def sam_perturb_(
     params: list[Tensor],
@@ -123,44 +175,69 @@ def sam_perturb_(
     swp_keep: float = 1.0,
     seed: int = 0,
     step: int = 0,
+    ema_out: list[Tensor] | None = None,
+    ready_out: list[Tensor] | None = None,
 ) -> Tensor:
-    """Foreach twin of :func:`fastsam.reference.sam_perturb_` (same math, same contract)."""
+    """Foreach twin of :func:`fastsam.reference.sam_perturb_` (same math, same contract).
+
+    Math in the parameter dtype for fp32/fp64 and in float32 for bf16/fp16 parameters, rounded
+    once into the parameter; the sums are scaled by ``2^-E`` (``2^E`` just above ``max|u|``,
+    exact), so no finite gradient overflows them. The parameters are written by one
+    multi-tensor add, last: an exception before it leaves them unchanged.
+    """
     if not params:
         return torch.ones((), dtype=torch.bool)
     dev = params[0].device
     q = dual_exponent(p)
-    acc = _acc_dtype(params)
+    fsam = fsam_sigma is not None
+    g_c = _in_math_dtype(grads)
+    acc = _acc_dtype(g_c)
 
     # 1. direction d (F-SAM: d = g - sigma * r * m, r the per-tensor "EMA ready" flag)
-    if fsam_sigma is not None:
+    if fsam:
         assert ema is not None and ema_ready is not None
-        d = torch._foreach_mul(ema, ema_ready)  # 0-dim flags broadcast per tensor
+        ema_out = ema if ema_out is None else ema_out
+        ready_out = ema_ready if ready_out is None else ready_out
+        m_c = _in_math_dtype(ema)
+        d = torch._foreach_mul(m_c, ema_ready)  # 0-dim flags broadcast per tensor
         torch._foreach_mul_(d, -fsam_sigma)
-        torch._foreach_add_(d, grads)
+        torch._foreach_add_(d, g_c)
     else:
-        d = list(grads)
+        d = list(g_c)
 
     # 2. geometry T = |w| + eta on adaptive tensors; u = T * d
     ia = [i for i, a in enumerate(adaptive) if a]
     T: list[Tensor] = []
     u = list(d)
     if ia:
-        T = list(torch._foreach_abs([params[i] for i in ia]))
+        T = list(torch._foreach_abs(_in_math_dtype([params[i] for i in ia])))
         torch._foreach_add_(T, [etas[i] for i in ia])
         for i, ui in zip(ia, torch._foreach_mul([d[i] for i in ia], T)):
             u[i] = ui
 
-    # 3. dual norm and the perturbation e = rho * T * sign(u)|u|^(q-1) / (N^(q-1) + eps)
-    N = _global_norm(u, q, acc, dev)
-    ok = torch.isfinite(N)
-    if q == 2.0:
-        e = list(torch._foreach_div(u, N + PERTURB_EPS))
+    # 3. scaled dual norm: u_hat = u * 2^-E, N_hat = ||u_hat||_q, N = 2^E N_hat; then
+    #    e = rho * T * sign(u) (|u_hat| / N_hat)^(q-1) / (1 + 1e-12 * N^-(q-1))
+    M = _max_abs(u, acc, dev)
+    ok = torch.isfinite(M)
+    E = _scale_exponent(M)
+    e = list(torch._foreach_mul(u, torch.ldexp(torch.ones((), dtype=acc, device=dev), -E)))
+    if q == 1.0:
+        torch._foreach_sign_(e)
+        fac = torch.full((), 1.0 / (1.0 + PERTURB_EPS), dtype=acc, device=dev)
     else:
-        inv = 1.0 / (N.pow(q - 1.0) + PERTURB_EPS)
-        e = list(torch._foreach_sign(u))
-        if q != 1.0:
-            torch._foreach_mul_(e, torch._foreach_pow(torch._foreach_abs(u), q - 1.0))
-        torch._foreach_mul_(e, inv)
+        n_hat = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e, q, dtype=acc)), q)
+        n_hat = torch.where(n_hat > 0, n_hat, torch.ones_like(n_hat))  # every u = 0: e = 0 / 1
+        if q == 2.0:
+            torch._foreach_div_(e, n_hat)
+        else:
+            mag = torch._foreach_abs(e)
+            torch._foreach_div_(mag, n_hat)
+            torch._foreach_pow_(mag, q - 1.0)
+            torch._foreach_sign_(e)
+            torch._foreach_mul_(e, mag)
+        log_n = E.to(acc) + torch.log2(n_hat)
+        fac = 1.0 / (1.0 + PERTURB_EPS * torch.exp2(-(q - 1.0) * log_n))  # 0 when N^(q-1) << 1e-12
+    torch._foreach_mul_(e, fac)
     if ia:
         et = torch._foreach_mul([e[i] for i in ia], T)
         for i, ei in zip(ia, et):
@@ -175,25 +252,33 @@ def sam_perturb_(
         torch._foreach_mul_(e, _MASKS.get(params, offsets, seed, step, swp_keep))
         torch._foreach_div_(e, swp_keep)
 
-    # 6. non-finite N: e = 0 (and no state change below)
-    _zero_unless_(e, ok)
+    # 6. non-finite N: e = -0.0 (w + e keeps every bit of w), and no state change below
+    _neg_zero_unless_(e, ok)
 
-    # 5. keep w_old, perturb, keep g_old, update the F-SAM EMA
+    # 5. scratch outputs (w_old, g_old, the EMA's and flags' new values), then w += e last
     torch._foreach_copy_(w_old, params)
-    torch._foreach_add_(params, e)
     if g_old is not None:
         torch._foreach_copy_(g_old, grads)
         _zero_unless_(g_old, ok)
-    if fsam_sigma is not None:
-        assert ema is not None and ema_ready is not None
-        # m_new = g + lam * r * (m - g): the EMA update when r = 1, m_new = g when r = 0 (first call)
-        m_new = torch._foreach_sub(ema, grads)
-        torch._foreach_mul_(m_new, ema_ready)  # exact: r is 0 or 1
-        torch._foreach_mul_(m_new, fsam_lambda)  # Python scalar: lam in the tensors' own precision
-        torch._foreach_add_(m_new, grads)
-        _select_(ema, m_new, ok)
-        torch._foreach_maximum_(ema_ready, [ok.to(ema_ready[0].dtype)] * len(ema_ready))
+    if fsam:
+        assert ema is not None and ema_ready is not None and ema_out is not None and ready_out is not None
+        # m' = lam * m + (1 - lam) * g if r else g, in the math dtype, rounded once; kept only when
+        # N is finite (a bit select: no host sync, NaN-proof)
+        m_new = torch._foreach_mul(m_c, fsam_lambda)
+        torch._foreach_add_(m_new, torch._foreach_mul(g_c, 1.0 - fsam_lambda))
+        m_new = _cast_like(m_new, ema)
+        _select_(m_new, _cast_like(g_c, ema), 1 - torch.stack(ema_ready).to(torch.int64), per_tensor=True)
+        _select_(m_new, ema, 1 - ok.to(torch.int64))
+        r_new = torch._foreach_maximum(ema_ready, [ok.to(ema_ready[0].dtype)] * len(ema_ready))
+        torch._foreach_copy_(ready_out, r_new)
+        torch._foreach_copy_(ema_out, m_new)
+    torch._foreach_add_(params, e)
     return ok
+
+
+def _cast_like(src: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """``src`` in the dtypes of ``like`` (a new tensor only where they differ)."""
+    return [s if s.dtype == t.dtype else s.to(t.dtype) for s, t in zip(src, like)]
 
 
 @torch.no_grad()
@@ -206,21 +291,38 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
     """
     if not grads:
         return
-    torch._foreach_mul_(grads, _gsam_coef(grads, g_old, alpha))
+    coef = _gsam_coef(grads, g_old, alpha)
+    if any(g.dtype in _LOW for g in grads):  # float32 math, rounded once into the gradient
+        comb = torch._foreach_mul(_in_math_dtype(grads), coef.float())
+        torch._foreach_add_(comb, _in_math_dtype(g_old), alpha=-alpha)
+        torch._foreach_copy_(grads, comb)
+        return
+    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     torch._foreach_add_(grads, g_old, alpha=-alpha)
 
 
 def _gsam_coef(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Tensor:
-    """0-dim ``1 + alpha * cos * |g_old| / (|gs| + eps)`` (device tensor, no host sync)."""
+    """0-dim ``1 + alpha * cos * |g_old| / (|gs| + eps)`` (device tensor, no host sync), from
+    sums of ``gs * 2^-Es`` and ``g_old * 2^-Eo`` (``2^E`` just above each list's max: exact
+    scalings, no overflow for any finite gradient), combined in float64."""
     dev = grads[0].device
-    acc = _acc_dtype(grads)
-    n_new = _global_norm(grads, 2, acc, dev)
-    n_old = _global_norm(g_old, 2, acc, dev)
-    prod = torch._foreach_mul(g_old, grads)
-    pos = _global_norm(torch._foreach_clamp_min(prod, 0.0), 1, acc, dev)
-    neg = _global_norm(torch._foreach_clamp_max(prod, 0.0), 1, acc, dev)
-    cos = (pos - neg) / (n_new * n_old + PERTURB_EPS)
-    return 1.0 + alpha * (cos * n_old / (n_new + PERTURB_EPS))
+    f64 = torch.float64
+    gc, oc = _in_math_dtype(grads), _in_math_dtype(g_old)
+    acc = _acc_dtype(gc)
+    one = torch.ones((), dtype=acc, device=dev)
+    es, eo = _scale_exponent(_max_abs(gc, acc, dev)), _scale_exponent(_max_abs(oc, acc, dev))
+    gs_h = torch._foreach_mul(gc, torch.ldexp(one, -es))
+    go_h = torch._foreach_mul(oc, torch.ldexp(one, -eo))
+    n_new = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs_h, 2, dtype=f64)))
+    n_old = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(go_h, 2, dtype=f64)))
+    # the dot product has no foreach form: the L1 norms of its positive and negative parts
+    prod = torch._foreach_mul(gs_h, go_h)
+    pos = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(prod, 0.0), 1, dtype=f64)).sum()
+    neg = torch.stack(torch._foreach_norm(torch._foreach_clamp_max(prod, 0.0), 1, dtype=f64)).sum()
+    es64, eo64 = es.to(f64), eo.to(f64)
+    cos = (pos - neg) / (n_new * n_old + PERTURB_EPS * torch.exp2(-(es64 + eo64)))
+    ratio = n_old / (n_new * torch.exp2(es64 - eo64) + PERTURB_EPS * torch.exp2(-eo64))
+    return 1.0 + alpha * (cos * ratio)
 
 
 @torch.no_grad()
@@ -242,34 +344,49 @@ def sam_restore_accumulate_(
     weight: float,
     scale: float = 1.0,
     gsam_alpha: float = 0.0,
+    acc_in: list[Tensor | None] | None = None,
 ) -> None:
     """Foreach twin of :func:`fastsam.reference.sam_restore_accumulate_` (math in the parameter
-    dtype: ``weight * g`` and the sum are each rounded, then the product with ``scale``)."""
-    check_accumulate_args(params, grads, w_old, acc, reset)
+    dtype: ``weight * g`` and the sum are each rounded, then the product with ``scale``).
+    The new sums are computed out of place and written, then the weights restored: an exception
+    before the writes changes nothing."""
+    check_accumulate_args(params, grads, w_old, acc, reset, acc_in)
+    src = acc if acc_in is None else acc_in
     n = len(params)
-    rest = [i for i in range(n) if w_old[i] is not None]
-    if rest:
-        torch._foreach_copy_([params[i] for i in rest], [w_old[i] for i in rest])  # type: ignore[misc]
     gs: list[Tensor | None] = list(grads)
     if gsam_alpha > 0 and g_old is not None:
         pairs = [i for i in range(n) if grads[i] is not None and g_old[i] is not None]
         if pairs:
             gp = [grads[i] for i in pairs]
             gop = [g_old[i] for i in pairs]
-            comb = torch._foreach_mul(gp, _gsam_coef(gp, gop, gsam_alpha))  # type: ignore[arg-type]
+            coef = _gsam_coef(gp, gop, gsam_alpha)  # type: ignore[arg-type]
+            comb = torch._foreach_mul(gp, coef.to(gp[0].dtype))  # type: ignore[arg-type,union-attr]
             torch._foreach_add_(comb, gop, alpha=-gsam_alpha)  # type: ignore[arg-type]
             for i, c in zip(pairs, comb):
                 gs[i] = c
+    outs: list[Tensor] = []
+    vals: list[Tensor] = []
     first = [i for i in range(n) if acc[i] is not None and gs[i] is not None and reset[i]]
     more = [i for i in range(n) if acc[i] is not None and gs[i] is not None and not reset[i]]
+    keep = [i for i in range(n) if acc[i] is not None and gs[i] is None and not reset[i]]
     empty = [i for i in range(n) if acc[i] is not None and gs[i] is None and reset[i]]
     if first:
-        torch._foreach_copy_([acc[i] for i in first], torch._foreach_mul([gs[i] for i in first], weight))  # type: ignore
+        outs += [acc[i] for i in first]  # type: ignore[misc]
+        vals += torch._foreach_mul([gs[i] for i in first], weight)  # type: ignore[arg-type]
     if more:
-        torch._foreach_add_([acc[i] for i in more], [gs[i] for i in more], alpha=weight)  # type: ignore
+        s_ = torch._foreach_mul([gs[i] for i in more], weight)  # type: ignore[arg-type]
+        outs += [acc[i] for i in more]  # type: ignore[misc]
+        vals += torch._foreach_add([src[i] for i in more], s_)  # type: ignore[arg-type]
+    if keep:
+        outs += [acc[i] for i in keep]  # type: ignore[misc]
+        vals += [src[i] for i in keep]  # type: ignore[misc]
     if empty:
-        torch._foreach_zero_([acc[i] for i in empty])  # type: ignore[misc]
-    if scale != 1.0:
-        live = [a for a in acc if a is not None]
-        if live:
-            torch._foreach_mul_(live, scale)
+        outs += [acc[i] for i in empty]  # type: ignore[misc]
+        vals += [torch.zeros_like(acc[i]) for i in empty]  # type: ignore[arg-type]
+    if scale != 1.0 and vals:
+        vals = list(torch._foreach_mul(vals, scale))
+    if outs:
+        torch._foreach_copy_(outs, vals)
+    rest = [i for i in range(n) if w_old[i] is not None]
+    if rest:
+        torch._foreach_copy_([params[i] for i in rest], [w_old[i] for i in rest])  # type: ignore[misc]

@@ -143,18 +143,18 @@ def _geometry(device: torch.device, fit_key: tuple | None = None) -> tuple[int, 
 
 
 def _vector_flags(tab_mirror: T.DeviceMirror, rows: Sequence[int], n: int, ncols: int,
-                  skip_col: int = -1) -> dict[str, bool]:
+                  skip_cols: tuple[int, ...] = ()) -> dict[str, bool]:
     """SPLIT / ALIGNED constexprs of a group's launch: ALIGNED when every address in the table's
-    first ``ncols`` columns (the addresses, ``n`` entries each; column ``skip_col`` excluded: the
-    1-element F-SAM flags, never read as vectors) is a multiple of 16 bytes (0 = no tensor counts
-    as aligned); computed once per uploaded table."""
+    first ``ncols`` columns (the addresses, ``n`` entries each; columns ``skip_cols`` excluded:
+    the 1-element F-SAM flags, never read as vectors) is a multiple of 16 bytes (0 = no tensor
+    counts as aligned); computed once per uploaded table."""
     if not _CONFIG.vectorize:
         return {"SPLIT": False, "ALIGNED": False}
 
     def low_bits() -> int:
         bits = 0
         for c in range(ncols):
-            if c != skip_col:
+            if c not in skip_cols:
                 bits |= functools.reduce(operator.or_, rows[c * n:(c + 1) * n], 0)
         return bits
 
@@ -235,13 +235,19 @@ class _Staging:
     def __init__(self) -> None:
         self.back: list[tuple[Tensor, Tensor]] = []
         self.keep: list[Tensor] = []
+        self.copies: dict[int, Tensor] = {}
 
     def stage(self, t: Tensor, mutated: bool) -> Tensor:
         c = t.contiguous()
         self.keep.append(c)
+        self.copies[id(t)] = c
         if mutated:
             self.back.append((t, c))
         return c
+
+    def current(self, t: Tensor) -> Tensor:
+        """What the kernels read and wrote for ``t``: its staged copy, or ``t`` itself."""
+        return self.copies.get(id(t), t)
 
     def finish(self) -> None:
         for orig, c in self.back:
@@ -332,13 +338,24 @@ def _perturb_impl(
     params: list[Tensor], grads: list[Tensor], w_old: list[Tensor], ema: list[Tensor], ema_ready: list[Tensor],
     g_old: list[Tensor], rhos: list[float], etas: list[float], adaptive: list[bool], offsets: list[int],
     p: float, fsam_sigma: float | None, fsam_lambda: float, swp_keep: float, seed: int, step: int,
+    ema_out: list[Tensor] | None = None, ready_out: list[Tensor] | None = None,
 ) -> Tensor:
-    """K1 over every group, then K2 over every group (so every K2 sees every partial)."""
+    """K1 over every group, then K2 over every group (so every K2 sees every partial).
+
+    Every table is built and checked before the first launch, and K1 writes only its partials
+    and flag snapshots: an error up to the K2 launches changes nothing. K2 writes a group's
+    parameters, ``w_old``, ``g_old`` and the F-SAM outputs in one launch; if a later group's K2
+    launch fails, the groups already perturbed are restored from their ``w_old`` before the error
+    propagates (the parameters are unchanged on an exception)."""
     if not params:
         return torch.ones((), dtype=torch.bool)
     fsam = fsam_sigma is not None
     if fsam and (len(ema) != len(params) or len(ema_ready) != len(params)):
         raise ValueError("fsam_sigma is set: ema and ema_ready need one tensor per parameter")
+    ema_out = ema if (not fsam or ema_out is None) else ema_out
+    ready_out = ema_ready if (not fsam or ready_out is None) else ready_out
+    if fsam and (len(ema_out) != len(params) or len(ready_out) != len(params)):
+        raise ValueError("ema_out and ready_out need one tensor per parameter")
     gsam = len(g_old) > 0
     swp = swp_keep < 1.0
     q = dual_exponent(p)
@@ -350,8 +367,9 @@ def _perturb_impl(
     scal_vals = (q_hi, q - q_hi, fsam_sigma if fsam else 0.0, fsam_lambda, swp_keep, 1.0 - fsam_lambda)
     thr = int(swp_keep * 4294967296.0) if swp else 0
     cols: list[_Col] = [(params, True, "param"), (grads, False, "grad"), (w_old, True, "like"),
-                        (ema if fsam else None, True, "like"), (ema_ready if fsam else None, True, "flag"),
-                        (g_old if gsam else None, True, "like")]
+                        (ema if fsam else None, False, "like"), (ema_ready if fsam else None, False, "flag"),
+                        (g_old if gsam else None, True, "like"), (ema_out if fsam else None, True, "like"),
+                        (ready_out if fsam else None, True, "flag")]
     st = _Staging()
     plans = []
     total = 0
@@ -365,7 +383,7 @@ def _perturb_impl(
         key = ("perturb", g.device, g.dtype)
         tab_m = _CACHE.mirror(key + ("tab",), torch.int64)
         tab = tab_m.get(tuple(rows), g.device)
-        vec = _vector_flags(tab_m, rows, len(numels), len(cols), skip_col=K.P_READY.value)
+        vec = _vector_flags(tab_m, rows, len(numels), len(cols), skip_cols=(K.P_READY.value, K.P_READY_OUT.value))
         fit_key = ("perturb", g.device, g.dtype, qmode, fsam, any_adaptive, gsam, swp, vec["ALIGNED"], _CONFIG)
         block, max_prog, warps = _geometry(g.device, fit_key)
         hyp_t = _CACHE.mirror(key + ("hyp",), ct).get(tuple(hyp), g.device)
@@ -380,27 +398,38 @@ def _perturb_impl(
     oks: dict[torch.device, Tensor] = {}
     for g in groups:
         if g.device not in bufs:
-            bufs[g.device] = torch.empty(total, dtype=acc, device=g.device)
+            bufs[g.device] = torch.empty(2 * total, dtype=acc, device=g.device)  # (S, E) per program
             oks[g.device] = torch.empty((), dtype=torch.uint8, device=g.device)
+    pt = _TL_DTYPE[acc]
     for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, base, snap, vec, fit_key in plans:
         _launch(
             K.perturb_partials_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], base,
-            snap,
-            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], QMODE=qmode, FSAM=fsam, ADAPTIVE=any_adaptive,
-            BLOCK=block, num_warps=warps, fit_key=fit_key, **vec,
+            total, snap,
+            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, QMODE=qmode, FSAM=fsam,
+            ADAPTIVE=any_adaptive, BLOCK=block, num_warps=warps, fit_key=fit_key, **vec,
         )
-    _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 1, total)
+    _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 2, total)
     pblock = T.next_pow2(total)
-    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, snap, vec, fit_key in plans:
-        _launch(
-            K.perturb_apply_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], total,
-            snap,
-            oks[g.device], seed & 0xFFFFFFFF, step & 0xFFFFFFFF, thr,
-            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], QMODE=qmode, FSAM=fsam, ADAPTIVE=any_adaptive,
-            GSAM=gsam, SWP=swp, RNE_BF16=_rne_bf16(g), BLOCK=block, PBLOCK=pblock, num_warps=warps,
-            fit_key=fit_key, **vec,
-        )
-    st.finish()
+    done: list[T.Group] = []
+    try:
+        for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, snap, vec, fit_key in plans:
+            _launch(
+                K.perturb_apply_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], total,
+                total, snap, oks[g.device], seed & 0xFFFFFFFF, step & 0xFFFFFFFF, thr,
+                DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, QMODE=qmode, FSAM=fsam,
+                ADAPTIVE=any_adaptive, GSAM=gsam, SWP=swp, RNE_BF16=_rne_bf16(g), BLOCK=block, PBLOCK=pblock,
+                num_warps=warps, fit_key=fit_key, **vec,
+            )
+            done.append(g)
+        st.finish()
+    except BaseException:
+        # groups already perturbed (and the staged copies of those not yet written back) go back
+        # to w: their w_old holds it bit for bit
+        for g in done:
+            idx = [i for i in g.idx if id(params[i]) not in st.copies]  # staged ones were never written back
+            if idx:
+                torch._foreach_copy_([params[i] for i in idx], [st.current(w_old[i]) for i in idx])
+        raise
     return oks[params[0].device].view(torch.bool)
 
 
@@ -443,12 +472,20 @@ def _adam_rows(n: int, lr: list[float], b1: list[float], b2: list[float], eps: l
 _CSCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 
-def _increment_steps(steps: Sequence[Tensor | None]) -> list[float | None]:
+def _increment_steps(steps: Sequence[Tensor | None], undo: list[Callable[[], None]]) -> list[float | None]:
     """``step += 1`` on Adam's 0-dim step tensors (as torch's ``step_t += 1``), returning the new
     values. torch keeps them on the CPU, so this is host memory: written in place through their
     addresses (~0.5 us a tensor, against ~4 us for ``torch._foreach_add_`` on 0-dim CPU tensors,
-    0.6 ms a step on a ViT-B), then their version counters are bumped."""
+    0.6 ms a step on a ViT-B), then their version counters are bumped. Appends to ``undo`` the
+    exact reverse (``step - 1``: integers below 2^24 are exact in float32)."""
     out: list[float | None] = []
+    touched: list[Tensor] = []
+
+    def revert() -> None:
+        for t in touched:
+            t -= 1
+
+    undo.append(revert)
     done: list[Tensor] = []
     seen: set[int] = set()
     f32, f64 = torch.float32, torch.float64
@@ -460,12 +497,14 @@ def _increment_steps(steps: Sequence[Tensor | None]) -> list[float | None]:
         dt = s.dtype
         if not s.is_cpu or (dt is not f32 and dt is not f64) or s.numel() != 1 or id(s) in seen:
             s += 1  # any other layout (a step on the device would make float(s) a host sync)
+            touched.append(s)
             out.append(float(s))
             continue
         seen.add(id(s))
         cell = (at32 if dt is f32 else at64)(s.data_ptr())
         v = cell.value + 1.0
         cell.value = v
+        touched.append(s)
         out.append(float(cell.value))  # as stored (float32 rounding, as torch's step_t += 1)
         done.append(s)
     if done:
@@ -493,18 +532,26 @@ def _second_step_impl(
 ) -> None:
     """Shared launcher of restore / GSAM combine / SGD / Adam (aligned lists, None = no entry).
 
-    ``hyper()`` gives the per-tensor hyp rows; it runs after the tables are validated, so an op
-    that raises has changed nothing (Adam's step counters included)."""
+    ``hyper(undo)`` gives the per-tensor hyp rows; it runs after the tables are validated and
+    appends to ``undo`` what reverses its own side effects (Adam's step counters).
+
+    On an exception in a launch the optimizer state (momentum buffers, Adam moments, step
+    counters) is put back as it was, and every parameter is either unchanged or restored from its
+    ``w_old``, then the error propagates. With several dtype groups the update modes launch the
+    largest group last and keep copies of what the smaller groups' launches write to state and
+    to parameters that have no ``w_old``; the accumulators of MODE_ACCUM and gradients are not
+    kept (the caller's buffers: fastsam.SAM writes new sums out of place and recomputes .grad)."""
     n = len(params)
     if n == 0:
         return
     gsam = gsam_alpha > 0 and g_old is not None and any(
         go is not None and g is not None for go, g in zip(g_old, grads))
     updates = mode != K.MODE_RESTORE
-    cols: list[_Col] = [(params, params_mutated, "param"), (grads, gsam and mode != K.MODE_ACCUM, "like"),
+    accum = mode == K.MODE_ACCUM
+    cols: list[_Col] = [(params, params_mutated, "param"), (grads, gsam and not accum, "like"),
                         (w_old, False, "like"),
-                        (g_old if gsam else None, False, "like"), (s1, updates, "like"), (s2, updates, "like"),
-                        (s3, updates, "like")]
+                        (g_old if gsam else None, False, "like"), (s1, updates, "like"),
+                        (s2, updates and not accum, "like"), (s3, updates, "like")]
     groups = _groups(params)
     acc = _acc_dtype(groups)
     st = _Staging()
@@ -521,38 +568,65 @@ def _second_step_impl(
         block, max_prog, warps = _geometry(g.device, fit_key)
         blocks, nblk = _CACHE.blocks(key).get(tuple(numels), block, g.device)
         nprog = max(1, min(nblk, max_prog))
-        plans.append([g, block, warps, tab, None, None, blocks, nblk, nprog, total, vec, fit_key])
+        plans.append([g, block, warps, tab, None, None, blocks, nblk, nprog, total, vec, fit_key, sum(numels)])
         total += nprog
-    hyp_rows = hyper() if hyper is not None else [_ZERO_ROW] * n
-    for pl in plans:
-        g = pl[0]
-        ct = g.compute_dtype
-        key = ("second", mode, gsam, g.device, g.dtype)  # restore / GSAM / update tables apart
-        sub = hyp_rows if len(groups) == 1 else [hyp_rows[i] for i in g.idx]
-        cm = tuple(itertools.chain.from_iterable(zip(*sub)))  # column-major
-        pl[4] = _CACHE.mirror(key + ("hyp", mode), ct).get(cm, g.device)
-        pl[5] = _CACHE.mirror(key + ("scal",), ct).get((float(gsam_alpha),), g.device)
+    saved: list[tuple[Tensor, Tensor]] = []
+    if len(plans) > 1 and mode in (K.MODE_SGD, K.MODE_ADAM):
+        # launched in size order; the state (and the parameters with no w_old to restore from)
+        # that every group but the last (largest) writes is kept
+        plans.sort(key=lambda pl: pl[12])
+        state = [lst for lst in (s1, s2, s3) if lst is not None]
+        for pl in plans[:-1]:
+            for i in pl[0].idx:
+                if grads[i] is None:
+                    continue
+                keep = [lst[i] for lst in state] + ([params[i]] if w_old[i] is None else [])
+                for t in keep:
+                    if t is not None:
+                        t = st.current(t)
+                        saved.append((t, t.clone()))
+    undo: list[Callable[[], None]] = []
+    hyp_rows = hyper(undo) if hyper is not None else [_ZERO_ROW] * n
+    try:
+        for pl in plans:
+            g = pl[0]
+            ct = g.compute_dtype
+            key = ("second", mode, gsam, g.device, g.dtype)  # restore / GSAM / update tables apart
+            sub = hyp_rows if len(groups) == 1 else [hyp_rows[i] for i in g.idx]
+            cm = tuple(itertools.chain.from_iterable(zip(*sub)))  # column-major
+            pl[4] = _CACHE.mirror(key + ("hyp", mode), ct).get(cm, g.device)
+            pl[5] = _CACHE.mirror(key + ("scal",), ct).get((float(gsam_alpha),), g.device)
 
-    bufs: dict[torch.device, Tensor] = {}
-    if gsam:
-        for g in groups:
-            if g.device not in bufs:
-                bufs[g.device] = torch.empty(3 * total, dtype=acc, device=g.device)
-        for g, block, warps, tab, _h, _s, blocks, nblk, nprog, base, vec, fit_key in plans:
-            _launch(K.gsam_partials_kernel, (nprog,), tab, len(g.idx), blocks, nblk, bufs[g.device], base, total,
-                    DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], BLOCK=block, num_warps=warps,
-                    fit_key=fit_key, **vec)
-        _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 3, total)
-    pblock = T.next_pow2(total)
-    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, vec, fit_key in plans:
-        part = bufs[g.device] if gsam else tab
-        _launch(
-            K.second_step_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, part, total, total,
-            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], MODE=mode, GSAM=gsam, NESTEROV=nesterov,
-            MAXIMIZE=maximize, AMSGRAD=amsgrad, DECOUPLED=decoupled, RNE_BF16=_rne_bf16(g), BLOCK=block,
-            PBLOCK=pblock, num_warps=warps, fit_key=fit_key, **vec,
-        )
-    st.finish()
+        bufs: dict[torch.device, Tensor] = {}
+        pt = _TL_DTYPE[acc]
+        if gsam:
+            for g in groups:
+                if g.device not in bufs:
+                    bufs[g.device] = torch.empty(5 * total, dtype=acc, device=g.device)
+            for g, block, warps, tab, _h, _s, blocks, nblk, nprog, base, vec, fit_key, _n in plans:
+                _launch(K.gsam_partials_kernel, (nprog,), tab, len(g.idx), blocks, nblk, bufs[g.device], base,
+                        total, DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, BLOCK=block,
+                        num_warps=warps, fit_key=fit_key, **vec)
+            _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 5, total)
+        pblock = T.next_pow2(total)
+        for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, vec, fit_key, _n in plans:
+            part = bufs[g.device] if gsam else tab
+            _launch(
+                K.second_step_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, part, total, total,
+                DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, MODE=mode, GSAM=gsam,
+                NESTEROV=nesterov, MAXIMIZE=maximize, AMSGRAD=amsgrad, DECOUPLED=decoupled, RNE_BF16=_rne_bf16(g),
+                BLOCK=block, PBLOCK=pblock, num_warps=warps, fit_key=fit_key, **vec,
+            )
+        st.finish()
+    except BaseException:
+        for t, old in saved:
+            t.copy_(old)
+        for fn in reversed(undo):
+            fn()
+        rest = [i for i in range(n) if w_old[i] is not None and id(params[i]) not in st.copies]
+        if rest and params_mutated:
+            torch._foreach_copy_([params[i] for i in rest], [st.current(w_old[i]) for i in rest])  # type: ignore
+        raise
 
 
 def _scatter(n: int, dense: Sequence[Tensor], idx: Sequence[int]) -> list[Tensor | None]:
@@ -613,19 +687,23 @@ def call_directly() -> Iterator[None]:
         _DIRECT[0] = False
 
 
-@custom_op("fastsam::sam_perturb", mutates_args=("params", "w_old", "ema", "ema_ready", "g_old"))
+@custom_op("fastsam::sam_perturb", mutates_args=("params", "w_old", "ema", "ema_ready", "g_old", "ema_out",
+                                                 "ready_out"))
 def _op_perturb(
     params: list[Tensor], grads: list[Tensor], w_old: list[Tensor], ema: list[Tensor], ema_ready: list[Tensor],
     g_old: list[Tensor], rhos: list[float], etas: list[float], adaptive: list[bool], offsets: list[int],
     p: float, fsam_sigma: Optional[float], fsam_lambda: float, swp_keep: float, seed: int, step: int,  # noqa: UP045
+    ema_out: list[Tensor], ready_out: list[Tensor],
 ) -> Tensor:
+    """``ema_out`` / ``ready_out`` empty: the F-SAM state is updated in place (``ema`` and
+    ``ema_ready`` are declared mutated for that case)."""
     return _perturb_impl(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets,
-                         p, fsam_sigma, fsam_lambda, swp_keep, seed, step)
+                         p, fsam_sigma, fsam_lambda, swp_keep, seed, step, ema_out or None, ready_out or None)
 
 
 @_op_perturb.register_fake
 def _(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, p, fsam_sigma,
-      fsam_lambda, swp_keep, seed, step):
+      fsam_lambda, swp_keep, seed, step, ema_out, ready_out):
     dev = params[0].device if params else torch.device("cpu")
     return torch.empty((), dtype=torch.bool, device=dev)
 
@@ -642,12 +720,12 @@ def _second_step_body(
     h = [hyper[5 * i:5 * i + 5] for i in range(n)]
     upd = [g is not None for g in grads]
 
-    def rows() -> list[tuple[float, ...]]:
+    def rows(undo: list[Callable[[], None]]) -> list[tuple[float, ...]]:
         if mode == K.MODE_SGD:
             return _sgd_rows(n, upd, [x[0] for x in h], [x[1] for x in h], [x[2] for x in h], [x[3] for x in h],
                              fresh)
         # Adam: torch increments the step first, then computes the bias corrections from it
-        t = _increment_steps([steps[i] if upd[i] else None for i in range(n)])
+        t = _increment_steps([steps[i] if upd[i] else None for i in range(n)], undo)
         return _adam_rows(n, [x[0] for x in h], [x[1] for x in h], [x[2] for x in h], [x[3] for x in h],
                           [x[4] for x in h], t)
 
@@ -725,25 +803,32 @@ def _gsam_body(grads: Sequence[Tensor], g_old: Sequence[Tensor], alpha: float) -
 
 def _accumulate_body(params: Sequence[Tensor], grads: Sequence[Tensor | None], w_old: Sequence[Tensor | None],
                      g_old: Sequence[Tensor | None] | None, acc: Sequence[Tensor | None], reset: Sequence[bool],
-                     weight: float, scale: float, gsam_alpha: float) -> None:
+                     weight: float, scale: float, gsam_alpha: float,
+                     acc_in: Sequence[Tensor | None] | None = None) -> None:
     n = len(params)
     row = (float(weight), float(scale))
     rows = [row + (1.0 if reset[i] else 0.0,) + _ZERO_ROW[3:] if acc[i] is not None else _ZERO_ROW
             for i in range(n)]
-    _second_step_impl(params, grads, w_old, g_old, acc, None, None, lambda: rows, mode=K.MODE_ACCUM,
+    src = None  # column S_2: the running sums when they are read from other tensors than acc
+    if acc_in is not None:
+        src = [None if (acc[i] is None or reset[i] or acc_in[i] is acc[i]) else acc_in[i] for i in range(n)]
+        if all(t is None for t in src):
+            src = None
+    _second_step_impl(params, grads, w_old, g_old, acc, src, None, lambda undo: rows, mode=K.MODE_ACCUM,
                       gsam_alpha=gsam_alpha)
 
 
 @custom_op("fastsam::sam_restore_accumulate", mutates_args=("params", "acc"))
 def _op_restore_accumulate(
     params: list[Tensor], grads: list[Tensor], grad_idx: list[int], w_old: list[Tensor], w_old_idx: list[int],
-    g_old: list[Tensor], g_old_idx: list[int], acc: list[Tensor], acc_idx: list[int], reset: list[bool],
-    weight: float, scale: float, gsam_alpha: float,
+    g_old: list[Tensor], g_old_idx: list[int], acc: list[Tensor], acc_idx: list[int], acc_in: list[Tensor],
+    acc_in_idx: list[int], reset: list[bool], weight: float, scale: float, gsam_alpha: float,
 ) -> None:
     """m-SAM micro-batch: restore + GSAM combine + accumulate (dense lists + index lists)."""
     n = len(params)
     _accumulate_body(params, _scatter(n, grads, grad_idx), _scatter(n, w_old, w_old_idx),
-                     _scatter(n, g_old, g_old_idx), _scatter(n, acc, acc_idx), reset, weight, scale, gsam_alpha)
+                     _scatter(n, g_old, g_old_idx), _scatter(n, acc, acc_idx), reset, weight, scale, gsam_alpha,
+                     _scatter(n, acc_in, acc_in_idx) if acc_in_idx else None)
 
 
 @_op_restore_accumulate.register_fake
@@ -792,21 +877,24 @@ def sam_perturb_(
     swp_keep: float = 1.0,
     seed: int = 0,
     step: int = 0,
+    ema_out: list[Tensor] | None = None,
+    ready_out: list[Tensor] | None = None,
 ) -> Tensor:
     """Triton twin of :func:`fastsam.reference.sam_perturb_` (K1 + K2 per (device, dtype) group)."""
     if not params:
         return torch.ones((), dtype=torch.bool)
     fs = fsam_sigma is not None
     args = (list(ema or []) if fs else [], list(ema_ready or []) if fs else [], list(g_old or []))
+    outs = (list(ema_out) if fs and ema_out is not None else [], list(ready_out) if fs and ready_out is not None else [])
     if _traced(params[0]):
         return torch.ops.fastsam.sam_perturb(
             list(params), list(grads), list(w_old), *args, [float(r) for r in rhos], [float(e) for e in etas],
             [bool(a) for a in adaptive], [int(o) for o in offsets], float(p),
             None if fsam_sigma is None else float(fsam_sigma), float(fsam_lambda), float(swp_keep), int(seed),
-            int(step),
+            int(step), *outs,
         )
     ok = _perturb_impl(params, grads, w_old, *args, rhos, etas, adaptive, offsets, p, fsam_sigma, fsam_lambda,
-                       swp_keep, seed, step)
+                       swp_keep, seed, step, outs[0] or None, outs[1] or None)
     _bump_versions(params)
     return ok
 
@@ -896,12 +984,16 @@ def sam_restore_sgd_(
         if grads[i] is None or moms[i] == 0:
             continue
         if momentum_buffers[i] is None:
-            momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+            bufs[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
             fresh[i] = True
-        bufs[i] = momentum_buffers[i]
+        else:
+            bufs[i] = momentum_buffers[i]
     hyper = [v for i in range(n) for v in (lrs[i], wds[i], moms[i], damps[i], 0.0)]
     _second_step_call(params, grads, w_old, g_old, bufs, [None] * n, [None] * n, [None] * n, hyper, fresh,
                       mode=K.MODE_SGD, gsam_alpha=gsam_alpha, nesterov=nesterov, maximize=maximize)
+    for i in range(n):  # handed over once the op succeeded (an exception leaves the list as it was)
+        if fresh[i]:
+            momentum_buffers[i] = bufs[i]
 
 
 @eager_under_compile_on_old_torch
@@ -955,21 +1047,23 @@ def sam_restore_accumulate_(
     weight: float,
     scale: float = 1.0,
     gsam_alpha: float = 0.0,
+    acc_in: list[Tensor | None] | None = None,
 ) -> None:
     """Triton twin of :func:`fastsam.reference.sam_restore_accumulate_`: one K3 launch (MODE 3)
-    per group, GSAM +1. Reads ``w_old`` and ``g`` (+ ``acc`` unless reset), writes ``w`` and
-    ``acc``: 5 parameter-sized passes, against 2 (restore) + 3 (``acc += weight * g``) as
-    separate ops, and 8 instead of 10 with GSAM (the combined gradient is not written back)."""
-    check_accumulate_args(params, grads, w_old, acc, reset)
+    per group, GSAM +1. Reads ``w_old`` and ``g`` (+ the running sum unless reset, from
+    ``acc_in`` when given), writes ``w`` and ``acc``: 5 parameter-sized passes, against 2
+    (restore) + 3 (``acc += weight * g``) as separate ops, and 8 instead of 10 with GSAM (the
+    combined gradient is not written back)."""
+    check_accumulate_args(params, grads, w_old, acc, reset, acc_in)
     n = len(params)
     if n == 0:
         return
     if g_old is None or gsam_alpha <= 0:
         g_old, gsam_alpha = None, 0.0
     if not _traced(params[0]):
-        _accumulate_body(params, grads, w_old, g_old, acc, reset, weight, scale, gsam_alpha)
+        _accumulate_body(params, grads, w_old, g_old, acc, reset, weight, scale, gsam_alpha, acc_in)
         _bump_versions(list(params) + [a for a in acc if a is not None])
         return
-    dense = [x for lst in (grads, w_old, g_old, acc) for x in _dense(lst)]
+    dense = [x for lst in (grads, w_old, g_old, acc, acc_in) for x in _dense(lst)]
     torch.ops.fastsam.sam_restore_accumulate(list(params), *dense, [bool(r) for r in reset], float(weight),
                                              float(scale), float(gsam_alpha))
