@@ -52,8 +52,10 @@ def _batches(n: int):
 
 
 def _trainer(**kw) -> pl.Trainer:
+    # max_epochs bounds every run: with steps that Lightning does not count, max_steps alone would
+    # never stop it (the bug this file guards against); 3 epochs = 12 batches, more than any test needs
     base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False)
+                enable_model_summary=False, max_epochs=3)
     return pl.Trainer(**{**base, **kw})
 
 
@@ -149,6 +151,36 @@ def test_manual_accumulation_counts_one_step_per_update():
     opt = _make_sam(ref.parameters())
     for i, (x, y) in enumerate(_batches(6)):
         fastsam.sam_step(ref, opt, x, y, F.cross_entropy, update=i % 2 == 1)
+    assert _same(model.net, ref)
+
+
+def test_manual_fp16_uses_lightnings_grad_scaler():
+    """precision 16-mixed: sam_step takes the precision plugin's GradScaler (no scaler= needed).
+    Lightning refuses "16-mixed" on CPU by name, so the test hands it the plugin a GPU run would
+    build (MixedPrecision("16-mixed") with a GradScaler), on CPU. A scale of 2**20 overflows fp16
+    now and then: the same steps are skipped as by sam_step with its own scaler."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Fp16(Manual):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            res = fastsam.sam_step(self.net, self.optimizers(), x, y, F.cross_entropy)
+            self.skipped.append(res.skipped)
+            assert res.outputs.dtype == torch.float16  # Lightning's autocast around training_step
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    model = Fp16()
+    model.skipped = []
+    trainer = _trainer(max_steps=6, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(model, _loader())
+    assert trainer.global_step == 6 and any(model.skipped) and not all(model.skipped)
+
+    ref = _net()
+    opt = _make_sam(ref.parameters())
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    skipped = [fastsam.sam_step(ref, opt, x, y, F.cross_entropy, scaler=ref_scaler, amp_dtype=torch.float16).skipped
+               for x, y in _batches(6)]
+    assert skipped == model.skipped and ref_scaler.get_scale() == scaler.get_scale()
     assert _same(model.net, ref)
 
 

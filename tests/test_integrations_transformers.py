@@ -290,6 +290,16 @@ def test_samtrainer_wraps_the_optimizers_it_is_given(tmp_path):
                    sam_kwargs={"rho": 0.1}).train()
 
 
+def test_samtrainer_refuses_to_resume_a_plain_trainer_checkpoint(tmp_path):
+    """A transformers.Trainer checkpoint holds a plain AdamW state: SAMTrainer says what to do
+    instead of failing inside SAM.load_state_dict."""
+    args = _args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    transformers.Trainer(model=_bert(), args=args, train_dataset=_cls_data()).train()
+    trainer = SAMTrainer(model=_bert(), args=_args(tmp_path, max_steps=2), train_dataset=_cls_data(),
+                         sam_kwargs={"rho": 0.05})
+    with pytest.raises(ValueError, match="plain torch optimizer.*without resume_from_checkpoint"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+
 def _ddp_worker(out: Path) -> None:
     """One rank of test_samtrainer_ddp_is_per_rank_m_sharpness (run by torchrun)."""
     torch.set_num_threads(1)

@@ -83,6 +83,13 @@ class SAMBaseStep(torch.optim.Optimizer):
         return self.sam.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if isinstance(state_dict, dict) and "sam" not in state_dict and "param_groups" in state_dict:
+            raise ValueError(
+                "the checkpoint's optimizer state is a plain torch optimizer's (written by transformers.Trainer, not "
+                "SAMTrainer), which has no SAM state to resume. To go on from that run with SAM, load the model "
+                "weights from the checkpoint (e.g. Model.from_pretrained(checkpoint_dir)) and call "
+                "SAMTrainer.train() without resume_from_checkpoint"
+            )
         self.sam.load_state_dict(state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
