@@ -244,8 +244,8 @@ class SAMTrainer(transformers.Trainer):
 
     def _token_normalized(self, num_items_in_batch: Any) -> bool:
         """Trainer normalizes the loss by the accumulated batch's token count (no k division)."""
-        return num_items_in_batch is not None and (
-            bool(getattr(self, "model_accepts_loss_kwargs", False)) or self.compute_loss_func is not None)
+        custom = getattr(self, "compute_loss_func", None) is not None
+        return num_items_in_batch is not None and (bool(getattr(self, "model_accepts_loss_kwargs", False)) or custom)
 
     def _training_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> Tensor:
         """``compute_loss`` scaled for gradient accumulation exactly as ``Trainer.training_step`` does."""
@@ -286,7 +286,7 @@ class SAMTrainer(transformers.Trainer):
             labels = labels.reshape(-1).to(logits.device)
             if self._token_normalized(num_items_in_batch):
                 loss = self.ascent_loss_fn(logits, labels, reduction="sum") / num_items_in_batch
-                if self.args.average_tokens_across_devices:
+                if getattr(self.args, "average_tokens_across_devices", False):
                     loss = loss * self.accelerator.num_processes  # what compute_loss does for this count
             else:
                 loss = self.ascent_loss_fn(logits, labels, reduction="mean") / self._ga_steps()
