@@ -97,6 +97,14 @@ def obf_strength(p_y: Tensor, gamma: float, lam: float) -> Tensor:
     return gamma * torch.clamp((1.0 - r) / (1.0 - lam), min=0.0)
 
 
+def _bce_with_logits(z: Tensor, t: Tensor) -> Tensor:
+    """Elementwise ``-(t log sigmoid(z) + (1 - t) log(1 - sigmoid(z)))`` as
+    ``max(z, 0) - t z + log1p(exp(-|z|))``, with ``t z = 0`` where ``t = 0``: at ``z = -inf``
+    ``F.binary_cross_entropy_with_logits`` computes ``-inf * 0 = NaN`` there."""
+    tz = torch.where(t != 0, t * z, torch.zeros_like(z))
+    return torch.clamp(z, min=0.0) - tz + torch.log1p(torch.exp(-z.abs()))
+
+
 def obf_loss_reference(
     logits: Tensor, target: Tensor, gamma: float = 1.0, lam: float | None = None,
     sigmoid: bool = False, reduction: str = "mean", ignore_index: int = -100,
@@ -120,12 +128,13 @@ def obf_loss_reference(
     uniform = torch.full_like(z, 1.0 / C)
     if sigmoid:
         p = torch.sigmoid(z)
-        L_y = F.binary_cross_entropy_with_logits(z, onehot, reduction="none").sum(1)
-        L_U = F.binary_cross_entropy_with_logits(z, uniform, reduction="none").sum(1)
+        L_y = _bce_with_logits(z, onehot).sum(1)
+        L_U = _bce_with_logits(z, uniform).sum(1)
     else:
         log_p = torch.log_softmax(z, dim=1)
         p = log_p.exp()
-        L_y = -(onehot * log_p).sum(1)
+        # gathered, not onehot * log_p: a -inf logit elsewhere has log_p = -inf and 0 * -inf = NaN
+        L_y = -log_p.gather(1, y[:, None]).squeeze(1)
         L_U = -(uniform * log_p).sum(1)
     p_y = p.gather(1, y[:, None]).squeeze(1).detach()
     a = obf_strength(p_y, gamma, lam)

@@ -373,6 +373,11 @@ def obf_loss(
     return _fused(logits, target, fwd, _obf_fwd, (gamma, lam, sigmoid), ignore_index, reduction)
 
 
+# Smallest BiSAM temperature for float32 math: the value's absolute error is about
+# log(C) * 6e-8 / mu (C = 1000: 4e-4 at mu = 1e-3, 0.4 at mu = 1e-6), against Q of order 0.1-1.
+BISAM_MIN_MU = 1e-3
+
+
 def bisam_loss(
     logits: Tensor,
     target: Tensor,
@@ -389,7 +394,8 @@ def bisam_loss(
     Args:
         logits: ``[B, C]`` float32/bfloat16/float16 (float64 with the reference backend), C >= 2.
         target: ``[B]`` int32/int64 class indices in ``[0, C)`` or ``ignore_index``.
-        mu: logsumexp temperature, > 0; default 1.5 for ``phi="log"``, 10 for ``phi="tanh"``.
+        mu: logsumexp temperature, > 0 (>= 1e-3 unless the logits are float64: below, float32
+            cancellation ruins the value); default 1.5 for ``phi="log"``, 10 for ``phi="tanh"``.
         phi: ``"log"`` (``1 - softplus(log(e-1) - x)``) or ``"tanh"`` (``tanh(alpha x)``).
         alpha: slope of the tanh bound, > 0 (unused by ``"log"``).
         reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"`` (``[B]``).
@@ -410,6 +416,12 @@ def bisam_loss(
     mu = BISAM_DEFAULT_MU[phi] if mu is None else _as_float("mu", mu)
     if not (mu > 0.0 and math.isfinite(mu)):
         raise ValueError(f"mu: must be a finite number > 0, got {mu}")
+    if mu < BISAM_MIN_MU and logits.dtype != torch.float64:
+        raise ValueError(
+            f"mu: must be >= {BISAM_MIN_MU:g} for {logits.dtype} logits, got {mu:g}: Q = logsumexp(mu phi)/mu - "
+            "log(C)/mu cancels in float32 (at mu = 1e-6 the value is off by ~0.4); Xie et al. use mu = 1.5 (log "
+            "bound) and 10 (tanh bound). float64 logits (backend='reference') take any mu > 0"
+        )
     alpha = _as_float("alpha", alpha)
     if not (alpha > 0.0 and math.isfinite(alpha)):
         raise ValueError(f"alpha: must be a finite number > 0, got {alpha}")

@@ -401,7 +401,7 @@ def sam_restore_accumulate_(
         vals.append(scale * v)
     undo = _Undo()
     try:
-        for i, w in enumerate(params):
+        for i in range(len(params)):
             if vals[i] is not None:
                 undo.write(acc[i], vals[i])  # type: ignore[arg-type]
         for i, w in enumerate(params):

@@ -885,7 +885,8 @@ def sam_perturb_(
         return torch.ones((), dtype=torch.bool)
     fs = fsam_sigma is not None
     args = (list(ema or []) if fs else [], list(ema_ready or []) if fs else [], list(g_old or []))
-    outs = (list(ema_out) if fs and ema_out is not None else [], list(ready_out) if fs and ready_out is not None else [])
+    outs = (list(ema_out) if fs and ema_out is not None else [],
+            list(ready_out) if fs and ready_out is not None else [])
     if _traced(params[0]):
         return torch.ops.fastsam.sam_perturb(
             list(params), list(grads), list(w_old), *args, [float(r) for r in rhos], [float(e) for e in etas],

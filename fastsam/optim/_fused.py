@@ -28,6 +28,7 @@ zeros like the parameter. ``base_optimizer.state_dict()`` stays loadable by plai
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +37,7 @@ from torch import Tensor
 from .. import functional as F
 
 if TYPE_CHECKING:
-    from .sam import SAM
+    from .sam import SAM, _Txn
 
 _SGD_BUFFER_WITHOUT_MOMENTUM: bool | None = None
 
@@ -82,7 +83,18 @@ def _uniform(groups: list[dict[str, Any]], key: str, default: Any = False) -> tu
     return len(vals) <= 1, (vals.pop() if vals else default)
 
 
-def fused_second_step(opt: SAM, params: list[Tensor]) -> bool:
+def _check_finite_hyper(g: dict[str, Any], gi: int, keys: tuple[str, ...]) -> None:
+    """The fused update reads these as numbers: a NaN / inf one (a scheduler's output, user code)
+    would turn every weight of the group into NaN; refuse before anything is written."""
+    for k in keys:
+        v = g.get(k)
+        vals = v if isinstance(v, (tuple, list)) else (v,)
+        for x in vals:
+            if x is not None and _is_float(x) and not math.isfinite(x):
+                raise ValueError(f"param group {gi}: {k} must be finite, got {v!r}")
+
+
+def fused_second_step(opt: SAM, params: list[Tensor], txn: _Txn | None = None) -> bool:
     base = opt.base_optimizer
     kind = type(base)
     if kind is not torch.optim.SGD and kind is not torch.optim.Adam and kind is not torch.optim.AdamW:
@@ -133,13 +145,16 @@ def fused_second_step(opt: SAM, params: list[Tensor]) -> bool:
             return False
         if not _is_float(g["lr"]) or not _is_float(g.get("weight_decay", 0.0)):
             return False
+    for gi, g in enumerate(base.param_groups):
+        if id(g) in groups:
+            _check_finite_hyper(g, gi, ("lr", "weight_decay", "momentum", "dampening", "betas", "eps"))
     w_old = [opt._scratch[w]["w_old"] if id(w) in perturbed else None for w in ws]
     g_old = None
     if opt.gsam_alpha > 0:
         g_old = [opt._scratch[w]["g_old"] if id(w) in perturbed else None for w in ws]
     if kind is torch.optim.SGD:
-        return _fused_sgd(opt, base, ws, grads, owner, glist, w_old, g_old)
-    return _fused_adam(opt, base, ws, grads, owner, glist, w_old, g_old, adamw=kind is torch.optim.AdamW)
+        return _fused_sgd(opt, base, ws, grads, owner, glist, w_old, g_old, txn)
+    return _fused_adam(opt, base, ws, grads, owner, glist, w_old, g_old, adamw=kind is torch.optim.AdamW, txn=txn)
 
 
 def _per_tensor(owner: list[dict[str, Any]], grads: list[Tensor | None], get: Any) -> list[float]:
@@ -157,7 +172,8 @@ def _per_tensor(owner: list[dict[str, Any]], grads: list[Tensor | None], get: An
     return out
 
 
-def _fused_sgd(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, w_old, g_old) -> bool:
+def _fused_sgd(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, w_old, g_old,
+               txn: _Txn | None = None) -> bool:
     ok_n, nesterov = _uniform(glist, "nesterov")
     ok_m, maximize = _uniform(glist, "maximize")
     if not (ok_n and ok_m):
@@ -182,6 +198,8 @@ def _fused_sgd(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, w
     )
     for i in fresh:  # created by the op from the first d_p, as torch creates them
         state[ws[i]]["momentum_buffer"] = bufs[i]
+        if txn is not None:
+            txn.created.append(ws[i])
     if any(g.get("momentum", 0.0) == 0 for g in glist) and _sgd_stores_none_buffers():
         for w, gr, g in zip(ws, grads, owner):
             if gr is not None and g["momentum"] == 0:
@@ -191,7 +209,7 @@ def _fused_sgd(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, w
 
 
 def _fused_adam(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, w_old, g_old, *,
-                adamw: bool) -> bool:
+                adamw: bool, txn: _Txn | None = None) -> bool:
     ok_a, amsgrad = _uniform(glist, "amsgrad")
     ok_m, maximize = _uniform(glist, "maximize")
     ok_d, decoupled = _uniform(glist, "decoupled_weight_decay", adamw)
@@ -222,6 +240,7 @@ def _fused_adam(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, 
     v: list[Tensor | None] = []
     vmax: list[Tensor | None] = []
     steps: list[Tensor | None] = []
+    new_state: list[tuple[Tensor, dict[str, Tensor]]] = []  # created as torch would; stored once the op ran
     for w, gr in zip(ws, grads):
         if gr is None:
             m.append(None)
@@ -229,13 +248,13 @@ def _fused_adam(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, 
             vmax.append(None)
             steps.append(None)
             continue
-        st = state[w]
-        if len(st) == 0:
-            st["step"] = _adam_step_tensor()
-            st["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+        st = state.get(w)
+        if not st:
+            st = {"step": _adam_step_tensor(), "exp_avg": torch.zeros_like(w, memory_format=torch.preserve_format),
+                  "exp_avg_sq": torch.zeros_like(w, memory_format=torch.preserve_format)}
             if amsgrad:
                 st["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            new_state.append((w, st))
         m.append(st["exp_avg"])
         v.append(st["exp_avg_sq"])
         vmax.append(st["max_exp_avg_sq"] if amsgrad else None)
@@ -250,5 +269,9 @@ def _fused_adam(opt: SAM, base: torch.optim.Optimizer, ws, grads, owner, glist, 
         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled,
         gsam_alpha=opt.gsam_alpha, backend=opt.backend,
     )
+    for w, st in new_state:
+        state[w] = st
+        if txn is not None:
+            txn.created.append(w)
     base._opt_called = True  # type: ignore[attr-defined]
     return True

@@ -7,7 +7,8 @@ The class validates, keeps state and dispatches; the math lives in the backends 
 from __future__ import annotations
 
 import contextlib
-import math
+import operator
+import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .._validate import check_bool, check_int, check_param_tensor, check_real, overlapping_pair
 from ..functional import BACKENDS
 from ._fused import fused_second_step
 
@@ -32,15 +34,40 @@ _GROUP_KEYS = ("rho", "adaptive", "eta")
 # `import fastsam` would otherwise pay even when no SAM step ever runs.
 _eager = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
 
-def _check_group_options(group: dict[str, Any]) -> None:
-    rho, eta, adaptive = group["rho"], group["eta"], group["adaptive"]
-    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite float >= 0 (0 leaves a group unperturbed), got {rho!r}")
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
-    if not isinstance(adaptive, bool):
-        raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+
+def _check_group_options(group: dict[str, Any], where: str = "") -> None:
+    """rho / eta / adaptive of one param group (at construction and before every first step: a
+    scheduler or user code may have written them since)."""
+    at = f" (param group {where})" if where else ""
+    check_real(f"rho{at}", group["rho"], lo=0.0, what="0 leaves a group unperturbed")
+    check_real(f"eta{at}", group["eta"], lo=0.0)
+    check_bool(f"adaptive{at}", group["adaptive"])
+
+
+class _Txn:
+    """An open SAM step: what changed since it began, so that it can be undone exactly.
+
+    A step is a transaction. It opens at the first mutating call (first_step, accumulate,
+    base_step, or an outer scope: sam_step, step(closure), perturbed()) and ends in a commit (the
+    step happened) or a rollback (it did not). The F-SAM EMA and the accumulation sums are never
+    overwritten while a step is open: the first write of a step goes to another buffer, and the
+    committed one is kept here until the end, where it is either dropped (commit) or put back
+    (rollback); later writes of the same step go to the new buffer in place.
+    """
+
+    __slots__ = ("outer", "ema_old", "acc_old", "acc_live0", "base_len0", "created", "updated")
+
+    def __init__(self, opt: SAM, outer: bool) -> None:
+        self.outer = outer
+        self.ema_old: dict[Tensor, tuple[Tensor, Tensor] | None] = {}  # param -> (ema, ready) before the step
+        self.acc_old: dict[Tensor, Tensor | None] = {}  # param -> committed partial sum before the step
+        self.acc_live0: set[int] | None = None  # the set of live partial sums before the step
+        self.base_len0 = len(opt.base_optimizer.state)
+        self.created: list[Tensor] = []  # params whose base state this step created (fused path)
+        self.updated = False  # the base optimizer stepped: the step counter moves at commit
 
 
 class SAM(torch.optim.Optimizer):
@@ -71,7 +98,15 @@ class SAM(torch.optim.Optimizer):
       of the norm (LSAM, Springer et al. 2024: perturb only the last layer).
 
     Norms are global over the parameters that have a gradient in groups with rho > 0, and
-    accumulate in float32 (float64 for float64 parameters).
+    accumulate in float32 (float64 for float64 parameters), scaled so that no finite gradient
+    overflows them.
+
+    Every step is a transaction (see "What fastsam guarantees" in the README): an exception in
+    any step method, or in the body of :meth:`perturbed` / the closure of :meth:`step`, leaves the
+    weights at ``w`` bit for bit and the optimizer state as before the step; :meth:`restore`
+    abandons an open step the same way. The ESAM mask of a step is keyed by the number of
+    completed steps (base updates through SAM), so every micro-batch of a step, and every DDP
+    rank, draws the same mask, and a skipped or failed step changes no key.
 
     Args:
         params: tensors or param-group dicts (keys ``rho``, ``adaptive``, ``eta`` and any base
@@ -110,19 +145,14 @@ class SAM(torch.optim.Optimizer):
         **base_kwargs: Any,
     ) -> None:
         _check_group_options({"rho": rho, "eta": eta, "adaptive": adaptive})
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or math.isnan(p) or not p > 1:
-            raise ValueError(f"p must be > 1 (2 for SAM, math.inf for sign perturbations), got {p!r}")
-        if fsam_sigma is not None and (not math.isfinite(fsam_sigma) or fsam_sigma < 0):
-            raise ValueError(f"fsam_sigma must be None (F-SAM off) or a finite float >= 0, got {fsam_sigma!r}")
-        if not (0.0 <= fsam_lambda < 1.0):
-            raise ValueError(f"fsam_lambda must be in [0, 1), got {fsam_lambda!r}")
-        if not math.isfinite(gsam_alpha) or gsam_alpha < 0:
-            raise ValueError(f"gsam_alpha must be a finite float >= 0 (0 disables GSAM), got {gsam_alpha!r}")
-        if not (0.0 < swp_keep <= 1.0):
-            raise ValueError(f"swp_keep must be in (0, 1] (1 disables ESAM weight masks), got {swp_keep!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-        if backend not in BACKENDS:
+        check_real("p", p, lo=1.0, lo_open=True, allow_inf=True, what="2 for SAM, math.inf for sign perturbations")
+        if fsam_sigma is not None:
+            check_real("fsam_sigma", fsam_sigma, lo=0.0, what="None turns F-SAM off")
+        check_real("fsam_lambda", fsam_lambda, lo=0.0, hi=1.0, hi_open=True)
+        check_real("gsam_alpha", gsam_alpha, lo=0.0, what="0 disables GSAM")
+        check_real("swp_keep", swp_keep, lo=0.0, hi=1.0, lo_open=True, what="1 disables ESAM weight masks")
+        check_int("seed", seed, lo=0, hi=2**32 - 1)
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         F.resolve_backend(backend)  # an explicitly requested but unavailable backend fails here
 
@@ -131,16 +161,9 @@ class SAM(torch.optim.Optimizer):
         self.fsam_lambda = float(fsam_lambda)
         self.gsam_alpha = float(gsam_alpha)
         self.swp_keep = float(swp_keep)
-        self.seed = seed
+        self.seed = int(seed)
         self.backend = backend
-        self._sam_step = 0  # completed first steps: the ESAM mask key
-        self._perturbed: list[Tensor] | None = None  # the tensors perturbed by the open first step
-        self._perturb_ok: Tensor | None = None
-        # transient per-parameter buffers (w_old, g_old), never saved; keyed like self.state
-        self._scratch: dict[Tensor, dict[str, Tensor]] = {}
-        self._grad_marks: list[tuple[Tensor, Any]] | None = None
-        # ids of the parameters whose scratch "acc" buffer holds a partial sum (see accumulate())
-        self._acc_live: set[int] = set()
+        self._init_transient()
 
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -164,9 +187,40 @@ class SAM(torch.optim.Optimizer):
                 "base_optimizer must be a torch.optim.Optimizer subclass or instance, "
                 f"got {base_optimizer!r}"
             )
-        self.base_optimizer = base
-        self.param_groups = base.param_groups  # shared: LR schedulers on SAM drive the base
+        self.base_optimizer = base  # from here on param_groups is base.param_groups (one list)
+        self.__dict__.pop("_own_param_groups", None)
         self.defaults = {**base.defaults, **self.defaults}
+        self._check_params()
+
+    def _init_transient(self) -> None:
+        """Everything that is not saved: buffers of the open step, caches, the open transaction."""
+        self._sam_step = 0  # completed steps (base updates through SAM): the ESAM mask key
+        self._perturbed: list[Tensor] | None = None  # the tensors perturbed by the open first step
+        self._perturbed_sig: tuple[list[Any], list[Any]] | None = None  # their shapes and dtypes
+        self._perturb_ok: Tensor | None = None
+        # transient per-parameter buffers (w_old, g_old, partial sums, spare EMA buffers), never saved
+        self._scratch: dict[Tensor, dict[str, Tensor]] = {}
+        self._grad_marks: list[tuple[Tensor, Any]] | None = None
+        # ids of the parameters whose scratch "acc" buffer holds a partial sum (see accumulate())
+        self._acc_live: set[int] = set()
+        self._txn: _Txn | None = None
+        self._layout_key: tuple | None = None  # data pointers the aliasing check last passed
+
+    # ------------------------------------------------------------------ param_groups: one list
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base optimizer's ``param_groups`` list itself: an LR scheduler (or anything else)
+        on the SAM object and on the base optimizer see one object, whatever is assigned or loaded."""
+        base = self.__dict__.get("base_optimizer")
+        return base.param_groups if base is not None else self.__dict__["_own_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.param_groups = groups
+        else:  # Optimizer.__init__, before the base optimizer exists
+            self.__dict__["_own_param_groups"] = groups
 
     # ------------------------------------------------------------------ construction helpers
     def _adopt_instance(self, base: torch.optim.Optimizer) -> None:
@@ -187,14 +241,17 @@ class SAM(torch.optim.Optimizer):
             _check_group_options(bg)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (also to the base optimizer); validates ``rho``, ``adaptive``, ``eta``."""
+        """Add a group (also to the base optimizer); validates ``rho``, ``adaptive``, ``eta`` and
+        the parameters."""
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        for q in params:
+            check_param_tensor(q, "params")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
             raise ValueError("params: a parameter appears in more than one parameter group")
         param_group = {**param_group, "params": params}
-        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
+        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
             super().add_param_group(param_group)
             _check_group_options(self.param_groups[-1])
             return
@@ -202,13 +259,124 @@ class SAM(torch.optim.Optimizer):
             param_group.setdefault(k, self.defaults[k])
         _check_group_options(param_group)
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
+        self._check_params()
+
+    def _all_params(self) -> list[Tensor]:
+        return [w for g in self.param_groups for w in g["params"]]
+
+    def _check_params(self) -> None:
+        """Real floating-point parameters with storage, and no two of them over the same memory
+        (two Parameters of one storage would be perturbed twice and could not be restored).
+        The aliasing scan runs when the parameters' addresses changed since it last passed."""
+        params = self._all_params()
+        key = tuple(map(Tensor.data_ptr, params))
+        if key == self._layout_key:
+            return
+        for i, w in enumerate(params):
+            check_param_tensor(w, f"params[{i}]")
+        pair = overlapping_pair(params)
+        if pair is not None:
+            i, j = pair
+            raise ValueError(
+                f"params[{i}] (shape {tuple(params[i].shape)}) and params[{j}] (shape {tuple(params[j].shape)}) share "
+                "memory: two Parameter objects over one storage (hand-made weight tying, views of one tensor) would "
+                "be perturbed twice and could not be restored. Tie weights by using one Parameter object in both "
+                "places (e.g. decoder.weight = encoder.weight)"
+            )
+        self._layout_key = key
+
+    # ------------------------------------------------------------------ transactions
+    def _begin(self, outer: bool = False) -> _Txn:
+        txn = self._txn
+        if txn is None:
+            txn = self._txn = _Txn(self, outer)
+        return txn
+
+    @contextlib.contextmanager
+    def _step_scope(self) -> Iterator[_Txn]:
+        """One transaction around a whole step made of several calls (sam_step, step(closure),
+        perturbed()): the calls inside do not commit on their own; the scope commits when its
+        body returns and rolls everything back when it raises."""
+        if self._txn is not None and self._txn.outer:
+            yield self._txn  # nested in an enclosing step: part of it
+            return
+        if self._txn is not None:
+            raise RuntimeError(
+                "a SAM step is open (first_step() or restore(apply_gsam=True) without second_step() / base_step()): "
+                "finish it, or call restore() to abandon it, before starting another step"
+            )
+        txn = self._begin(outer=True)
+        try:
+            yield txn
+        except BaseException:
+            if self._txn is txn:
+                self._rollback(txn)
+            raise
+        if self._txn is txn:
+            self._commit(txn)
+
+    def _end_call(self, txn: _Txn) -> None:
+        """A public step method succeeded: it commits the step unless an outer scope holds it."""
+        if not txn.outer and self._txn is txn:
+            self._commit(txn)
+
+    def _fail_call(self, txn: _Txn) -> None:
+        """A public step method raised: undo the step unless an outer scope will."""
+        if not txn.outer and self._txn is txn:
+            self._rollback(txn)
+
+    def _commit(self, txn: _Txn) -> None:
+        self._txn = None
+        if txn.updated:
+            self._sam_step += 1
+        for w, old in txn.ema_old.items():  # the replaced EMA buffers become the next step's spares
+            if old is not None:
+                sc = self._scratch.setdefault(w, {})
+                sc["ema_spare"], sc["ready_spare"] = old
+
+    def _rollback(self, txn: _Txn) -> None:
+        """Undo the open step: weights back to w, F-SAM EMA and flags, partial sums and the base
+        optimizer's state entries created by the step as they were. Idempotent; raises only if
+        the weights cannot be put back (then the step stays open with w kept in the optimizer)."""
+        if self._perturbed is not None:
+            self._restore_weights()
+        self._txn = None
+        for w, old in txn.ema_old.items():
+            st = self.state.get(w)
+            if st is None:
+                continue
+            if old is None:
+                st.pop("fsam_ema", None)
+                st.pop("fsam_ready", None)
+                if not st:
+                    self.state.pop(w, None)
+            else:
+                st["fsam_ema"], st["fsam_ready"] = old
+        for w, old_acc in txn.acc_old.items():
+            sc = self._scratch.setdefault(w, {})
+            if old_acc is None:
+                sc.pop("acc", None)
+            else:
+                sc["acc"] = old_acc
+        if txn.acc_live0 is not None:
+            self._acc_live = txn.acc_live0
+        base_state = self.base_optimizer.state
+        for w in txn.created:
+            base_state.pop(w, None)
+        extra = len(base_state) - txn.base_len0
+        if extra > 0:  # entries the base optimizer's own step() added (dicts keep insertion order)
+            for w in list(base_state)[-extra:]:
+                del base_state[w]
+        self._perturb_ok = None
 
     # ------------------------------------------------------------------ the step
     def _collect(self) -> tuple[list[Tensor], list[Tensor], list[float], list[float], list[bool], list[int]]:
-        """The perturbed set P with its per-tensor options and global element offsets."""
+        """The perturbed set P with its per-tensor options and global element offsets (group
+        options validated here: a scheduler or user code may have written them)."""
         params, grads, rhos, etas, adaptive, offsets = [], [], [], [], [], []
         offset = 0
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            _check_group_options(group, str(gi))
             rho = group["rho"]
             for w in group["params"]:
                 g = w.grad
@@ -232,40 +400,103 @@ class SAM(torch.optim.Optimizer):
             bufs[name] = buf
         return buf
 
+    def _fsam_lists(self, params: list[Tensor], txn: _Txn) -> tuple[list[Tensor], list[Tensor], list[Tensor],
+                                                                      list[Tensor], list[Tensor]]:
+        """F-SAM inputs and outputs of a first step: a tensor's first write in a step goes to a
+        spare buffer (its committed EMA is kept for a rollback), later ones in place."""
+        ema, ready, ema_out, ready_out, forked = [], [], [], [], []
+        for w in params:
+            st = self.state[w]
+            if "fsam_ema" not in st:  # created now (zeros, not ready): part of the step
+                st["fsam_ema"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                st["fsam_ready"] = torch.zeros((), dtype=torch.float32, device=w.device)
+                txn.ema_old.setdefault(w, None)
+            m, r = st["fsam_ema"], st["fsam_ready"]
+            ema.append(m)
+            ready.append(r)
+            if w in txn.ema_old and txn.ema_old[w] is not None:  # already written in this step
+                ema_out.append(m)
+                ready_out.append(r)
+            else:
+                ema_out.append(self._buffer(w, "ema_spare"))
+                sc = self._scratch[w]
+                rs = sc.get("ready_spare")
+                if rs is None or rs.device != w.device:
+                    rs = sc["ready_spare"] = torch.zeros((), dtype=torch.float32, device=w.device)
+                ready_out.append(rs)
+                forked.append(w)
+        return ema, ready, ema_out, ready_out, forked
+
+    def _check_shapes_unchanged(self) -> None:
+        """The perturbed parameters still have the shapes and dtypes of their saved ``w``: a
+        ``p.data`` replaced by another shape would get ``w`` broadcast into it."""
+        params = self._perturbed
+        assert params is not None and self._perturbed_sig is not None
+        shapes, dtypes = self._perturbed_sig
+        if list(map(_shape_of, params)) == shapes and list(map(_dtype_of, params)) == dtypes:
+            return
+        idx = next(i for i, w in enumerate(params) if w.shape != shapes[i] or w.dtype != dtypes[i])
+        w = params[idx]
+        raise RuntimeError(
+            f"a perturbed parameter (shape {tuple(shapes[idx])}, {dtypes[idx]}) was replaced by a tensor of shape "
+            f"{tuple(w.shape)} and dtype {w.dtype} between first_step() and the end of the step; its unperturbed "
+            "weights are kept in the optimizer: put back a tensor of the original shape and dtype (p.data = ...) "
+            "and call restore()"
+        )
+
+    def _restore_weights(self) -> None:
+        """``w <- w_old`` for the perturbed tensors (no GSAM, no state change)."""
+        params = self._perturbed
+        if params is None:
+            return
+        self._check_shapes_unchanged()
+        F.sam_restore_(params, [self._scratch[w]["w_old"] for w in params], backend=self.backend)
+        self._perturbed = None
+        self._perturbed_sig = None
+
     @_eager
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb: ``w_old <- w``, ``w <- w + e(g)`` on every parameter of P (see class doc).
 
-        A non-finite gradient norm perturbs nothing and changes no state; see
-        :attr:`perturbation_skipped`.
+        A non-finite gradient norm perturbs nothing and changes no state (the step counter
+        included); see :attr:`perturbation_skipped`. On an exception nothing changes.
         """
         if self._perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice: the weights are still perturbed; call second_step() "
                 "(or restore()) before the next first_step()"
             )
-        params, grads, rhos, etas, adaptive, offsets = self._collect()
-        w_old = [self._buffer(w, "w_old") for w in params]
-        g_old = [self._buffer(w, "g_old") for w in params] if self.gsam_alpha > 0 else None
-        ema = ready = None
-        if self.fsam_sigma is not None:
-            ema, ready = [], []
-            for w in params:
-                st = self.state[w]
-                if "fsam_ema" not in st:
-                    st["fsam_ema"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                    st["fsam_ready"] = torch.zeros((), dtype=torch.float32, device=w.device)
-                ema.append(st["fsam_ema"])
-                ready.append(st["fsam_ready"])
-        ok = F.sam_perturb_(
-            params, grads, w_old, ema, ready, g_old, rhos, etas, adaptive, offsets,
-            p=self.p, fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda,
-            swp_keep=self.swp_keep, seed=self.seed, step=self._sam_step, backend=self.backend,
-        )
-        self._perturbed = params
-        self._perturb_ok = ok
-        self._sam_step += 1
+        txn = self._begin()
+        try:
+            self._check_params()
+            params, grads, rhos, etas, adaptive, offsets = self._collect()
+            w_old = [self._buffer(w, "w_old") for w in params]
+            g_old = [self._buffer(w, "g_old") for w in params] if self.gsam_alpha > 0 else None
+            ema = ready = ema_out = ready_out = None
+            forked: list[Tensor] = []
+            if self.fsam_sigma is not None:
+                ema, ready, ema_out, ready_out, forked = self._fsam_lists(params, txn)
+            ok = F.sam_perturb_(
+                params, grads, w_old, ema, ready, g_old, rhos, etas, adaptive, offsets,
+                p=self.p, fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda,
+                swp_keep=self.swp_keep, seed=self.seed, step=self._sam_step,
+                ema_out=ema_out, ready_out=ready_out, backend=self.backend,
+            )
+            self._perturbed = params
+            self._perturbed_sig = (list(map(_shape_of, params)), list(map(_dtype_of, params)))
+            self._perturb_ok = ok
+            for w in forked:  # the new EMA and flags become current; the replaced ones are kept
+                st, sc = self.state[w], self._scratch[w]
+                old = (st["fsam_ema"], st["fsam_ready"])
+                st["fsam_ema"], st["fsam_ready"] = sc.pop("ema_spare"), sc.pop("ready_spare")
+                if w in txn.ema_old and txn.ema_old[w] is None:  # created by this step: a rollback drops it
+                    sc["ema_spare"], sc["ready_spare"] = old
+                else:
+                    txn.ema_old[w] = old
+        except BaseException:
+            self._fail_call(txn)
+            raise
         if zero_grad:
             self.zero_grad()
 
@@ -275,41 +506,73 @@ class SAM(torch.optim.Optimizer):
         """Restore ``w`` exactly, apply GSAM if enabled, then run the base optimizer step.
 
         With a fused backend and a torch SGD/Adam/AdamW base this is one pass over the weights.
+        On an exception the weights are back at ``w`` and the optimizer state as before the step.
         """
         if self._perturbed is None:
             raise RuntimeError(
                 "second_step() called without a matching first_step(): compute the gradient at w, "
                 "call first_step(), compute the gradient at the perturbed point, then second_step()"
             )
-        if fused_second_step(self, self._perturbed):
-            self._perturbed = None
-            self._after_base_step()
-        else:
-            self.restore(apply_gsam=True)
-            self.base_step()
+        self._check_shapes_unchanged()  # before anything: the step stays open, w kept
+        txn = self._begin()
+        try:
+            if fused_second_step(self, self._perturbed, txn):
+                self._perturbed = None
+                self._perturbed_sig = None
+            else:
+                self._restore_and_combine()
+                self.base_optimizer.step()
+            txn.updated = True
+        except BaseException:
+            self._fail_call(txn)
+            raise
+        self._end_call(txn)
+        self._after_base_step()
         if zero_grad:
             self.zero_grad()
 
-    @_eager
-    @torch.no_grad()
-    def restore(self, apply_gsam: bool = False) -> None:
-        """Put the weights back to ``w_old`` (bit-exact) without a base step. No-op when the
-        weights are not perturbed, so it is safe in any exception handler.
-
-        ``apply_gsam=True`` also replaces the gradient in ``.grad`` by the GSAM combination
-        (when ``gsam_alpha > 0``): what :meth:`second_step` does before its base step, and what
-        a training loop needs per micro-batch (m-sharpness).
-        """
+    def _restore_and_combine(self) -> None:
+        """Weights back to ``w`` and, with GSAM, ``.grad`` replaced by the combined gradient."""
         params = self._perturbed
         if params is None:
             return
-        F.sam_restore_(params, [self._scratch[w]["w_old"] for w in params], backend=self.backend)
-        self._perturbed = None
-        if apply_gsam and self.gsam_alpha > 0:
+        self._restore_weights()
+        if self.gsam_alpha > 0:
             pairs = [(w.grad, self._scratch[w]["g_old"]) for w in params if w.grad is not None]
             if pairs:
                 gs, go = (list(t) for t in zip(*pairs))
                 F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
+
+    @_eager
+    @torch.no_grad()
+    def restore(self, apply_gsam: bool = False) -> None:
+        """Put the weights back to ``w_old`` (bit-exact) without a base step.
+
+        ``restore()`` abandons the open step: the weights return to ``w``, and the F-SAM EMA,
+        partial sums and step counter to where they were before it began, as if it never
+        started. No-op when no step is open, so it is safe in any exception handler (and after
+        a skipped perturbation).
+
+        ``restore(apply_gsam=True)`` instead continues the step: weights back to ``w`` and, when
+        ``gsam_alpha > 0``, ``.grad`` replaced by the GSAM combination (what :meth:`second_step`
+        does before its base step), for a loop that does something between the restore and
+        :meth:`base_step` (e.g. clipping), which then completes the step.
+        """
+        txn = self._txn
+        if not apply_gsam:
+            if txn is not None:
+                self._rollback(txn)
+            elif self._perturbed is not None:
+                self._restore_weights()
+            return
+        if self._perturbed is None:
+            return
+        txn = self._begin()
+        try:
+            self._restore_and_combine()
+        except BaseException:
+            self._fail_call(txn)
+            raise
 
     @_eager
     @torch.no_grad()
@@ -327,45 +590,73 @@ class SAM(torch.optim.Optimizer):
         each, and ``scale = n / sum(n_k)`` on the last one gives the size-weighted mean.
         The buffers have the parameter's dtype (as ``.grad``), become the ``.grad`` tensors on
         :meth:`load_accumulated` (the next accumulation allocates new ones), and are transient:
-        not in :meth:`state_dict`, dropped by :meth:`load_state_dict`.
+        not in :meth:`state_dict`, dropped by :meth:`load_state_dict`. The new sums are written
+        to other buffers than the old ones, so an exception leaves the sums as they were.
         """
-        for name, v in (("weight", weight), ("scale", scale)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite float, got {v!r}")
-        perturbed = {id(w) for w in self._perturbed} if self._perturbed is not None else set()
-        live = self._acc_live
-        params: list[Tensor] = []
-        grads: list[Tensor | None] = []
-        w_old: list[Tensor | None] = []
-        g_old: list[Tensor | None] = []
-        acc: list[Tensor | None] = []
-        reset: list[bool] = []
-        gsam = self.gsam_alpha > 0 and bool(perturbed)
-        for group in self.param_groups:
-            for w in group["params"]:
-                g = w.grad
-                in_p = id(w) in perturbed
-                is_live = id(w) in live
-                if g is None and not in_p and not (is_live and scale != 1.0):
-                    continue
-                if g is not None and g.is_sparse:
-                    raise ValueError("accumulate() does not support sparse gradients (params: a parameter has one)")
-                params.append(w)
-                grads.append(g)
-                w_old.append(self._scratch[w]["w_old"] if in_p else None)
-                g_old.append(self._scratch[w]["g_old"] if in_p and gsam else None)
-                has_acc = g is not None or is_live
-                acc.append(self._buffer(w, "acc") if has_acc else None)
-                reset.append(not is_live)
-        if params:
-            F.sam_restore_accumulate_(
-                params, grads, w_old, g_old if gsam else None, acc, reset, weight=float(weight),
-                scale=float(scale), gsam_alpha=self.gsam_alpha if gsam else 0.0, backend=self.backend,
-            )
-        self._perturbed = None
-        for w, a in zip(params, acc):
-            if a is not None:
-                live.add(id(w))
+        check_real("weight", weight)
+        check_real("scale", scale)
+        if self._perturbed is not None:
+            self._check_shapes_unchanged()
+        txn = self._begin()
+        try:
+            perturbed = {id(w) for w in self._perturbed} if self._perturbed is not None else set()
+            live = self._acc_live
+            params: list[Tensor] = []
+            grads: list[Tensor | None] = []
+            w_old: list[Tensor | None] = []
+            g_old: list[Tensor | None] = []
+            acc: list[Tensor | None] = []
+            acc_in: list[Tensor | None] = []
+            reset: list[bool] = []
+            gsam = self.gsam_alpha > 0 and bool(perturbed)
+            forked: list[Tensor] = []
+            for group in self.param_groups:
+                for w in group["params"]:
+                    g = w.grad
+                    in_p = id(w) in perturbed
+                    is_live = id(w) in live
+                    if g is None and not in_p and not (is_live and scale != 1.0):
+                        continue
+                    if g is not None and g.is_sparse:
+                        raise ValueError("accumulate() does not support sparse gradients (params: a parameter has one)")
+                    params.append(w)
+                    grads.append(g)
+                    w_old.append(self._scratch[w]["w_old"] if in_p else None)
+                    g_old.append(self._scratch[w]["g_old"] if in_p and gsam else None)
+                    reset.append(not is_live)
+                    if g is None and not is_live:
+                        acc.append(None)
+                        acc_in.append(None)
+                        continue
+                    cur = self._scratch.setdefault(w, {}).get("acc") if is_live else None
+                    if w in txn.acc_old:  # written in this step already: in place
+                        acc.append(cur)
+                        acc_in.append(cur)
+                    else:  # the step's first write: into another buffer, the committed sum kept
+                        acc.append(self._buffer(w, "acc_spare"))
+                        acc_in.append(cur)
+                        forked.append(w)
+            if params:
+                F.sam_restore_accumulate_(
+                    params, grads, w_old, g_old if gsam else None, acc, reset, weight=float(weight),
+                    scale=float(scale), gsam_alpha=self.gsam_alpha if gsam else 0.0, acc_in=acc_in,
+                    backend=self.backend,
+                )
+            self._perturbed = None
+            self._perturbed_sig = None
+            if txn.acc_live0 is None:
+                txn.acc_live0 = set(live)
+            for w, a in zip(params, acc):
+                if a is not None:
+                    live.add(id(w))
+            for w in forked:
+                sc = self._scratch[w]
+                txn.acc_old[w] = sc.get("acc") if id(w) in txn.acc_live0 else None
+                sc["acc"] = sc.pop("acc_spare")
+        except BaseException:
+            self._fail_call(txn)
+            raise
+        self._end_call(txn)
 
     def load_accumulated(self) -> None:
         """``.grad <- acc`` for every parameter with an accumulated sum (``None`` for the others)
@@ -373,16 +664,28 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("load_accumulated() while the weights are perturbed; call accumulate() first")
         live = self._acc_live
+        txn = self._txn
+        if txn is not None and txn.acc_live0 is None:
+            txn.acc_live0 = set(live)
         for group in self.param_groups:
             for w in group["params"]:
                 # hand the buffer over: .grad must not alias the next step's running sum (an
                 # in-place zero_grad(set_to_none=False) or a kept reference would corrupt it)
-                w.grad = self._scratch[w].pop("acc") if id(w) in live else None
-        live.clear()
+                if id(w) in live:
+                    sc = self._scratch[w]
+                    if txn is not None and w not in txn.acc_old:
+                        txn.acc_old[w] = sc.get("acc")  # committed: put back if the step fails
+                    w.grad = sc.pop("acc")
+                else:
+                    w.grad = None
+        self._acc_live = set()
 
     def clear_accumulated(self) -> None:
         """Drop the partial sums of :meth:`accumulate` (the next call starts from 0)."""
-        self._acc_live.clear()
+        txn = self._txn
+        if txn is not None and txn.acc_live0 is None:
+            txn.acc_live0 = set(self._acc_live)
+        self._acc_live = set()
 
     @property
     def has_accumulated(self) -> bool:
@@ -397,12 +700,20 @@ class SAM(torch.optim.Optimizer):
         With a fused backend and a torch SGD/Adam/AdamW base this is the same fused update as
         :meth:`second_step` without the restore: one pass, torch's update formula computed in
         float32 (float64 for float64 parameters) and rounded once, base optimizer state kept
-        where torch keeps it; otherwise ``base_optimizer.step()``.
+        where torch keeps it; otherwise ``base_optimizer.step()``. Completes the open step (if
+        any) and counts one SAM step.
         """
         if self._perturbed is not None:
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
-        if not fused_second_step(self, []):
-            self.base_optimizer.step()
+        txn = self._begin()
+        try:
+            if not fused_second_step(self, [], txn):
+                self.base_optimizer.step()
+            txn.updated = True
+        except BaseException:
+            self._fail_call(txn)
+            raise
+        self._end_call(txn)
         self._after_base_step()
 
     def _after_base_step(self) -> None:
@@ -413,6 +724,11 @@ class SAM(torch.optim.Optimizer):
     def is_perturbed(self) -> bool:
         """True between :meth:`first_step` and :meth:`second_step` / :meth:`restore`."""
         return self._perturbed is not None
+
+    @property
+    def step_count(self) -> int:
+        """Completed SAM steps (base updates through SAM): the key of the next step's ESAM mask."""
+        return self._sam_step
 
     @property
     def perturbation_skipped(self) -> bool:
@@ -428,8 +744,9 @@ class SAM(torch.optim.Optimizer):
     @contextlib.contextmanager
     def perturbed(self, zero_grad: bool = True, step: bool = True) -> Iterator[SAM]:
         """Context for the perturbed pass: ``first_step`` on entry; on normal exit
-        ``second_step`` (or just ``restore`` with ``step=False``); on any exception the weights
-        are restored to ``w`` and the exception propagates.
+        ``second_step`` (or, with ``step=False``, :meth:`restore`: the step is abandoned); on any
+        exception, in the body or in the exit's ``second_step``, the whole step is undone
+        (weights at ``w``, state as before) and the exception propagates.
 
         ::
 
@@ -437,16 +754,13 @@ class SAM(torch.optim.Optimizer):
             with opt.perturbed():
                 loss_fn(model(x), y).backward()
         """
-        self.first_step(zero_grad=zero_grad)
-        try:
+        with self._step_scope():
+            self.first_step(zero_grad=zero_grad)
             yield self
-        except BaseException:
-            self.restore()
-            raise
-        if step:
-            self.second_step()
-        else:
-            self.restore()
+            if step:
+                self.second_step()
+            else:
+                self.restore()
 
     def _mark_grads(self) -> None:
         """Remember which gradient tensors are "stale" (already used by a SAM step)."""
@@ -476,7 +790,7 @@ class SAM(torch.optim.Optimizer):
         torch's closure convention). If fresh gradients are already present (davda54/sam usage:
         ``loss.backward(); opt.step(closure)``) they are the first-pass gradient and the closure
         runs once; otherwise it runs twice. Returns the first closure call's loss. An exception
-        in the second closure call restores the weights before it propagates.
+        anywhere (a closure call included) undoes the whole step before it propagates.
         """
         if closure is None:
             raise ValueError(
@@ -485,17 +799,16 @@ class SAM(torch.optim.Optimizer):
                 "second_step() by hand; with Hugging Face transformers use "
                 "fastsam.integrations.transformers.SAMTrainer instead of transformers.Trainer"
             )
+        if not callable(closure):
+            raise ValueError(f"closure must be callable (forward + backward returning the loss), got {closure!r}")
         closure = torch.enable_grad()(closure)
-        loss = None
-        if not self._has_fresh_grads():
-            loss = closure()
-        self.first_step(zero_grad=True)
-        try:
+        with self._step_scope():
+            loss = None
+            if not self._has_fresh_grads():
+                loss = closure()
+            self.first_step(zero_grad=True)
             loss2 = closure()
-        except BaseException:
-            self.restore()
-            raise
-        self.second_step()
+            self.second_step()
         return loss2 if loss is None else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -503,15 +816,26 @@ class SAM(torch.optim.Optimizer):
         self._mark_grads()
 
     # ------------------------------------------------------------------ checkpoints
-    def _all_params(self) -> list[Tensor]:
-        return [w for g in self.param_groups for w in g["params"]]
+    def _check_no_open_step(self, what: str) -> None:
+        if self._perturbed is not None or self._txn is not None:
+            raise RuntimeError(
+                f"{what} while a SAM step is open (the weights may be perturbed and the step's F-SAM EMA and "
+                "partial sums are not final): finish the step with second_step() / base_step(), or abandon it "
+                "with restore(), first"
+            )
+
+    def _options(self) -> dict[str, Any]:
+        return {"p": self.p, "fsam_sigma": self.fsam_sigma, "fsam_lambda": self.fsam_lambda,
+                "gsam_alpha": self.gsam_alpha, "swp_keep": self.swp_keep, "seed": self.seed}
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """``{"base_optimizer": <the base's own state_dict, loadable by plain torch>,
-        "sam": {"step", "seed", "state": {param index: F-SAM EMA}, "options"}}``.
+        "sam": {"version", "step", "seed", "state": {param index: F-SAM EMA and flag}, "options"}}``.
 
-        Transient buffers (``w_old``, ``g_old``) are never saved.
+        Transient buffers (``w_old``, ``g_old``, partial sums) are never saved. Raises a
+        RuntimeError while a step is open (finish or abandon it first).
         """
+        self._check_no_open_step("state_dict()")
         sam_state = {}
         for i, w in enumerate(self._all_params()):
             st = self.state.get(w)
@@ -520,44 +844,191 @@ class SAM(torch.optim.Optimizer):
         return {
             "base_optimizer": self.base_optimizer.state_dict(),
             "sam": {
-                "version": 1,
+                "version": 2,
                 "step": self._sam_step,
                 "seed": self.seed,
                 "state": sam_state,
-                "options": {
-                    "p": self.p, "fsam_sigma": self.fsam_sigma, "fsam_lambda": self.fsam_lambda,
-                    "gsam_alpha": self.gsam_alpha, "swp_keep": self.swp_keep,
-                },
+                "options": self._options(),
             },
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:  # type: ignore[override]
         """Load a :meth:`state_dict`; continuing gives bit-identical results to an
-        uninterrupted run (the ESAM step counter and seed are restored too)."""
+        uninterrupted run (the ESAM step counter and seed are restored too).
+
+        The whole checkpoint is checked before anything changes: its structure, the number of
+        parameter groups and parameters, the shapes of every saved state tensor against its
+        parameter, the saved per-group rho/eta/adaptive, and the SAM options it was saved with
+        (p, F-SAM, GSAM, ESAM keep ratio and seed). A malformed or mismatched checkpoint raises a
+        ValueError saying what differs and leaves the optimizer untouched.
+
+        ``strict=False`` loads a checkpoint saved with other SAM options, keeping this
+        optimizer's options (and seed) and warning about what differs; it also accepts a plain
+        torch optimizer state dict (``{"state", "param_groups"}``) for the base optimizer, with a
+        fresh SAM state (step 0, no F-SAM EMA).
+        """
+        self._check_no_open_step("load_state_dict()")
+        plain = isinstance(state_dict, dict) and "state" in state_dict and "param_groups" in state_dict
+        if plain:
+            if strict:
+                raise ValueError(
+                    "state_dict is a plain torch optimizer state dict (keys 'state' and 'param_groups'), not "
+                    "fastsam.SAM.state_dict() (keys 'base_optimizer' and 'sam'); pass strict=False to load it into "
+                    "the base optimizer with a fresh SAM state (step 0, no F-SAM EMA)"
+                )
+            state_dict = {"base_optimizer": state_dict,
+                          "sam": {"version": 2, "step": 0, "seed": self.seed, "state": {}, "options": self._options()}}
         if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict or "sam" not in state_dict:
             raise ValueError(
-                "state_dict must come from fastsam.SAM.state_dict() (keys 'base_optimizer' and 'sam'); "
-                "to load a plain torch optimizer state use opt.base_optimizer.load_state_dict()"
+                "state_dict must come from fastsam.SAM.state_dict() (keys 'base_optimizer' and 'sam'), got "
+                f"{type(state_dict).__name__}" + (f" with keys {sorted(map(str, state_dict))}"
+                                                   if isinstance(state_dict, dict) else "")
             )
-        if self._perturbed is not None:
-            raise RuntimeError("load_state_dict() while the weights are perturbed; call restore() first")
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        self.param_groups = self.base_optimizer.param_groups  # torch rebuilds the group dicts
-        sam = state_dict["sam"]
+        base_sd, sam = state_dict["base_optimizer"], state_dict["sam"]
         params = self._all_params()
+        self._validate_base_state(base_sd, params)
+        sam_state, step, seed, keep = self._validate_sam_state(sam, params, strict)
+        # everything checked: load (torch's load_state_dict replaces groups and state as a whole)
+        self.base_optimizer.load_state_dict(base_sd)
         self.state = defaultdict(dict)
-        for i, st in sam["state"].items():
-            w = params[int(i)]
+        for i, st in sam_state.items():
+            w = params[i]
             new = {}
             for k, v in st.items():
                 if k == "fsam_ema":
                     new[k] = v.to(device=w.device, dtype=w.dtype).clone()
                 else:
-                    new[k] = v.to(device=w.device).clone()
+                    new[k] = v.to(device=w.device, dtype=torch.float32).clone()
             self.state[w] = new
-        self._sam_step = int(sam["step"])
-        self.seed = int(sam["seed"])
+        self._sam_step = step
+        if not keep:
+            self.seed = seed
         self._grad_marks = None
         # partial sums (SAM.accumulate, sam_step(update=False)) belong to the run being replaced
-        self._acc_live.clear()
+        self._acc_live = set()
         self.__dict__.pop("_fastsam_accum", None)
+        for sc in self._scratch.values():
+            for k in ("ema_spare", "ready_spare", "acc", "acc_spare"):
+                sc.pop(k, None)
+
+    def _validate_base_state(self, base_sd: Any, params: list[Tensor]) -> None:
+        if not isinstance(base_sd, dict) or not isinstance(base_sd.get("state"), dict) or not isinstance(
+                base_sd.get("param_groups"), list):
+            raise ValueError("state_dict['base_optimizer'] must be a torch optimizer state dict with 'state' (a dict) "
+                             "and 'param_groups' (a list)")
+        groups = self.param_groups
+        saved = base_sd["param_groups"]
+        if len(saved) != len(groups):
+            raise ValueError(f"state_dict has {len(saved)} parameter groups, this optimizer {len(groups)}")
+        index: dict[Any, Tensor] = {}
+        for gi, (sg, g) in enumerate(zip(saved, groups)):
+            if not isinstance(sg, dict) or not isinstance(sg.get("params"), list):
+                raise ValueError(f"state_dict param group {gi} is malformed (a dict with a 'params' list expected)")
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"state_dict param group {gi} has {len(sg['params'])} parameters, this optimizer's "
+                                 f"{len(g['params'])}")
+            for k in _GROUP_KEYS:
+                if k in sg:
+                    try:
+                        _check_group_options({**g, k: sg[k]}, str(gi))
+                    except ValueError as e:
+                        raise ValueError(f"state_dict param group {gi}: {e}") from None
+            for key, w in zip(sg["params"], g["params"]):
+                index[key] = w
+        for key, st in base_sd["state"].items():
+            if key not in index:
+                raise ValueError(f"state_dict['base_optimizer']['state'] has an entry for parameter {key!r}, which no "
+                                 "saved param group lists")
+            if not isinstance(st, dict):
+                raise ValueError(f"state_dict base state of parameter {key!r} must be a dict, got {type(st).__name__}")
+            w = index[key]
+            for name, v in st.items():
+                if isinstance(v, Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(w.shape):
+                    raise ValueError(f"state_dict base state '{name}' of parameter {key!r} has shape {tuple(v.shape)}, "
+                                     f"the parameter {tuple(w.shape)}")
+                if isinstance(v, Tensor) and (v.is_complex() != w.is_complex()):
+                    raise ValueError(f"state_dict base state '{name}' of parameter {key!r} has dtype {v.dtype}")
+
+    def _validate_sam_state(self, sam: Any, params: list[Tensor], strict: bool) -> tuple[dict[int, dict], int, int,
+                                                                                          bool]:
+        """(state by parameter index, step, seed, keep this optimizer's options)."""
+        if not isinstance(sam, dict):
+            raise ValueError(f"state_dict['sam'] must be a dict, got {type(sam).__name__}")
+        for k in ("step", "seed", "state"):
+            if k not in sam:
+                raise ValueError(f"state_dict['sam'] has no '{k}' entry (a fastsam.SAM.state_dict() has step, seed, "
+                                 "state and options)")
+        step = check_int("state_dict['sam']['step']", sam["step"], lo=0)
+        seed = check_int("state_dict['sam']['seed']", sam["seed"], lo=0, hi=2**32 - 1)
+        if not isinstance(sam["state"], dict):
+            raise ValueError("state_dict['sam']['state'] must be a dict {parameter index: state}")
+        state: dict[int, dict] = {}
+        for i, st in sam["state"].items():
+            if isinstance(i, bool) or not isinstance(i, int) and not (isinstance(i, str) and i.isdigit()):
+                raise ValueError(f"state_dict['sam']['state'] keys must be parameter indices, got {i!r}")
+            idx = int(i)
+            if not 0 <= idx < len(params):
+                raise ValueError(f"state_dict['sam']['state'] has parameter index {idx}, this optimizer has "
+                                 f"{len(params)} parameters")
+            if not isinstance(st, dict) or set(st) - {"fsam_ema", "fsam_ready"}:
+                raise ValueError(f"state_dict['sam']['state'][{i!r}] must hold 'fsam_ema' and 'fsam_ready', got "
+                                 f"{sorted(st) if isinstance(st, dict) else type(st).__name__}")
+            w = params[idx]
+            m, r = st.get("fsam_ema"), st.get("fsam_ready")
+            if not isinstance(m, Tensor) or tuple(m.shape) != tuple(w.shape) or not m.is_floating_point():
+                raise ValueError(f"state_dict F-SAM EMA of parameter {idx} must be a float tensor of shape "
+                                 f"{tuple(w.shape)}, got {getattr(m, 'shape', m)!r}")
+            if not isinstance(r, Tensor) or r.numel() != 1:
+                raise ValueError(f"state_dict F-SAM flag of parameter {idx} must be a one-element tensor")
+            state[idx] = st
+        saved = sam.get("options")
+        mine = self._options()
+        if saved is None and sam.get("version", 1) >= 2:
+            raise ValueError("state_dict['sam'] has no 'options' entry")
+        saved = dict(saved or {})
+        saved.setdefault("seed", seed)
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved.get(k) != v}
+        keep = False
+        if diff:
+            what = ", ".join(f"{k}: saved {a!r}, this optimizer {b!r}" for k, (a, b) in diff.items())
+            if strict:
+                raise ValueError(f"state_dict was saved with other SAM options ({what}); build the optimizer with the "
+                                 "saved options, or pass strict=False to load it keeping this optimizer's options")
+            warnings.warn(f"load_state_dict(strict=False): the checkpoint's SAM options differ ({what}); keeping this "
+                          "optimizer's options and seed, loading the step counter, F-SAM EMA and base optimizer "
+                          "state", stacklevel=3)
+            keep = True
+            if self.fsam_sigma is None:
+                state = {}
+        return state, step, seed, keep
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` keep: the whole optimizer
+        (base optimizer, options, seed, step counter, F-SAM state, partial sums); caches and
+        buffers of an open step are not kept, so an open step is an error."""
+        self._check_no_open_step("copying or pickling the optimizer")
+        d = dict(self.__dict__)
+        d["_scratch"] = {w: {"acc": sc["acc"]} for w, sc in self._scratch.items() if "acc" in sc and id(w) in
+                         self._acc_live}
+        d["_acc_live_params"] = [w for g in self.param_groups for w in g["params"] if id(w) in self._acc_live]
+        for k in ("_acc_live", "_grad_marks", "_layout_key", "_perturb_ok"):
+            d.pop(k, None)
+        return d
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        live = state.pop("_acc_live_params", [])
+        self.__dict__.update(state)
+        self._acc_live = {id(w) for w in live}
+        self._grad_marks = None
+        self._layout_key = None
+        self._perturb_ok = None
+        self.__dict__.setdefault("_txn", None)
+        # torch.optim.Optimizer keeps these; re-created as its own __setstate__ would
+        self.__dict__.setdefault("_optimizer_step_pre_hooks", {})
+        self.__dict__.setdefault("_optimizer_step_post_hooks", {})
+        self.__dict__.setdefault("_optimizer_state_dict_pre_hooks", {})
+        self.__dict__.setdefault("_optimizer_state_dict_post_hooks", {})
+        self.__dict__.setdefault("_optimizer_load_state_dict_pre_hooks", {})
+        self.__dict__.setdefault("_optimizer_load_state_dict_post_hooks", {})
+        self._patch_step_function()
