@@ -57,7 +57,7 @@ def test_prepared_optimizer_equals_the_raw_one(accumulate):
             ref_sched.step()
             updates += 1
     assert _same(net, ref)
-    assert sam.state_dict()["sam"]["step"] == 6 and ref_opt.state_dict()["sam"]["step"] == 6
+    assert sam.state_dict()["sam"]["step"] == ref_opt.state_dict()["sam"]["step"] > 0
     assert sam.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**updates)
     accelerator.free_memory()
 

@@ -145,13 +145,13 @@ def test_manual_accumulation_counts_one_step_per_update():
     trainer = _trainer(max_steps=3)
     trainer.fit(model, _loader())
     assert trainer.global_step == 3  # 6 batches, one step per 2
-    assert trainer.optimizers[0].state_dict()["sam"]["step"] == 6  # one perturbation per batch
 
     ref = _net()
     opt = _make_sam(ref.parameters())
     for i, (x, y) in enumerate(_batches(6)):
         fastsam.sam_step(ref, opt, x, y, F.cross_entropy, update=i % 2 == 1)
     assert _same(model.net, ref)
+    assert trainer.optimizers[0].state_dict()["sam"]["step"] == opt.state_dict()["sam"]["step"] > 0
 
 
 def test_manual_fp16_uses_lightnings_grad_scaler():

@@ -110,6 +110,7 @@ class SAMBaseStep(torch.optim.Optimizer):
             self.sam.base_step()
         else:
             self.skipped_steps += 1
+            self.sam.restore()  # abandons the step (the weights are already at w)
             self.sam.zero_grad(set_to_none=True)
 
 
