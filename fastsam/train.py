@@ -11,13 +11,18 @@ What it gets right so a training loop does not have to (DESIGN.md s3, "Training 
   either pass skips the step with the weights and the base optimizer untouched.
 - DDP: the first pass (forward included) runs under ``no_sync``; the second pass is synced.
 - gradient clipping of the final gradient, gradient accumulation, exception safety.
+
+The step runs in named stages (one function each): :func:`_plan` (check the arguments, split
+the batch), per micro-batch :func:`_ascent_pass` (pass 1 at w), ``first_step``,
+:func:`_select_examples` (ESAM SDS), :func:`_descent_pass` (pass 2 at w + e),
+:func:`_collect_gradient` (restore, GSAM, accumulate); then :func:`_final_gradient` (load the
+sums, DDP average, clip), :func:`_decide_skip` (the one host sync) and the update.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .bn import frozen_running_stats
-from .integrations._wrappers import model_output_logits, run_wrapped, unwrap_optimizer
+from . import _amp, _grads
+from . import _batch as B_
+from ._validate import check_bool, check_int, check_real
+from .integrations._wrappers import run_wrapped, unwrap_optimizer
 from .optim.sam import SAM
 
 LossFn = Callable[..., Tensor]
@@ -56,145 +64,262 @@ class SAMStepResult:
         return float(self.ascent_loss_tensor)
 
 
-class _ScalerKey:
-    """Stands in for the optimizer in ``GradScaler.unscale_``: the scaler allows one unscale per
-    optimizer per update and keys that by ``id(optimizer)``; SAM unscales twice per step (once
-    per pass, more with micro-batches), so every pass gets its own key over the same groups."""
+@dataclass
+class _Plan:
+    """What one call will do, decided before anything runs."""
 
-    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
-        self.param_groups = param_groups
-
-
-def _unscale(scaler: torch.amp.GradScaler, opt: SAM) -> _ScalerKey | None:
-    if not scaler.is_enabled():
-        return None
-    key = _ScalerKey(opt.param_groups)
-    scaler.unscale_(key)  # type: ignore[arg-type]
-    return key
-
-
-def _found_inf(scaler: torch.amp.GradScaler, keys: list[_ScalerKey]) -> list[Tensor]:
-    # GradScaler keeps the per-device overflow flags of each unscale_ call in
-    # _per_optimizer_states[id(optimizer)]["found_inf_per_device"] (stable since torch 1.6).
-    out: list[Tensor] = []
-    for k in keys:
-        st = scaler._per_optimizer_states.get(id(k), {})
-        out.extend(st.get("found_inf_per_device", {}).values())
-    return out
+    B: int  # batch size
+    bounds: list[tuple[int, int]]  # micro-batch row ranges
+    x_spec: Any  # per-example tensors of the inputs / targets (split by micro-batches and SDS)
+    y_spec: Any
+    ddp: bool
+    manual_sync: bool  # DDP: every pass under no_sync, the final gradient averaged once
+    fast: bool  # one micro-batch straight into second_step (fused restore + GSAM + update)
+    keep_grad: bool  # one micro-batch, no accumulation: .grad already is the final gradient
+    update: bool
+    ref: float  # accumulation weights: n_k / ref, the last scaled by ref / samples
+    samples: int
+    bn: list[_BatchNorm]  # the model's BatchNorm layers that track running statistics
 
 
-def _drop_keys(scaler: torch.amp.GradScaler | None, keys: list[_ScalerKey]) -> None:
+def _check_args(micro_batch: Any, sds_keep: Any, max_grad_norm: Any, amp_dtype: Any, update: Any,
+                keep_outputs: Any, loss_fn: Any, ascent_loss_fn: Any) -> None:
+    if micro_batch is not None:
+        check_int("micro_batch", micro_batch, lo=1, what="None: the whole batch")
+    check_real("sds_keep", sds_keep, lo=0.0, hi=1.0, lo_open=True, what="1 keeps every example")
+    if max_grad_norm is not None:
+        check_real("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True, what="None: no clipping")
+    if amp_dtype is not None and amp_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
+    check_bool("update", update)
+    check_bool("keep_outputs", keep_outputs)
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets, reduction=...), got {loss_fn!r}")
+    if ascent_loss_fn is not None and not callable(ascent_loss_fn):
+        raise ValueError(f"ascent_loss_fn must be None or callable, got {ascent_loss_fn!r}")
+
+
+def _plan(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, micro_batch: int | None,
+          max_grad_norm: float | None, update: bool, accum: dict[str, Any] | None) -> _Plan:
+    B = B_.batch_size(targets)
+    if B == 0:
+        raise ValueError("the batch is empty (targets has 0 rows)")
+    m = B if micro_batch is None else min(micro_batch, B)
+    bounds = [(lo, min(lo + m, B)) for lo in range(0, B, m)]
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    # DDP syncs the second pass itself only in the simple case; otherwise every pass runs under
+    # no_sync and the final gradient is averaged once (per-rank GSAM / micro-batches stay local,
+    # which makes N ranks equal to one process with micro_batch = per-rank batch).
+    manual_sync = ddp and (len(bounds) > 1 or optimizer.gsam_alpha > 0 or not update or accum is not None)
+    one = len(bounds) == 1 and update and accum is None
+    return _Plan(
+        B=B, bounds=bounds, x_spec=B_.split_spec(inputs, B), y_spec=B_.split_spec(targets, B), ddp=ddp,
+        manual_sync=manual_sync, fast=one and max_grad_norm is None and not manual_sync, keep_grad=one,
+        update=update, ref=float(accum["ref"]) if accum else float(B),
+        samples=(accum["samples"] if accum else 0) + B,
+        bn=[mod for mod in model.modules() if isinstance(mod, _BatchNorm) and mod.track_running_stats],
+    )
+
+
+@contextlib.contextmanager
+def _frozen(bn: list[_BatchNorm]):
+    """BatchNorm statistics frozen for the pass at w + e (see :mod:`fastsam.bn`), on the layers
+    found once per call."""
+    for mod in bn:
+        mod.track_running_stats = False
+    try:
+        yield
+    finally:
+        for mod in bn:
+            mod.track_running_stats = True
+
+
+class _Undo:
+    """What a failed call puts back that the optimizer's transaction does not cover: the model's
+    BatchNorm buffers (pass 1 updated them), the RNG states (dropout drew from them) and the
+    cross-call accumulation record."""
+
+    def __init__(self, optimizer: SAM, plan: _Plan, devices: set[torch.device]) -> None:
+        self.accum = optimizer.__dict__.get("_fastsam_accum")
+        self.bn = [(t, t.clone()) for mod in plan.bn for t in (mod.running_mean, mod.running_var,
+                                                               mod.num_batches_tracked) if t is not None]
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+
+    def __call__(self, optimizer: SAM) -> None:
+        if self.accum is None:
+            optimizer.__dict__.pop("_fastsam_accum", None)
+        else:
+            optimizer._fastsam_accum = self.accum  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for t, old in self.bn:
+                t.copy_(old)
+        torch.set_rng_state(self.rng)
+        for d, st in self.cuda_rng.items():
+            torch.cuda.set_rng_state(st, d)
+
+
+def _devices(optimizer: SAM) -> set[torch.device]:
+    return {w.device for g in optimizer.param_groups for w in g["params"]}
+
+
+def _ascent_pass(model: nn.Module, optimizer: SAM, plan: _Plan, x: Any, y: Any, n_k: int, ascent: Any,
+                 loss_fn: Any, sds: bool, scaler: Any, keys: list, amp_dtype: Any) -> tuple[Tensor, Tensor | None, Any]:
+    """Pass 1 at w: this rank's / micro-batch's own gradient of the ascent loss (DDP: no_sync);
+    returns (loss, per-example training loss for SDS, detached outputs)."""
+    optimizer.zero_grad(set_to_none=True)
+    with model.no_sync() if plan.ddp else contextlib.nullcontext():
+        with B_.autocast(amp_dtype, x):
+            out = B_.call(model, x)
+            l1 = ascent(out, y, reduction="mean")
+            l0 = loss_fn(B_.detach(out), y, reduction="none").detach() if sds else None
+        if l0 is not None and l0.numel() != n_k:
+            raise ValueError(
+                f"sds_keep < 1 needs loss_fn(..., reduction='none') to return one value per example "
+                f"({n_k} values), got shape {tuple(l0.shape)}; e.g. for a language model, reduce "
+                "the per-token losses per sequence inside loss_fn"
+            )
+        (scaler.scale(l1) if scaler is not None else l1).backward()
     if scaler is not None:
-        for k in keys:
-            scaler._per_optimizer_states.pop(id(k), None)
+        k = _amp.unscale(scaler, optimizer.param_groups)
+        if k is not None:
+            keys.append(k)
+    return l1, l0, B_.detach(out)
 
 
-def _batch_size(targets: Any) -> int:
-    if isinstance(targets, Tensor):
-        return int(targets.shape[0])
-    if isinstance(targets, (list, tuple)) and targets:
-        return _batch_size(targets[0])
-    if isinstance(targets, dict) and targets:
-        return _batch_size(next(iter(targets.values())))
-    raise ValueError("targets must be a tensor (or a tuple/list/dict of tensors) with the batch in dim 0")
+def _select_examples(model: nn.Module, plan: _Plan, x: Any, y: Any, lo: int, hi: int, l0: Tensor | None,
+                     loss_fn: Any, sds_keep: float, amp_dtype: Any) -> tuple[Any, Any, int]:
+    """ESAM sharpness-sensitive data selection: the examples with the largest l(w + e) - l(w).
+
+    Cumulative rounding: the micro-batches keep round(gamma * B) examples in total, each within
+    one of gamma * n_k, and at least one (its second pass needs a mean loss)."""
+    n_k = hi - lo
+    if sds_keep >= 1.0:
+        return x, y, n_k
+    n2 = max(1, min(n_k, int(round(sds_keep * hi)) - int(round(sds_keep * lo))))
+    if n2 == n_k:
+        return x, y, n_k
+    with torch.no_grad(), _frozen(plan.bn), B_.autocast(amp_dtype, x):
+        lp = loss_fn(B_.call(model, x), y, reduction="none")
+    assert l0 is not None
+    idx = torch.topk((lp.float() - l0.float()).reshape(n_k), n2, sorted=False).indices
+    return B_.take(x, idx, plan.x_spec), B_.take(y, idx, plan.y_spec), n2
 
 
-def _split_spec(x: Any, batch: int) -> Any:
-    """Which tensors of the batch's inputs/targets are per-example (first dimension = batch size):
-    True/False per tensor, in the same tuple/list/dict structure. Decided once on the whole batch,
-    so micro-batches and SDS split the same tensors."""
-    if isinstance(x, Tensor):
-        return x.dim() > 0 and x.shape[0] == batch
-    if isinstance(x, (list, tuple)):
-        return [_split_spec(v, batch) for v in x]
-    if isinstance(x, dict):
-        return {k: _split_spec(v, batch) for k, v in x.items()}
-    return False
+def _descent_pass(model: nn.Module, optimizer: SAM, plan: _Plan, x: Any, y: Any, loss_fn: Any, scaler: Any,
+                  keys: list, amp_dtype: Any) -> Tensor:
+    """Pass 2 at w + e with BatchNorm statistics frozen (DDP: synced in the simple case)."""
+    sync = plan.ddp and not plan.manual_sync
+    with (contextlib.nullcontext() if sync or not plan.ddp else model.no_sync()), _frozen(plan.bn):
+        with B_.autocast(amp_dtype, x):
+            l2 = loss_fn(B_.call(model, x), y, reduction="mean")
+        (scaler.scale(l2) if scaler is not None else l2).backward()
+    if scaler is not None:
+        k = _amp.unscale(scaler, optimizer.param_groups)
+        if k is not None:
+            keys.append(k)
+    return l2
 
 
-def _take(x: Any, idx: slice | Tensor, spec: Any) -> Any:
-    """Rows ``idx`` of the per-example tensors of ``spec``; anything else (a 0-dim tensor, a
-    broadcast ``[1, T]`` mask, non-tensors) passes unchanged."""
-    if isinstance(x, Tensor):
-        return x[idx] if spec else x
-    if isinstance(x, (list, tuple)):
-        items = [_take(v, idx, s) for v, s in zip(x, spec)]
-        return type(x)(*items) if hasattr(type(x), "_fields") else type(x)(items)
-    if isinstance(x, dict):
-        return {k: _take(v, idx, spec[k]) for k, v in x.items()}
-    return x
+def _collect_gradient(optimizer: SAM, plan: _Plan, mb: int, n_k: int) -> None:
+    """Restore w, GSAM-combine and (several micro-batches / accumulation) add ``(n_k / ref) *
+    grad`` to the running sum in one fused pass; the last one of an update scales the sum by
+    ``ref / samples`` so that ``.grad`` ends as the size-weighted mean."""
+    if plan.keep_grad:
+        optimizer.restore(apply_gsam=True)
+        return
+    last = plan.update and mb == len(plan.bounds) - 1
+    optimizer.accumulate(n_k / plan.ref, scale=plan.ref / plan.samples if last else 1.0)
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        out = model(**inputs)
-    elif isinstance(inputs, (list, tuple)):
-        out = model(*inputs)
-    else:
-        out = model(inputs)
-    # issue #14: a Hugging Face ModelOutput with logits reaches the loss functions as its logits
-    return model_output_logits(out)
+def _final_gradient(optimizer: SAM, plan: _Plan, max_grad_norm: float | None) -> Tensor | None:
+    """The update's gradient in ``.grad``: the accumulated sums loaded, DDP-averaged, clipped.
+    Returns the device flag "some gradient is not finite" (None: decided by second_step's
+    inputs, the fast path)."""
+    if not plan.keep_grad:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.load_accumulated()
+    gs = [w.grad for g in optimizer.param_groups for w in g["params"] if w.grad is not None]
+    if plan.manual_sync and gs:
+        _grads.all_reduce_mean_(gs)
+    if max_grad_norm is not None and not plan.fast:
+        return ~torch.isfinite(_grads.clip_(gs, max_grad_norm))
+    return _grads.nonfinite(gs)
 
 
-def _detach(x: Any) -> Any:
-    """Tensors detached, also inside tuples/lists/dicts (the container type kept when it can be
-    rebuilt from its items, e.g. a Hugging Face ``ModelOutput``; else a plain dict/list)."""
-    if isinstance(x, Tensor):
-        return x.detach()
-    if isinstance(x, (list, tuple)):
-        items = [_detach(v) for v in x]
-        if hasattr(type(x), "_fields"):  # a namedtuple: positional fields
-            return type(x)(*items)
-        try:
-            return type(x)(items)
-        except TypeError:
-            return items
-    if isinstance(x, dict):
-        items = {k: _detach(v) for k, v in x.items()}
-        try:
-            return type(x)(**items) if type(x) is not dict else items
-        except TypeError:
-            return items
-    return x
+def _decide_skip(plan: _Plan, bad: Tensor, scaler: Any, keys: list) -> bool:
+    """The step's one host sync: a non-finite gradient, a first pass that could not perturb or a
+    scaler overflow in any pass (on any DDP rank) skips the update."""
+    dev = bad.device
+    if scaler is not None:
+        for fi in _amp.found_inf(scaler, keys):
+            bad = bad | (fi.to(dev) > 0)
+    if plan.ddp:
+        b = bad.to(torch.int32)
+        dist.all_reduce(b, op=dist.ReduceOp.MAX)
+        bad = b.bool()
+    return bool(bad)
 
 
-def _cat(outs: list[Any]) -> Any:
-    if not outs:
-        return None
-    if len(outs) == 1:
-        return outs[0]
-    if isinstance(outs[0], Tensor):
-        return torch.cat(outs)
-    return outs
-
-
-def _grads(opt: SAM) -> tuple[list[Tensor], list[Tensor]]:
-    ps = [w for g in opt.param_groups for w in g["params"] if w.grad is not None]
-    return ps, [w.grad for w in ps]
-
-
-def _all_reduce_mean_(grads: list[Tensor]) -> None:
-    """Average gradients over ranks: one flat buffer per (device, dtype), one all_reduce each."""
-    world = dist.get_world_size()
-    groups: dict[tuple, list[Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for ts in groups.values():
-        flat = torch.cat([t.reshape(-1) for t in ts])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world)
-        torch._foreach_copy_(ts, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in ts]), ts)])
-
-
-def _autocast(dtype: torch.dtype | None, inputs: Any) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    dev = "cpu"
-    for t in (inputs if isinstance(inputs, (list, tuple)) else [inputs]):
-        if isinstance(t, Tensor):
-            dev = t.device.type
+def _run(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, loss_fn: LossFn, ascent: LossFn,
+         plan: _Plan, accum: dict[str, Any] | None, keys: list, *, sds_keep: float, scaler: Any,
+         max_grad_norm: float | None, amp_dtype: Any, keep_outputs: bool) -> SAMStepResult:
+    outs: list[Any] = []
+    loss1: Tensor | None = None
+    loss2: Tensor | None = None
+    n2_total = 0
+    bad: Tensor | None = None  # device flag: a first step saw a non-finite norm (this call)
+    for mb, (lo, hi) in enumerate(plan.bounds):
+        n_k = hi - lo
+        x, y = inputs, targets
+        if len(plan.bounds) > 1:
+            x, y = B_.take(inputs, slice(lo, hi), plan.x_spec), B_.take(targets, slice(lo, hi), plan.y_spec)
+        l1, l0, out = _ascent_pass(model, optimizer, plan, x, y, n_k, ascent, loss_fn, sds_keep < 1.0, scaler, keys,
+                                   amp_dtype)
+        if keep_outputs:
+            outs.append(out)
+        del out
+        loss1 = l1.detach().float() * (n_k / plan.B) + (0 if loss1 is None else loss1)
+        optimizer.first_step(zero_grad=True)
+        ok = optimizer.perturbation_ok
+        assert ok is not None
+        bad = ~ok if bad is None else bad | ~ok.to(bad.device)
+        x2, y2, n2 = _select_examples(model, plan, x, y, lo, hi, l0, loss_fn, sds_keep, amp_dtype)
+        n2_total += n2
+        l2 = _descent_pass(model, optimizer, plan, x2, y2, loss_fn, scaler, keys, amp_dtype)
+        loss2 = l2.detach().float() * (n_k / plan.B) + (0 if loss2 is None else loss2)
+        if plan.fast:
             break
-    return torch.autocast(device_type=dev, dtype=dtype)
+        _collect_gradient(optimizer, plan, mb, n_k)
+    assert loss1 is not None and loss2 is not None and bad is not None
+    if accum is not None:
+        bad = bad | accum["bad"].to(bad.device)
+
+    if not plan.update:  # accumulate: the record the updating call continues from (bounded size)
+        if accum is not None and accum["key"] is not None:
+            keys.insert(0, accum["key"])
+        optimizer.zero_grad(set_to_none=True)
+        optimizer._fastsam_accum = {"ref": plan.ref, "samples": plan.samples, "bad": bad,  # type: ignore
+                                    "key": _amp.merge(scaler, keys) if scaler is not None else None}
+        return SAMStepResult(loss2, loss1, False, False, B_.cat(outs), n2_total)
+    if accum is not None:
+        del optimizer._fastsam_accum  # type: ignore[attr-defined]
+        if accum["key"] is not None:
+            keys.insert(0, accum["key"])
+
+    grad_bad = _final_gradient(optimizer, plan, max_grad_norm)
+    skipped = _decide_skip(plan, bad | grad_bad.to(bad.device), scaler, keys)
+    if skipped:
+        optimizer.restore()  # abandons the step: weights at w, the step's state undone
+        optimizer.clear_accumulated()  # a skipped update drops its accumulated batches (AMP's rule)
+        optimizer.zero_grad(set_to_none=True)
+    elif plan.fast:
+        optimizer.second_step()
+    else:
+        optimizer.base_step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.update()
+    return SAMStepResult(loss2, loss1, skipped, not skipped, B_.cat(outs), n2_total)
 
 
 def sam_step(
@@ -229,12 +354,18 @@ def sam_step(
     Then: DDP average, clipping of the final gradient to ``max_grad_norm``, one check for
     non-finite gradients / GradScaler overflow (the step's only host sync), and the base step.
 
-    Every micro-batch's perturbation is a full ``first_step``: F-SAM's EMA is updated and the
-    ESAM mask counter advances once per micro-batch. Under DDP each rank runs its own
-    ``first_step`` (its own EMA, no communication), so N ranks equal one process with
-    ``micro_batch`` = per-rank batch for SAM / ASAM / GSAM / p-norm, and differ only in those
-    two per-optimizer counters. A skipped step rolls the ESAM counter back; F-SAM's EMA keeps
-    the (finite) first-pass gradient it saw when only the second pass overflowed.
+    Every micro-batch's perturbation is a full ``first_step``: F-SAM's EMA is updated once per
+    micro-batch; the ESAM mask is one per step (keyed by the completed steps), the same for every
+    micro-batch. Under DDP each rank runs its own ``first_step`` (its own EMA, no
+    communication), so N ranks equal one process with ``micro_batch`` = per-rank batch for SAM /
+    ASAM / GSAM / p-norm / ESAM masks, and differ only in F-SAM's per-optimizer EMA.
+
+    A call is a transaction: a skipped step (non-finite gradient or scaler overflow in any
+    pass) updates nothing and drops the accumulated batches (as AMP skips a whole accumulated
+    step); an exception anywhere leaves the weights at ``w`` bit for bit, the optimizer state
+    (F-SAM EMA, step counter, partial sums of earlier ``update=False`` calls, base state) and the
+    model's BatchNorm buffers and the RNG state as they were before the call, so retrying the
+    batch gives what an uninterrupted run gives.
 
     Args:
         model: the model (``DistributedDataParallel`` is handled).
@@ -258,7 +389,8 @@ def sam_step(
             ``round(gamma * hi) - round(gamma * lo)`` of rows ``lo:hi`` (at least 1), so the total
             is still ``round(gamma * B)`` unless a micro-batch had to be raised to 1.
         scaler: ``torch.amp.GradScaler`` for fp16 AMP (its ``update()`` is called here).
-        max_grad_norm: clip the final gradient (after GSAM and averaging) to this L2 norm.
+        max_grad_norm: clip the final gradient (after GSAM and averaging) to this L2 norm (torch's
+            rule, with the norm summed in float64: no finite gradient reads as infinite).
         amp_dtype: run the forward passes under ``torch.autocast`` with this dtype.
         update: False accumulates this batch's final gradient (weighted by batch size) and
             skips the base step; the next call with ``update=True`` steps on the weighted mean
@@ -285,165 +417,26 @@ def sam_step(
     # ------------------------------------------------------------------------------------------------
     if optimizer.is_perturbed:
         raise RuntimeError("sam_step() called while the optimizer's weights are perturbed; call restore() first")
-    if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
-        raise ValueError(f"micro_batch must be None or an int >= 1, got {micro_batch!r}")
-    if not (0.0 < sds_keep <= 1.0):
-        raise ValueError(f"sds_keep must be in (0, 1], got {sds_keep!r}")
-    if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-        raise ValueError(f"max_grad_norm must be None or a finite float > 0, got {max_grad_norm!r}")
-    ascent = loss_fn if ascent_loss_fn is None else ascent_loss_fn
-    B = _batch_size(targets)
-    if B == 0:
-        raise ValueError("the batch is empty (targets has 0 rows)")
-    m = B if micro_batch is None else min(micro_batch, B)
-    bounds = [(lo, min(lo + m, B)) for lo in range(0, B, m)]
-    x_spec, y_spec = _split_spec(inputs, B), _split_spec(targets, B)
-
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    _check_args(micro_batch, sds_keep, max_grad_norm, amp_dtype, update, keep_outputs, loss_fn, ascent_loss_fn)
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise ValueError(f"scaler must be None or a torch.amp.GradScaler, got {type(scaler).__name__}")
     accum: dict[str, Any] | None = getattr(optimizer, "_fastsam_accum", None)
     if accum is None and optimizer.has_accumulated:
         raise RuntimeError(
             "the optimizer holds partial sums from SAM.accumulate() that sam_step did not make; call "
             "optimizer.load_accumulated() (and step) or optimizer.clear_accumulated() first"
         )
-    # DDP syncs the second pass itself only in the simple case; otherwise every pass runs under
-    # no_sync and the final gradient is averaged once (per-rank GSAM / micro-batches stay local,
-    # which makes N ranks equal to one process with micro_batch = per-rank batch).
-    manual_sync = ddp and (len(bounds) > 1 or optimizer.gsam_alpha > 0 or not update or accum is not None)
-    # Single micro-batch, nothing between GSAM and the base step: leave the weights perturbed
-    # and let second_step() restore + combine + update (one fused pass on fused backends).
-    fast = len(bounds) == 1 and max_grad_norm is None and update and accum is None and not manual_sync
-
-    step0 = optimizer._sam_step
-    keys: list[_ScalerKey] = list(accum["keys"]) if accum else []
-    flags: list[Tensor] = list(accum["flags"]) if accum else []
-    # Micro-batch gradients are summed by optimizer.accumulate() (restore + GSAM + acc in one
-    # pass on fused backends) with weight n_k / ref; the last one of an update scales the sum by
-    # ref / (all samples since the accumulation began), so .grad ends as the size-weighted mean.
-    ref = float(accum["ref"]) if accum else float(B)
-    samples = (accum["samples"] if accum else 0) + B
-    # one micro-batch, no accumulation: .grad already is the final gradient (no copy)
-    keep_grad = len(bounds) == 1 and update and accum is None
-    outs: list[Any] = []
-    loss2_sum: Tensor | None = None
-    loss1_sum: Tensor | None = None
-    n2_total = 0
+    plan = _plan(model, optimizer, inputs, targets, micro_batch, max_grad_norm, update, accum)
+    ascent = loss_fn if ascent_loss_fn is None else ascent_loss_fn
+    undo = _Undo(optimizer, plan, _devices(optimizer))
+    keys: list[_amp.ScalerKey] = []  # this call's scaler keys (+ the accumulation's, once inserted)
     try:
-        for mb, (lo, hi) in enumerate(bounds):
-            n_k = hi - lo
-            x, y = inputs, targets
-            if len(bounds) > 1:
-                x, y = _take(inputs, slice(lo, hi), x_spec), _take(targets, slice(lo, hi), y_spec)
-            # -- pass 1 at w: this rank's / micro-batch's own gradient
-            optimizer.zero_grad(set_to_none=True)
-            with model.no_sync() if ddp else contextlib.nullcontext():
-                with _autocast(amp_dtype, x):
-                    out = _call(model, x)
-                    l1 = ascent(out, y, reduction="mean")
-                    l0 = loss_fn(_detach(out), y, reduction="none").detach() if sds_keep < 1.0 else None
-                if l0 is not None and l0.numel() != n_k:
-                    raise ValueError(
-                        f"sds_keep < 1 needs loss_fn(..., reduction='none') to return one value per example "
-                        f"({n_k} values), got shape {tuple(l0.shape)}; e.g. for a language model, reduce "
-                        "the per-token losses per sequence inside loss_fn"
-                    )
-                (scaler.scale(l1) if scaler is not None else l1).backward()
-            if keep_outputs:
-                outs.append(_detach(out))
-            del out
-            loss1_sum = l1.detach().float() * (n_k / B) + (0 if loss1_sum is None else loss1_sum)
-            if scaler is not None:
-                k = _unscale(scaler, optimizer)
-                if k is not None:
-                    keys.append(k)
-            optimizer.first_step(zero_grad=True)
-            assert optimizer.perturbation_ok is not None
-            flags.append(optimizer.perturbation_ok)
-
-            # -- ESAM sharpness-sensitive data selection
-            x2, y2, n2 = x, y, n_k
-            if sds_keep < 1.0:
-                # cumulative rounding: the micro-batches keep round(gamma * B) examples in total
-                # (DESIGN.md), each within one of gamma * n_k, and at least one (its second pass
-                # needs a mean loss)
-                n2 = max(1, min(n_k, int(round(sds_keep * hi)) - int(round(sds_keep * lo))))
-                if n2 < n_k:
-                    with torch.no_grad(), frozen_running_stats(model), _autocast(amp_dtype, x):
-                        lp = loss_fn(_call(model, x), y, reduction="none")
-                    assert l0 is not None
-                    idx = torch.topk((lp.float() - l0.float()).reshape(n_k), n2, sorted=False).indices
-                    x2, y2 = _take(x, idx, x_spec), _take(y, idx, y_spec)
-            n2_total += n2
-
-            # -- pass 2 at w + e (BatchNorm statistics frozen)
-            sync = ddp and not manual_sync
-            with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), frozen_running_stats(model):
-                with _autocast(amp_dtype, x2):
-                    l2 = loss_fn(_call(model, x2), y2, reduction="mean")
-                (scaler.scale(l2) if scaler is not None else l2).backward()
-            loss2_sum = l2.detach().float() * (n_k / B) + (0 if loss2_sum is None else loss2_sum)
-            if scaler is not None:
-                k = _unscale(scaler, optimizer)
-                if k is not None:
-                    keys.append(k)
-            if fast:
-                break
-            if keep_grad:
-                optimizer.restore(apply_gsam=True)
-            else:
-                last = update and mb == len(bounds) - 1
-                optimizer.accumulate(n_k / ref, scale=ref / samples if last else 1.0)
-
-        if not fast and not keep_grad:
-            optimizer.zero_grad(set_to_none=True)
-            if update:
-                optimizer.load_accumulated()
-
-        assert loss1_sum is not None and loss2_sum is not None
-        if not update:
-            optimizer._fastsam_accum = {"ref": ref, "samples": samples, "keys": keys, "flags": flags}  # type: ignore
-            return SAMStepResult(loss2_sum, loss1_sum, False, False, _cat(outs), n2_total)
-        if accum is not None:
-            del optimizer._fastsam_accum  # type: ignore[attr-defined]
-
-        ps, gs = _grads(optimizer)
-        if manual_sync and gs:
-            _all_reduce_mean_(gs)
-        # -- the step's one host sync: any non-finite gradient or scaler overflow skips it
-        if max_grad_norm is not None and not fast:
-            total = torch.nn.utils.clip_grad_norm_(ps, max_grad_norm, foreach=None) if ps else torch.zeros(())
-        else:
-            total = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32)))
-                     if gs else torch.zeros(()))
-        dev = total.device
-        bad = ~torch.isfinite(total)
-        for f in flags:
-            bad = bad | ~f.to(dev)
-        if scaler is not None:
-            for fi in _found_inf(scaler, keys):
-                bad = bad | (fi.to(dev) > 0)
-        if ddp:
-            b = bad.to(torch.int32)
-            dist.all_reduce(b, op=dist.ReduceOp.MAX)
-            bad = b.bool()
-        skipped = bool(bad)
-        if skipped:
-            optimizer.restore()
-            optimizer.zero_grad(set_to_none=True)
-            optimizer._sam_step = step0  # the step did not happen
-        elif fast:
-            optimizer.second_step()
-        else:
-            optimizer.base_step()
-        if scaler is not None and scaler.is_enabled():
-            scaler.update()
-        return SAMStepResult(loss2_sum, loss1_sum, skipped, not skipped, _cat(outs), n2_total)
+        with optimizer._step_scope():
+            return _run(model, optimizer, inputs, targets, loss_fn, ascent, plan, accum, keys, sds_keep=sds_keep,
+                        scaler=scaler, max_grad_norm=max_grad_norm, amp_dtype=amp_dtype, keep_outputs=keep_outputs)
     except BaseException:
-        optimizer.restore()
+        undo(optimizer)
+        kept = accum["key"] if accum is not None else None  # earlier calls' overflow flags stay
+        _amp.drop(scaler, [k for k in keys if k is not kept])
         optimizer.zero_grad(set_to_none=True)
-        optimizer.clear_accumulated()
-        _drop_keys(scaler, keys)
-        if hasattr(optimizer, "_fastsam_accum"):
-            del optimizer._fastsam_accum
         raise
-
