@@ -329,12 +329,14 @@ def _free(device: torch.device) -> None:
 
 
 # Launch geometries of the sweep, in the order they are measured (the stage may be cut by its time
-# cap: the default geometry and its scalar-access twin first, then the rest): (block, num_warps,
-# programs_per_sm cap, vectorize). programs_per_sm is a cap: fewer run when the registers do not
-# let that many stay resident.
+# cap): the default geometry and its scalar-access twin first, then 8, 4 and 16 fp32 per thread,
+# each at 2, 4 and 8 programs per SM (a cap: fewer run when the registers do not let that many
+# stay resident), last 32 per thread (4096 x 4 warps) once: its K3 needs 254 registers with
+# triton 3.9's ptxas (sm_90), the 255 cap, and spilled 312 B with an earlier one (bench/NOTES.md).
+# (block, num_warps, programs_per_sm cap, vectorize)
 SWEEP_DEFAULT: list[tuple[int, int, int, bool]] = [(2048, 8, 4, True), (2048, 8, 4, False)] + [
-    (block, warps, pps, True) for block in (1024, 2048, 4096) for warps in (4, 8) for pps in (2, 4, 8)
-    if (block, warps, pps) != (2048, 8, 4)]
+    (block, warps, pps, True) for block, warps in ((1024, 4), (1024, 8), (2048, 4), (4096, 8), (2048, 8))
+    for pps in (2, 4, 8) if (block, warps, pps) != (2048, 8, 4)] + [(4096, 4, 4, True)]
 
 
 def parse_sweep(spec: str) -> list[tuple[int, int, int, bool]]:

@@ -48,14 +48,20 @@ from ._tables import on_device as _on_device
 # (eq. 18 of Xie et al.: phi(x) = 1 - log(1 + exp(log(e-1) - x)), phi(0) = 1 - log(e) = 0).
 LOG_E_MINUS_1 = math.log(math.e - 1.0)
 
-# Column chunk per loop iteration.
-# GPU: 8192 columns with 16 warps (512 threads) is 16 fp32 values per thread per live vector;
-# the chunked loops keep about 5 such vectors (row chunk, m, s, one accumulator, a temporary),
-# ~80 registers per thread, far below the 255 limit: no spills. 8192 also covers ImageNet-1k
-# and ImageNet-21k heads in 1 and 3 chunks. (Untuned: GPU measurements are pending.)
+# Column chunk per loop iteration (the row block), per kernel, on the GPU; num_warps follows
+# from it (_config: 8 row elements per thread per live vector, at most 16 warps).
+# - softmax OBF: 8192 columns with 16 warps (16 per thread) covers ImageNet-1k and -21k heads in
+#   1 and 3 chunks; sm_90 registers (ptxas 13.4 through triton 3.9, every launched variant):
+#   32-43 one-chunk, 66-82 chunked, no spill.
+# - sigmoid OBF and BiSAM: 2048 columns with 8 warps (8 per thread): 21-78 registers, no spill,
+#   3 programs of 256 threads resident per SM (24 KiB of a row in flight per SM per load). At
+#   8192 / 16 warps they needed 56-128 registers: BiSAM-log with a gradient sat at 128, the cap
+#   for 512 threads, and sigmoid OBF without a gradient on rows of odd width (bf16, fp16) spilled
+#   8 bytes at the 64 registers ptxas chose to fit two programs per SM.
+# bench/aot_launches.py compiles every launched variant for sm_90 and fails on any spill.
 # Interpreter (CPU): every tl op is a numpy call with ~10-50 us of Python overhead, so bigger
 # chunks are strictly cheaper; 16384 keeps a 70000-wide row at 5 chunks per sweep.
-_MAX_BLOCK_GPU = 8192
+_MAX_BLOCK_GPU = {"softmax": 8192, "sigmoid": 2048, "bisam": 2048}
 _MAX_BLOCK_INTERPRET = 16384
 
 
@@ -427,13 +433,14 @@ def _check_launchable(kernel, logits: torch.Tensor) -> None:
         )
 
 
-def _config(C: int, device: torch.device) -> tuple[int, bool, int]:
-    """(BLOCK, ONE_CHUNK, num_warps) for a row of C columns."""
-    max_block = _MAX_BLOCK_GPU if device.type == "cuda" else _MAX_BLOCK_INTERPRET
+def _config(C: int, device: torch.device, kind: str = "softmax") -> tuple[int, bool, int]:
+    """(BLOCK, ONE_CHUNK, num_warps) for a row of C columns of the ``kind`` kernel
+    ("softmax", "sigmoid", "bisam")."""
+    max_block = _MAX_BLOCK_GPU[kind] if device.type == "cuda" else _MAX_BLOCK_INTERPRET
     block = min(triton.next_power_of_2(C), max_block)
-    # 8 to 16 row elements per thread per live vector: enough independent loads in flight
-    # to hide latency, few enough registers (see _MAX_BLOCK_GPU).
-    num_warps = max(4, min(16, block // 512))
+    # 8 row elements per thread per live vector (16 at 8192 columns, where 16 warps is the most):
+    # enough independent loads in flight to hide latency, few enough registers (see _MAX_BLOCK_GPU)
+    num_warps = max(4, min(16, block // 256))
     return block, C <= block, num_warps
 
 
@@ -465,7 +472,7 @@ def obf_forward(
     B, C = logits.shape
     if B == 0:
         return loss, grad
-    block, one_chunk, num_warps = _config(C, logits.device)
+    block, one_chunk, num_warps = _config(C, logits.device, "sigmoid" if sigmoid else "softmax")
     args = (logits, target, loss, grad, logits.stride(0), C, 1.0 / C, float(gamma), float(lam),
             1.0 / (1.0 - lam), int(ignore_index))
     with _on_device(logits.device):
@@ -489,7 +496,7 @@ def bisam_forward(
     B, C = logits.shape
     if B == 0:
         return loss, grad
-    block, one_chunk, num_warps = _config(C, logits.device)
+    block, one_chunk, num_warps = _config(C, logits.device, "bisam")
     with _on_device(logits.device):
         _bisam_kernel[(B,)](
             logits, target, loss, grad, logits.stride(0), C, float(mu), 1.0 / mu, math.log(C),
