@@ -293,15 +293,22 @@ def test_samtrainer_wraps_the_optimizers_it_is_given(tmp_path):
                    sam_kwargs={"rho": 0.1}).train()
 
 
-def test_samtrainer_refuses_to_resume_a_plain_trainer_checkpoint(tmp_path):
-    """A transformers.Trainer checkpoint holds a plain AdamW state: SAMTrainer says what to do
-    instead of failing inside SAM.load_state_dict."""
-    args = _args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+def test_samtrainer_continues_a_plain_trainer_checkpoint(tmp_path):
+    """A transformers.Trainer checkpoint has no SAM state: SAMTrainer resumes it with a warning,
+    its AdamW state in SAM's base optimizer and a fresh SAM state."""
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     transformers.Trainer(model=_bert(), args=args, train_dataset=_cls_data()).train()
-    trainer = SAMTrainer(model=_bert(), args=_args(tmp_path, max_steps=2), train_dataset=_cls_data(),
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    plain = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    trainer = SAMTrainer(model=_bert(), args=_args(tmp_path, max_steps=4), train_dataset=_cls_data(),
                          sam_kwargs={"rho": 0.05})
-    with pytest.raises(ValueError, match="plain torch optimizer.*without resume_from_checkpoint"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    with pytest.warns(UserWarning, match="without SAM state"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert trainer.state.global_step == 4
+    base = trainer.sam.base_optimizer.state_dict()["state"]
+    assert all(int(base[i]["step"]) == int(plain["state"][i]["step"]) + 2 == 4 for i in plain["state"])
+    assert trainer.sam.state_dict()["sam"]["step"] == 2  # SAM started fresh at the resume
+    assert all(g["rho"] == 0.05 for g in trainer.sam.param_groups)
 
 def _ddp_worker(out: Path) -> None:
     """One rank of test_samtrainer_ddp_is_per_rank_m_sharpness (run by torchrun)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -83,13 +84,18 @@ class SAMBaseStep(torch.optim.Optimizer):
         return self.sam.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a SAM state dict; a plain torch optimizer's (a ``transformers.Trainer``
+        checkpoint) goes to the base optimizer with a fresh SAM state, with a warning: a plain
+        run continued with SAM."""
         if isinstance(state_dict, dict) and "sam" not in state_dict and "param_groups" in state_dict:
-            raise ValueError(
-                "the checkpoint's optimizer state is a plain torch optimizer's (written by transformers.Trainer, not "
-                "SAMTrainer), which has no SAM state to resume. To go on from that run with SAM, load the model "
-                "weights from the checkpoint (e.g. Model.from_pretrained(checkpoint_dir)) and call "
-                "SAMTrainer.train() without resume_from_checkpoint"
-            )
+            warnings.warn("resuming from a checkpoint without SAM state (written by transformers.Trainer, not "
+                          "SAMTrainer): its optimizer state goes to the base optimizer, SAM starts fresh", stacklevel=2)
+            # a plain state's groups have no SAM options; torch's load replaces the group dicts
+            # with the saved ones, so the current rho/adaptive/eta go into them first
+            groups = [{**{k: v for k, v in cur.items() if k in ("rho", "adaptive", "eta", "initial_rho")}, **saved}
+                      for cur, saved in zip(self.sam.param_groups, state_dict["param_groups"])]
+            self.sam.load_state_dict({**state_dict, "param_groups": groups}, strict=False)
+            return
         self.sam.load_state_dict(state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
