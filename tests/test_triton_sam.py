@@ -662,9 +662,12 @@ def test_resident_programs_from_registers():
 def test_no_access_past_a_tensor(vectorize):
     """Every tensor the kernels touch is a view at the start of a larger buffer whose tail holds a
     canary: after perturbation (all options), the SGD / Adam second steps (GSAM on) and an m-SAM
-    accumulate, no canary changed. Numels 95 = 2 x 32 + 31, 64, 33, 1 with 32-element blocks:
-    a full-block test that is off by one would write element 95."""
-    numels = [95, 64, 33, 1]
+    accumulate, no canary changed. Numels 3B - 1, 2B, B + 1, 1 with B-element blocks: a full-block
+    test that is off by one would write element 3B - 1. B = 32 under the interpreter (95, 64, 33,
+    1); on a GPU the default launch block (2048, with the configured warps: the vectorized body's
+    16-byte accesses), not this module's 256, at which no tensor here would have a full block."""
+    blk = 32 if DEV.type == "cpu" else TS.LaunchConfig().block
+    numels = [3 * blk - 1, 2 * blk, blk + 1, 1]
     canary = -12345.0
     bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, where its canary starts)
 
@@ -688,7 +691,7 @@ def test_no_access_past_a_tensor(vectorize):
         return out
 
     k = len(numels)
-    with TS.configure(interp_block=32, vectorize=vectorize):
+    with TS.configure(interp_block=32, block=max(blk, 32), vectorize=vectorize):
         params, grads, w_old, ema, g_old = views(), views(), views(), views(), views()
         F.sam_perturb_(params, grads, w_old, ema, flags(), g_old, [0.1] * k, [0.01] * k, [True, False] * 2,
                        [0, 100, 200, 300], p=3.0, fsam_sigma=0.5, swp_keep=0.7, seed=3, step=2, backend="triton")
