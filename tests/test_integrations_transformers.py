@@ -231,10 +231,11 @@ def test_samtrainer_fp16_grad_scaler(tmp_path):
     test switches on what its constructor sets on a GPU: native AMP and a GradScaler (here
     torch.amp.GradScaler("cpu")). A scale of 2**20 overflows fp16 now and then: those steps are
     skipped (weights, optimizer and LR schedule untouched, scale halved); the run matches
-    sam_step with the same scaler, which skips the same steps."""
+    sam_step with the same scaler, which skips the same steps (F-SAM on: a skipped step must
+    leave its EMA alone)."""
     model = _bert()
     trainer = _InOrder(model=model, args=_args(tmp_path, max_steps=4, fp16=True), train_dataset=_cls_data(),
-                       sam_kwargs={"rho": 0.05})
+                       sam_kwargs={"rho": 0.05, "fsam_sigma": 0.5})
     acc = trainer.accelerator
     assert acc.scaler is None  # accelerate's CPU behaviour, which the two lines below replace
     acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**20)
@@ -245,7 +246,7 @@ def test_samtrainer_fp16_grad_scaler(tmp_path):
     assert acc.scaler.get_scale() < 2.0**20
 
     ref = _bert()
-    sam, sched = _reference(ref, tmp_path, 4, rho=0.05)
+    sam, sched = _reference(ref, tmp_path, 4, rho=0.05, fsam_sigma=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
     ref_skipped = []
     for batch in list(_batches(_cls_data(), 8))[:4]:
@@ -258,6 +259,8 @@ def test_samtrainer_fp16_grad_scaler(tmp_path):
     assert scaler.get_scale() == acc.scaler.get_scale()
     assert trainer.lr_scheduler.get_last_lr() == sched.get_last_lr()
     assert _max_diff(model, ref) < 1e-5
+    # a skipped step changes no SAM state (F-SAM EMA, step counter), as in sam_step
+    assert trainer.sam.state_dict()["sam"]["step"] == sam.state_dict()["sam"]["step"] == skipped.count(False)
 
 
 def test_plain_trainer_with_a_fastsam_optimizer_names_samtrainer(tmp_path):

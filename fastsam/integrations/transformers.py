@@ -325,6 +325,9 @@ class SAMTrainer(transformers.Trainer):
         no_sync = model.no_sync if ddp else contextlib.nullcontext
         if not sam.has_accumulated:  # first micro-batch of an optimizer step
             self._sam_flags, self._sam_keys = [], []
+            # a step that GradScaler.step skipped (fp16 overflow) never reached SAMBaseStep.step:
+            # abandon it, so that it changes no SAM state (no-op after a completed step)
+            sam.restore()
 
         sam.zero_grad(set_to_none=True)
         with no_sync():
