@@ -200,7 +200,7 @@ fi
 if [ "$DRY" = 1 ]; then
   CAP_ENV=30 CAP_SAM=60 CAP_LOSSES=60 CAP_OPTIM=60 CAP_BLOSSES=60 CAP_EXT=60 CAP_SWEEP=60
   K_SAM=(-k "resolution or resident_programs or spill_allowance")
-  K_LOSSES=(-k "fused_reduction_matches_torch_formula or bf16_gradient_store or obf_strength")
+  K_LOSSES=(-k "fused_reduction_matches_torch_formula or bf16_gradient_store or obf_strength or accumulate_errors")
   OPTIM_ARGS=(--device cpu --presets tiny --dtypes float32 --impls loop,fastsam_foreach,fastsam_triton,adamw_only
     --steps 1 --warmup 0)
   SWEEP_ARGS=(--device cpu --sweep-preset tiny --sweep-configs 2048x8x4 --sweep-steps 1)
