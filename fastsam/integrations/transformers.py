@@ -47,7 +47,8 @@ class SAMBaseStep(torch.optim.Optimizer):
     NaN in the final gradient (see :meth:`SAMTrainer.training_step`). That costs one host sync.
     """
 
-    def __init__(self, sam: SAM) -> None:  # noqa: D107 - Optimizer.__init__ is not called: the state is the SAM's
+    def __init__(self, sam: SAM) -> None:
+        # Optimizer.__init__ is not called: groups, state and defaults are the SAM object's
         if not isinstance(sam, SAM):
             raise ValueError(f"sam must be a fastsam.SAM, got {type(sam).__name__}")
         self.sam = sam
