@@ -211,8 +211,15 @@ class SAM(torch.optim.Optimizer):
     def param_groups(self) -> list[dict[str, Any]]:
         """The base optimizer's ``param_groups`` list itself: an LR scheduler (or anything else)
         on the SAM object and on the base optimizer see one object, whatever is assigned or loaded."""
-        base = self.__dict__.get("base_optimizer")
-        return base.param_groups if base is not None else self.__dict__["_own_param_groups"]
+        d = self.__dict__
+        base = d.get("base_optimizer")
+        if base is not None:
+            return base.param_groups
+        if "_own_param_groups" in d:
+            return d["_own_param_groups"]
+        # a framework wrapper that subclasses our class without our __dict__ (Lightning's
+        # LightningOptimizer): AttributeError lets its __getattr__ forward to the SAM inside
+        raise AttributeError("param_groups")
 
     @param_groups.setter
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
@@ -284,6 +291,16 @@ class SAM(torch.optim.Optimizer):
                 "places (e.g. decoder.weight = encoder.weight)"
             )
         self._layout_key = key
+
+    def _own(self) -> None:
+        """Step methods run on the SAM object itself: a framework wrapper that subclasses it with a
+        __dict__ of its own (Lightning's self.optimizers()) would keep the step's state apart."""
+        if "base_optimizer" not in self.__dict__:
+            raise RuntimeError(
+                f"a SAM method was called on {type(self).__name__}, a framework's wrapper around the SAM optimizer: "
+                "the step's state would be written on the wrapper. Call it on the SAM object itself (Lightning: "
+                "self.optimizers().optimizer), or let fastsam.sam_step(model, self.optimizers(), ...) drive the step"
+            )
 
     # ------------------------------------------------------------------ transactions
     def _begin(self, outer: bool = False) -> _Txn:
@@ -462,6 +479,7 @@ class SAM(torch.optim.Optimizer):
         A non-finite gradient norm perturbs nothing and changes no state (the step counter
         included); see :attr:`perturbation_skipped`. On an exception nothing changes.
         """
+        self._own()
         if self._perturbed is not None:
             raise RuntimeError(
                 "first_step() called twice: the weights are still perturbed; call second_step() "
@@ -508,6 +526,7 @@ class SAM(torch.optim.Optimizer):
         With a fused backend and a torch SGD/Adam/AdamW base this is one pass over the weights.
         On an exception the weights are back at ``w`` and the optimizer state as before the step.
         """
+        self._own()
         if self._perturbed is None:
             raise RuntimeError(
                 "second_step() called without a matching first_step(): compute the gradient at w, "
@@ -558,6 +577,7 @@ class SAM(torch.optim.Optimizer):
         does before its base step), for a loop that does something between the restore and
         :meth:`base_step` (e.g. clipping), which then completes the step.
         """
+        self._own()
         txn = self._txn
         if not apply_gsam:
             if txn is not None:
@@ -593,6 +613,7 @@ class SAM(torch.optim.Optimizer):
         not in :meth:`state_dict`, dropped by :meth:`load_state_dict`. The new sums are written
         to other buffers than the old ones, so an exception leaves the sums as they were.
         """
+        self._own()
         check_real("weight", weight)
         check_real("scale", scale)
         if self._perturbed is not None:
@@ -703,6 +724,7 @@ class SAM(torch.optim.Optimizer):
         where torch keeps it; otherwise ``base_optimizer.step()``. Completes the open step (if
         any) and counts one SAM step.
         """
+        self._own()
         if self._perturbed is not None:
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
         txn = self._begin()
@@ -797,10 +819,18 @@ class SAM(torch.optim.Optimizer):
                 "SAM.step requires closure (forward + backward returning the loss): a SAM step needs two "
                 "forward/backward passes. Use fastsam.sam_step(model, opt, x, y, loss_fn), or first_step() / "
                 "second_step() by hand; with Hugging Face transformers use "
-                "fastsam.integrations.transformers.SAMTrainer instead of transformers.Trainer"
+                "fastsam.integrations.transformers.SAMTrainer instead of transformers.Trainer; with Lightning, "
+                "manual optimization and fastsam.sam_step(model, self.optimizers(), ...) (automatic optimization "
+                "under 16-mixed calls step() without the closure)"
             )
         if not callable(closure):
             raise ValueError(f"closure must be callable (forward + backward returning the loss), got {closure!r}")
+        self._own()
+        from ..integrations._wrappers import lightning_closure_problem  # stdlib + torch only
+
+        problem = lightning_closure_problem(closure)
+        if problem is not None:
+            raise RuntimeError(problem)
         closure = torch.enable_grad()(closure)
         with self._step_scope():
             loss = None
@@ -887,6 +917,10 @@ class SAM(torch.optim.Optimizer):
         base_sd, sam = state_dict["base_optimizer"], state_dict["sam"]
         params = self._all_params()
         self._validate_base_state(base_sd, params)
+        if plain:  # a plain torch state has no rho / adaptive / eta: the groups keep ours
+            base_sd = {**base_sd, "param_groups": [
+                {**{k: g[k] for k in (*_GROUP_KEYS, "initial_rho") if k in g}, **sg}
+                for sg, g in zip(base_sd["param_groups"], self.param_groups)]}
         sam_state, step, seed, keep = self._validate_sam_state(sam, params, strict)
         # everything checked: load (torch's load_state_dict replaces groups and state as a whole)
         self.base_optimizer.load_state_dict(base_sd)
