@@ -58,6 +58,8 @@ for arg in "$@"; do
 done
 [ "$DRY" = 1 ] || DRY=0
 
+# the GPU machine's torch lives in python3 (a venv); PYTHON=... overrides (the dry-mode test passes its own)
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT="${OUT:-bench/results/gpu}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -116,12 +118,12 @@ stage() {
 # ------------------------------------------------------------------------------ a: environment
 env_report() {
   echo "profile $PROFILE, dry $DRY, budget ${BUDGET}s, out $OUT, started $(date -u +%FT%TZ)"
-  echo "host $(hostname) cpus $(nproc) $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2)"
+  echo "host $(uname -n) cpus $(nproc) $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2)"
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
     --format=csv 2>&1
   command -v nvcc > /dev/null && nvcc --version 2>&1 | tail -2
   git rev-parse HEAD 2>/dev/null && git status --porcelain --untracked-files=no 2>/dev/null | head -20
-  python - <<'PY'
+  "$PY" - <<'EOF_PY'
 import os, sys
 import torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
@@ -141,7 +143,7 @@ for mod in ("pytest", "xdist", "pytest_timeout", "pytorch_optimizer", "ninja", "
         print(mod, getattr(m, "__version__", "ok"))
     except Exception as e:
         print(mod, "missing:", type(e).__name__)
-PY
+EOF_PY
 }
 
 # ------------------------------------------------------------------------------ build: csrc extension
@@ -156,7 +158,7 @@ start_ext_build() {
     for kind in cpu cuda; do
       ( [ "$DRY" = 1 ] && export FASTSAM_DISABLE_EXT=1
         FASTSAM_EXT_DIR="$EXT_DIR" TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" MAX_JOBS=4 TORCH_CUDA_ARCH_LIST=9.0 \
-          FASTSAM_EXT_VERBOSE=1 nice -n 10 python -c "from fastsam.kernels import _ext; s = _ext.status('$kind'); \
+          FASTSAM_EXT_VERBOSE=1 nice -n 10 "$PY" -c "from fastsam.kernels import _ext; s = _ext.status('$kind'); \
 print('ext $kind:', 'available' if s.available else 'NOT available', s.how, round(s.seconds, 1), 's', s.reason)" \
           > "$EXT_DIR/build_$kind.log" 2>&1 ) &
     done
@@ -184,15 +186,15 @@ ext_stage() {
   local dis=()
   [ "$DRY" = 1 ] && dis=(FASTSAM_DISABLE_EXT=1)
   stage ext_tests "$CAP_EXT" "$EXT_LOG" env "${dis[@]}" FASTSAM_EXT_DIR="$EXT_DIR" TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" \
-    python -m pytest "${PYTEST_COMMON[@]}" tests/test_cpp_sam.py tests/test_accumulate.py -m gpu
+    "$PY" -m pytest "${PYTEST_COMMON[@]}" tests/test_cpp_sam.py tests/test_accumulate.py -m gpu
 }
 
 # ------------------------------------------------------------------------------ b: tests
 PYTEST_COMMON=(-q -rfEs -p no:cacheprovider --durations=15)
-if [ "$DRY" = 0 ] && [ "${GPU_SUITE_XDIST:-1}" = 1 ] && python -c "import xdist" 2> /dev/null; then
+if [ "$DRY" = 0 ] && [ "${GPU_SUITE_XDIST:-1}" = 1 ] && "$PY" -c "import xdist" 2> /dev/null; then
   PYTEST_PAR=(-n "${GPU_SUITE_WORKERS:-8}")  # the compile of ~180 kernel variants, spread over CPU cores
   # a hung kernel costs its test, not the stage: the worker is ended (thread method) and replaced
-  python -c "import pytest_timeout" 2> /dev/null && PYTEST_PAR+=(--timeout 120 --timeout-method thread)
+  "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST_PAR+=(--timeout 120 --timeout-method thread)
 else
   PYTEST_PAR=()
 fi
@@ -225,43 +227,43 @@ tests_sam() {
   # the csrc extension is tested in stage e: here it stays off, so no test builds it in the way of
   # the background build
   stage tests_sam "$CAP_SAM" "$TESTS_LOG" env FASTSAM_DISABLE_EXT=1 \
-    python -m pytest "${PYTEST_COMMON[@]}" "${PYTEST_PAR[@]}" "${K_SAM[@]}" tests/test_triton_sam.py
+    "$PY" -m pytest "${PYTEST_COMMON[@]}" "${PYTEST_PAR[@]}" "${K_SAM[@]}" tests/test_triton_sam.py
 }
 tests_losses() {
   stage tests_losses "$CAP_LOSSES" "$TESTS_LOG" env FASTSAM_DISABLE_EXT=1 \
-    python -m pytest "${PYTEST_COMMON[@]}" "${PYTEST_PAR[@]}" "${K_LOSSES[@]}" tests/test_losses.py \
+    "$PY" -m pytest "${PYTEST_COMMON[@]}" "${PYTEST_PAR[@]}" "${K_LOSSES[@]}" tests/test_losses.py \
     tests/test_loss_bf16_store.py tests/test_accumulate.py
 }
 tests_accumulate() {
   stage tests_accumulate "$CAP_LOSSES" "$TESTS_LOG" env FASTSAM_DISABLE_EXT=1 \
-    python -m pytest "${PYTEST_COMMON[@]}" "${PYTEST_PAR[@]}" "${K_LOSSES[@]}" tests/test_accumulate.py
+    "$PY" -m pytest "${PYTEST_COMMON[@]}" "${PYTEST_PAR[@]}" "${K_LOSSES[@]}" tests/test_accumulate.py
 }
 
 # ------------------------------------------------------------------------------ c, d, f: benchmarks
 bench_optim() {
   stage bench_optim "$CAP_OPTIM" "$BENCH_LOG" env FASTSAM_DISABLE_EXT=1 \
-    python -m bench.bench_optim --out "$OUT" "${OPTIM_ARGS[@]}"
+    "$PY" -m bench.bench_optim --out "$OUT" "${OPTIM_ARGS[@]}"
 }
 bench_losses() {
   stage bench_losses "$CAP_BLOSSES" "$BENCH_LOG" env FASTSAM_DISABLE_EXT=1 \
-    python -m bench.bench_losses --out "$OUT" "${LOSSES_ARGS[@]}"
+    "$PY" -m bench.bench_losses --out "$OUT" "${LOSSES_ARGS[@]}"
 }
 sweep() {
   stage sweep "$CAP_SWEEP" "$BENCH_LOG" env FASTSAM_DISABLE_EXT=1 \
-    python -m bench.bench_optim --out "$OUT" --sweep-only "${SWEEP_ARGS[@]}"
+    "$PY" -m bench.bench_optim --out "$OUT" --sweep-only "${SWEEP_ARGS[@]}"
 }
 bench_msam() {
   local dis=()
   [ "$DRY" = 1 ] && dis=(FASTSAM_DISABLE_EXT=1)
   stage bench_msam "$CAP_OPTIM" "$BENCH_LOG" env "${dis[@]}" FASTSAM_EXT_DIR="$EXT_DIR" \
-    TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" python -m bench.bench_msam --out "$OUT" "${MSAM_ARGS[@]}"
+    TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" "$PY" -m bench.bench_msam --out "$OUT" "${MSAM_ARGS[@]}"
   stage bench_base_step "$CAP_EXT" "$BENCH_LOG" env "${dis[@]}" FASTSAM_EXT_DIR="$EXT_DIR" \
-    TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" python -m bench.bench_base_step --out "$OUT" "${MSAM_ARGS[@]}"
+    TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" "$PY" -m bench.bench_base_step --out "$OUT" "${MSAM_ARGS[@]}"
 }
 
 # ------------------------------------------------------------------------------ run
 note "gpu_suite $PROFILE (dry=$DRY) start"
-export PROFILE DRY BUDGET OUT  # env_report runs in a child bash (timeout needs a command)
+export PROFILE DRY BUDGET OUT PY  # env_report runs in a child bash (timeout needs a command)
 stage env "$CAP_ENV" "$ENV_LOG" bash -c "$(declare -f env_report); env_report"
 case "$PROFILE" in
 all)

@@ -30,7 +30,7 @@ pytest.importorskip("triton")
 
 def _run_suite(out: Path, *args: str, timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith("GPU_SUITE_")}
-    e.update({"OUT": str(out), "GPU_SUITE_DRY": "1", **env})
+    e.update({"OUT": str(out), "GPU_SUITE_DRY": "1", "PYTHON": sys.executable, **env})
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=str(out.parent), env=e, capture_output=True, text=True,
                           timeout=timeout)
 
