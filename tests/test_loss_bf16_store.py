@@ -87,16 +87,11 @@ def test_bf16_gradient_store_rounds_to_nearest_even_and_keeps_every_nan():
     bad = _check(pats, [w >> 16 for w in words])
     assert not bad, f"{len(bad)} wrong roundings, e.g. {bad[:8]}"
 
-    # 2. the production store (rounding + the fp32 -> bf16 conversion + the store). The Triton
-    # interpreter's own fp32 -> bf16 conversion mangles float32 subnormals (its subnormal
-    # renormalisation assumes a narrower exponent; seen with triton 3.9: 0x00018000 -> 0x0000),
-    # so on CPU the subnormal inputs are checked by step 1 only; a GPU checks them here too.
+    # 2. the production store (rounding + the store of the bf16 bits), every pattern, subnormals too
     dst = torch.full((len(pats),), 7.0, dtype=torch.bfloat16, device=DEV)
     _store_bits_kernel[(1,)](src, dst, len(pats), BLOCK=4096)
     got = [x & 0xFFFF for x in dst.view(torch.int16).cpu().tolist()]
-    keep = [i for i, b in enumerate(pats) if DEV == "cuda" or b & 0x7F800000 or not b & 0x007FFFFF]
-    assert len(keep) > 3000 and pats.index(0x7FFFFFFF) in keep and pats.index(0xFFFFFFFF) in keep
-    bad = _check([pats[i] for i in keep], [got[i] for i in keep])
+    bad = _check(pats, got)
     assert not bad, f"{len(bad)} wrong bf16 stores, e.g. {bad[:8]}"
 
     # the cases above are what they claim: the GPU NaNs are NaN, the ties tie, max finite rounds up

@@ -135,13 +135,17 @@ def _store_grad(ptrs, g, mask):
 
     The hardware fp32 -> bf16 conversion already rounds to nearest even; the Triton CPU
     interpreter (3.x) truncates instead, which would double the bf16 error in the tests. Rounding
-    the bits first (:func:`_round_bf16_bits`) makes the value exactly representable, so both
-    convert it exactly: a few integer ops, free next to the store.
+    the bits (:func:`_round_bf16_bits`) and storing their upper half gives the same bits on both:
+    a few integer ops, free next to the store.
     """
     OUT: tl.constexpr = ptrs.dtype.element_ty
     if OUT == tl.bfloat16:
-        g = _round_bf16_bits(g.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
-    tl.store(ptrs, g.to(OUT), mask=mask)
+        # the rounded pattern's upper half is the bf16 value: moved as bits, so no float
+        # conversion is involved (the interpreter's mangles float32 subnormals)
+        bits = _round_bf16_bits(g.to(tl.uint32, bitcast=True))
+        tl.store(ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, g.to(OUT), mask=mask)
 
 
 @triton.jit
