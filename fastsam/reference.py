@@ -187,6 +187,7 @@ def sam_perturb_(
     elif finite:  # every u is 0: e = 0
         new_w = [w.to(f64) for w in params]
 
+    result = torch.tensor(finite, device=dev)  # made before the writes: nothing can fail after them
     # writes: scratch outputs first, the parameters last (undone if a write fails)
     for i, w in enumerate(params):
         w_old[i].copy_(w)
@@ -214,7 +215,7 @@ def sam_perturb_(
             for k in range(done):
                 params[k].copy_(w_old[k])
             raise
-    return torch.tensor(finite, device=dev)
+    return result
 
 
 def gsam_coefficients(grads: list[Tensor], g_old: list[Tensor]) -> tuple[float, float]:

@@ -136,11 +136,16 @@ def _frozen(bn: list[_BatchNorm]):
 
 class _Undo:
     """What a failed call puts back that the optimizer's transaction does not cover: the model's
-    BatchNorm buffers (pass 1 updated them), the RNG states (dropout drew from them) and the
-    cross-call accumulation record."""
+    BatchNorm buffers (pass 1 updated them), the RNG states (dropout drew from them), the
+    GradScaler's scale and the cross-call accumulation record."""
 
-    def __init__(self, optimizer: SAM, plan: _Plan, devices: set[torch.device]) -> None:
+    def __init__(self, optimizer: SAM, plan: _Plan, devices: set[torch.device], scaler: Any) -> None:
         self.accum = optimizer.__dict__.get("_fastsam_accum")
+        # the scaler's scale and growth tracker (update() runs before the optimizer's update);
+        # device tensors, cloned without a host sync (GradScaler.state_dict() would sync)
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.scale = [t.clone() for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
+                      if t is not None] if self.scaler is not None else []
         self.bn = [(t, t.clone()) for mod in plan.bn for t in (mod.running_mean, mod.running_var,
                                                                mod.num_batches_tracked) if t is not None]
         self.rng = torch.get_rng_state()
@@ -157,6 +162,12 @@ class _Undo:
         torch.set_rng_state(self.rng)
         for d, st in self.cuda_rng.items():
             torch.cuda.set_rng_state(st, d)
+        if self.scaler is not None:
+            live = [t for t in (self.scaler._scale, self.scaler._growth_tracker) if t is not None]
+            if len(live) == len(self.scale):
+                with torch.no_grad():
+                    for t, old in zip(live, self.scale):
+                        t.copy_(old)
 
 
 def _devices(optimizer: SAM) -> set[torch.device]:
@@ -309,6 +320,9 @@ def _run(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, loss_fn: L
 
     grad_bad = _final_gradient(optimizer, plan, max_grad_norm)
     skipped = _decide_skip(plan, bad | grad_bad.to(bad.device), scaler, keys)
+    outputs = B_.cat(outs)
+    if scaler is not None and scaler.is_enabled():
+        scaler.update()  # before the update: the update must be the call's last step that can fail
     if skipped:
         optimizer.restore()  # abandons the step: weights at w, the step's state undone
         optimizer.clear_accumulated()  # a skipped update drops its accumulated batches (AMP's rule)
@@ -317,9 +331,7 @@ def _run(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, loss_fn: L
         optimizer.second_step()
     else:
         optimizer.base_step()
-    if scaler is not None and scaler.is_enabled():
-        scaler.update()
-    return SAMStepResult(loss2, loss1, skipped, not skipped, B_.cat(outs), n2_total)
+    return SAMStepResult(loss2, loss1, skipped, not skipped, outputs, n2_total)
 
 
 def sam_step(
@@ -428,7 +440,7 @@ def sam_step(
         )
     plan = _plan(model, optimizer, inputs, targets, micro_batch, max_grad_norm, update, accum)
     ascent = loss_fn if ascent_loss_fn is None else ascent_loss_fn
-    undo = _Undo(optimizer, plan, _devices(optimizer))
+    undo = _Undo(optimizer, plan, _devices(optimizer), scaler)
     keys: list[_amp.ScalerKey] = []  # this call's scaler keys (+ the accumulation's, once inserted)
     try:
         with optimizer._step_scope():

@@ -331,7 +331,7 @@ class CsrcBackend:
         present = [steps[i] for i in upd]
         if any(s is None for s in present):
             raise ValueError("sam_restore_adam_: every tensor with a gradient needs its step tensor")
-        if present:  # the incremented values; the counters themselves move once the kernels ran
+        if present:  # the incremented values (the counters move just before the kernels)
             if all(s.device == present[0].device and s.dtype == present[0].dtype for s in present):  # type: ignore
                 vals = torch.stack(present).add(1).tolist()  # type: ignore[arg-type]  # in the step's dtype
             else:
@@ -348,10 +348,17 @@ class CsrcBackend:
         m = [exp_avgs[i] if i in keep else None for i in range(n)]
         v = [exp_avg_sqs[i] if i in keep else None for i in range(n)]
         vmax = [max_exp_avg_sqs[i] if i in keep else None for i in range(n)] if amsgrad and max_exp_avg_sqs else None
-        self._second_step(_MODE_ADAM, params, grads, w_old, g_old, m, v, vmax, hyp, [0] * n, gsam_alpha,
-                          maximize=maximize, amsgrad=amsgrad, decoupled=decoupled_weight_decay)
+        # torch increments the step before the update; here before the kernels too, undone if they
+        # raise (nothing may run after them: an op that failed there would leave the update half-done)
         if present:
             torch._foreach_add_(present, 1.0)  # type: ignore[arg-type]
+        try:
+            self._second_step(_MODE_ADAM, params, grads, w_old, g_old, m, v, vmax, hyp, [0] * n, gsam_alpha,
+                              maximize=maximize, amsgrad=amsgrad, decoupled=decoupled_weight_decay)
+        except BaseException:
+            if present:
+                torch._foreach_sub_(present, 1.0)  # type: ignore[arg-type]
+            raise
 
 
     @torch.no_grad()

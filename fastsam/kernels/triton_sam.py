@@ -410,6 +410,7 @@ def _perturb_impl(
         )
     _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 2, total)
     pblock = T.next_pow2(total)
+    result = oks[params[0].device].view(torch.bool)  # made before the writes: nothing can fail after them
     done: list[T.Group] = []
     try:
         for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, snap, vec, fit_key in plans:
@@ -430,7 +431,7 @@ def _perturb_impl(
             if idx:
                 torch._foreach_copy_([params[i] for i in idx], [st.current(w_old[i]) for i in idx])
         raise
-    return oks[params[0].device].view(torch.bool)
+    return result
 
 
 # ------------------------------------------------------------------------------ second step

@@ -35,6 +35,7 @@ _GROUP_KEYS = ("rho", "adaptive", "eta")
 _eager = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 
 _shape_of = operator.attrgetter("shape")
+_grad_of = operator.attrgetter("grad")
 _dtype_of = operator.attrgetter("dtype")
 
 
@@ -58,10 +59,14 @@ class _Txn:
     (rollback); later writes of the same step go to the new buffer in place.
     """
 
-    __slots__ = ("outer", "ema_old", "acc_old", "acc_live0", "base_len0", "created", "updated")
+    __slots__ = ("outer", "ema_old", "acc_old", "acc_live0", "base_len0", "created", "updated", "params", "grads0")
 
     def __init__(self, opt: SAM, outer: bool) -> None:
         self.outer = outer
+        # the gradients at the start (references: zero_grad and backward replace .grad, they do
+        # not write into it), put back by a rollback so that a failed call leaves .grad as it was
+        self.params = opt._all_params()
+        self.grads0 = list(map(_grad_of, self.params))
         self.ema_old: dict[Tensor, tuple[Tensor, Tensor] | None] = {}  # param -> (ema, ready) before the step
         self.acc_old: dict[Tensor, Tensor | None] = {}  # param -> committed partial sum before the step
         self.acc_live0: set[int] | None = None  # the set of live partial sums before the step
@@ -377,6 +382,8 @@ class SAM(torch.optim.Optimizer):
                 sc["acc"] = old_acc
         if txn.acc_live0 is not None:
             self._acc_live = txn.acc_live0
+        for w, g in zip(txn.params, txn.grads0):
+            w.grad = g
         base_state = self.base_optimizer.state
         for w in txn.created:
             base_state.pop(w, None)
@@ -512,11 +519,11 @@ class SAM(torch.optim.Optimizer):
                     sc["ema_spare"], sc["ready_spare"] = old
                 else:
                     txn.ema_old[w] = old
+            if zero_grad:
+                self.zero_grad()
         except BaseException:
             self._fail_call(txn)
             raise
-        if zero_grad:
-            self.zero_grad()
 
     @_eager
     @torch.no_grad()
@@ -842,7 +849,14 @@ class SAM(torch.optim.Optimizer):
         return loss2 if loss is None else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
+        """``torch.optim.Optimizer.zero_grad``; with ``set_to_none`` (the default) it runs no tensor op
+        (not even the profiler marker), so it cannot fail inside a step that must not."""
+        if set_to_none:
+            for g in self.param_groups:
+                for w in g["params"]:
+                    w.grad = None
+        else:
+            super().zero_grad(set_to_none=False)
         self._mark_grads()
 
     # ------------------------------------------------------------------ checkpoints
