@@ -385,13 +385,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("opts", [{}, dict(gsam_alpha=0.3, adaptive=True, eta=0.01)])
+@pytest.mark.parametrize("opts", [{}, dict(gsam_alpha=0.3, adaptive=True, eta=0.01, swp_keep=0.6, seed=5)])
 def test_ddp_equals_single_process_m_sam(opts):
-    """N ranks == one process with micro_batch = per-rank batch (GSAM combined per rank).
+    """N ranks == one process with micro_batch = per-rank batch (GSAM combined per rank), ESAM
+    masks included (one mask per step: keyed by the completed steps, on every rank and micro-batch).
 
-    F-SAM's EMA and the ESAM mask counter are per optimizer: in one process they advance once
-    per micro-batch, under DDP once per step on every rank (each rank keeps its own EMA), so
-    those two options are outside this equivalence by design (documented in sam_step)."""
+    F-SAM's EMA is per optimizer: in one process it advances once per micro-batch, under DDP once
+    per step on every rank (each rank keeps its own), so it is outside this equivalence by
+    design (documented in sam_step)."""
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
     with tempfile.TemporaryDirectory() as d:
