@@ -1,9 +1,11 @@
-"""The demo (fastsam.demo), its toy (fastsam.toy) and model (fastsam.models) on tiny configs."""
+"""The demo (fastsam.demo): its command line, its toy (fastsam.demo.toy) and model (fastsam.models) on tiny
+configs. Part (b)'s pieces are in test_demo_digits.py, the committed outputs in test_demo_readme.py."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,9 @@ import torch
 
 import fastsam
 from fastsam import demo
-from fastsam.models import TinyViT
-from fastsam.toy import (
+from fastsam.demo import cli, jobs
+from fastsam.demo.lsam import run_toy
+from fastsam.demo.toy import (
     DisentangledNet,
     ToyConfig,
     bce_loss,
@@ -21,6 +24,7 @@ from fastsam.toy import (
     threshold_probe_error,
     train_toy,
 )
+from fastsam.models import TinyViT
 
 
 # ------------------------------------------------------------------------------------ toy
@@ -123,30 +127,76 @@ def test_tiny_vit() -> None:
 
 
 # ------------------------------------------------------------------------------------ CLI
+_TINY = ["--steps", "5", "--seeds", "2", "--toy-epochs", "1", "--toy-seeds", "2", "--toy-rhos", "0,0.5",
+         "--workers", "0", "--no-progress"]
+
+
 def test_main_tiny_run_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every variant on clean and noisy labels, rho chosen on held-out runs, in one process."""
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    rc = demo.main(["--quick", "--epochs", "1", "--steps", "5", "--seeds", "1", "--toy-epochs", "1", "--toy-seeds", "1",
-                    "--toy-rhos", "0,0.5", "--workers", "0", "--no-progress", "--out", str(out)])
-    assert rc == 0
+    assert demo.main([*_TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    first = printed.splitlines()[0]
+    assert first.startswith("fastsam demo: (a) LSAM toy: 2 rho x 2 seeds; (b) digits: ") and " about " in first
     res = json.loads((out / "results.json").read_text())
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {"fastsam", "torch", "device", "toy", "digits", "elapsed_s"} <= set(res)
-    toy = res["toy"]
-    assert [r["rho"] for r in toy["summary"]] == [0.0, 0.5]
-    assert [r["method"] for r in toy["summary"]] == ["SGD", "LSAM"]
-    rows = {v["name"]: v for v in res["digits"]["variants"]}
-    assert list(rows) == list(demo.VARIANTS)
-    for name, v in rows.items():
-        assert 0.0 <= v["test_acc_mean"] <= 1.0 and v["test_acc_std"] == 0.0, name
-        assert v["ms_per_step"] > 0 and math.isfinite(v["runs"][0]["final_train_loss"]), name
-        assert v["skipped_steps"] == 0, name
-        assert v["backend"] == ("torch" if name == "base" else fastsam.functional.resolve_backend("auto", "cpu")
-                                + (" + reference loss" if name in ("sam+obf", "sam+bisam") else "")), name
-    assert rows["base"]["runs"][0]["steps"] == 5
-    printed = capsys.readouterr().out
-    assert "| SAM+BiSAM |" in printed and "| LSAM |" in printed and "results.json" in printed
+    assert {"spec", "env", "toy", "digits", "elapsed_s", "load_before", "load_after"} <= set(res)
+    assert [r["method"] for r in res["toy"]["summary"]] == ["SGD", "LSAM"]
+    dig = res["digits"]
+    assert dig["noise_rates"] == [0.0, 0.4] and dig["splits"] == {"train": 1400, "fit": 1120, "held_out": 280,
+                                                                    "test": 397}
+    ran = [v["name"] for v in dig["variants"]]
+    skipped = [s["name"] for s in dig["skipped"]]
+    assert sorted(ran + skipped) == sorted(demo.VARIANTS)  # every registry entry: run, or skipped with why
+    assert ran == [n for n in demo.VARIANTS if demo.VARIANTS[n].unavailable() is None]
+    assert all(s["reason"] for s in dig["skipped"])
+    for v in dig["variants"]:
+        entry = demo.VARIANTS[v["name"]]
+        assert [c["noise"] for c in v["conditions"]] == [0.0, 0.4], v["name"]
+        for c in v["conditions"]:
+            assert len(c["acc"]) == 2 and 0.0 <= c["acc_mean"] <= 1.0, v["name"]
+            if entry.is_base:
+                assert c["rho"] is None and "held_out" not in c
+            else:  # one held-out run per grid value, and the choice is one of them
+                assert [h["rho"] for h in c["held_out"]] == list(entry.rho_grid), v["name"]
+                assert c["rho"] in entry.rho_grid and c["rho_from"] == "held-out"
+                assert "vs_base_mean" in c
+        assert v["ms_per_step"] > 0 and v["skipped_steps"] == 0, v["name"]
+        assert v["backend"] == ("torch" if entry.is_base else fastsam.functional.resolve_backend("auto", "cpu")
+                                + (" + reference loss" if "ascent_loss" in entry.step else "")), v["name"]
+        assert all(r["steps"] == 5 for r in v["runs"]), v["name"]
+    assert "| SAM |" in printed and "| LSAM |" in printed and "Held-out choice of rho" in printed
+    assert "results.json" in printed
+
+
+def test_main_quick_uses_default_rho_and_one_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "q"
+    assert demo.main(["--quick", "--steps", "2", "--parts", "digits", "--variants", "base,sam,asam", "--workers",
+                      "0", "--no-progress", "--out", str(out)]) == 0
+    assert ", default rho" in capsys.readouterr().out.splitlines()[0]
+    dig = json.loads((out / "results.json").read_text())["digits"]
+    rows = {v["name"]: v for v in dig["variants"]}
+    assert dig["seeds"] == [0] and not dig["select"]
+    assert [c["rho"] for c in rows["asam"]["conditions"]] == [demo.VARIANTS["asam"].rho] * 2
+    assert all(c["rho_from"] == "default" for c in rows["sam"]["conditions"])
+
+
+def test_main_says_when_it_builds_the_extension_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The first run compiles the C++ extension: one line before it says so and for how long, and the
+    estimate includes it (the warm-up step itself is stubbed out here: no compiler run)."""
+    calls = []
+    monkeypatch.setattr(cli, "extension_build_pending", lambda device: True)
+    monkeypatch.setattr(cli, "warm_up_sam", lambda device: calls.append(device) or 42.0)
+    assert demo.main(["--parts", "toy", "--toy-epochs", "1", "--toy-seeds", "1", "--toy-rhos", "0", "--workers",
+                      "0", "--no-progress", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "first build included" in lines[0]
+    assert lines[1].startswith("Building fastsam's C++ extension") and "about a minute" in lines[1]
+    assert lines[2] == "Built in 42 s." and len(calls) == 1
 
 
 def test_main_rejects_unknown_variants(capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,9 +207,24 @@ def test_main_rejects_unknown_variants(capsys: pytest.CaptureFixture[str]) -> No
     assert "'bogus'" in err and all(n in err for n in demo.VARIANTS)
 
 
+@pytest.mark.parametrize("bad", ["-0.1", "0.9", "x"])
+def test_main_rejects_bad_noise(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--noise", bad])
+    assert e.value.code == 2 and "--noise" in capsys.readouterr().err
+
+
+def test_defaults_are_the_documented_run() -> None:
+    """No flags = the run the README shows (the committed results are compared with this plan)."""
+    p = cli.build_parser()
+    assert cli.plan_from_args(p, p.parse_args([])) == cli.DEFAULTS
+    assert cli.DEFAULTS.noises == (0.0, 0.4) and cli.DEFAULTS.seeds == (0, 1, 2) and cli.DEFAULTS.select
+    assert cli.plan_from_args(p, p.parse_args(["--noise", "0"])).noises == (0.0,)
+
+
 @pytest.mark.parametrize("text,seeds", [("3", [0, 1, 2]), ("0,5,7", [0, 5, 7])])
 def test_parse_seeds(text: str, seeds: list[int]) -> None:
-    assert demo._parse_seeds(text) == seeds
+    assert cli._parse_seeds(text) == seeds
 
 
 def test_toy_sweep_in_worker_processes_matches_in_process() -> None:
@@ -169,12 +234,16 @@ def test_toy_sweep_in_worker_processes_matches_in_process() -> None:
 
     # foreach: a worker must not JIT-build the C++ extension (tens of seconds after a csrc change)
     cfg = ToyConfig(n_train=40, n_test=200, hidden=8, epochs=2, backend="foreach")
-    here = demo.run_toy([0.0, 0.5], [0, 1], cfg, torch.device("cpu"), progress=False)
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=demo._init_worker) as pool:
-        there = demo.run_toy([0.0, 0.5], [0, 1], cfg, torch.device("cpu"), pool=pool, progress=False)
+    here = run_toy([0.0, 0.5], [0, 1], cfg, "cpu")
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=jobs.init_worker) as pool:
+        there = run_toy([0.0, 0.5], [0, 1], cfg, "cpu", pool=pool)
+    assert len(here["runs"]) == len(there["runs"]) == 4
     for a, b in zip(here["runs"], there["runs"]):
         assert (a["rho"], a["seed"]) == (b["rho"], b["seed"])
         assert a["hard_probe_error"] == b["hard_probe_error"] and a["v_hard"] == pytest.approx(b["v_hard"], abs=1e-6)
+    assert here["summary"][1]["hard_sign_error_vs_sgd_mean"] == pytest.approx(
+        statistics.fmean(r["hard_sign_error"] - s["hard_sign_error"]
+                         for r, s in zip(here["runs"][2:], here["runs"][:2])))
 
 
 # ------------------------------------------------------------------------------------ bench tables

@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .optim.sam import SAM
-from .train import sam_step
+import fastsam
 
 __all__ = [
     "DisentangledNet",
@@ -69,7 +68,7 @@ class ToyConfig:
     n_train: int = 300  # paper: 300 training points
     n_test: int = 2000  # fresh points for the probing error (not in the paper's text)
     hidden: int = 100  # paper: width 100
-    batch_size: int = 20  # paper: 5 (see fastsam.demo for why we use more)
+    batch_size: int = 20  # paper: 5 (see the fastsam.demo docstring for why we use more)
     lr: float = 0.05  # paper: 0.01 at batch 5 (scaled with the batch size here)
     epochs: int = 25  # not given in the paper (longer runs let |v| grow and shrink rho's relative effect)
     test_seed: int = 2**20  # the test set is the same for every run (seed-independent)
@@ -124,11 +123,11 @@ def bce_loss(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
 
 
-def lsam_optimizer(model: DisentangledNet, rho: float, lr: float, backend: str = "auto") -> SAM:
+def lsam_optimizer(model: DisentangledNet, rho: float, lr: float, backend: str = "auto") -> fastsam.SAM:
     """LSAM over plain SGD: ``phi`` in a ``rho = 0`` group (updated, never perturbed), ``v`` perturbed."""
     groups = [{"params": list(model.phi.parameters()), "rho": 0.0},
               {"params": list(model.head.parameters()), "rho": float(rho)}]
-    return SAM(groups, torch.optim.SGD, lr=lr, backend=backend)
+    return fastsam.SAM(groups, torch.optim.SGD, lr=lr, backend=backend)
 
 
 def threshold_probe_error(score_fit: Tensor, y_fit: Tensor, score_eval: Tensor, y_eval: Tensor) -> float:
@@ -202,8 +201,8 @@ def train_toy(
         perm = torch.randperm(cfg.n_train, generator=g).to(device)
         for i in range(0, cfg.n_train, cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            if isinstance(opt, SAM):
-                sam_step(model, opt, x[idx], y[idx], bce_loss)
+            if isinstance(opt, fastsam.SAM):
+                fastsam.sam_step(model, opt, x[idx], y[idx], bce_loss)
             else:
                 opt.zero_grad(set_to_none=True)
                 bce_loss(model(x[idx]), y[idx]).backward()

@@ -1,0 +1,7 @@
+"""``python -m fastsam.demo``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
