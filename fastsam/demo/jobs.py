@@ -35,7 +35,8 @@ class Progress:
     def __init__(self, total: float, enabled: bool) -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True,
+        self._bar = tqdm(total=total, desc="fastsam demo", file=sys.stderr, disable=not enabled, leave=False,
+                         dynamic_ncols=True,
                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
 
     def phase(self, desc: str) -> None:

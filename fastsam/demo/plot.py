@@ -101,6 +101,7 @@ def _accuracy_panels(fig: Any, axs: list[Any], dig: dict[str, Any], res: dict[st
             b = next(c for c in base["conditions"] if c["noise"] == noise)
             ax.axhline(100 * b["acc_mean"], color="0.4", ls=":", lw=1, zorder=0)
         ax.set_ylim(y0, 100)
+        ax.set_yticks(range(int(y0), 101, 5 if 100 - y0 > 10 else 1))
         ax.set_xlim(left=0.5)
         ax.set_xlabel(f"time per step / {base_label}'s ({res['env']['device']}, 1 thread)")
         ax.set_ylabel(f"test accuracy (%), axis from {y0:g}")
@@ -109,7 +110,7 @@ def _accuracy_panels(fig: Any, axs: list[Any], dig: dict[str, Any], res: dict[st
                      f"mean ± std of {len(dig['seeds'])} seeds; dotted: {base_label}; grey: frontier", fontsize=9)
         ax.grid(alpha=0.3)
     fig.legend([h for h, _ in handles], [lab for _, lab in handles], loc="lower center",
-               ncol=min(7, len(handles)), fontsize=8, frameon=False)
+               ncol=min(7, math.ceil(len(handles) / 2)), fontsize=8, frameon=False)
 
 
 def png_text(path: Path) -> dict[str, str]:

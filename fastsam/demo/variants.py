@@ -6,7 +6,16 @@ options), what to pass to :func:`fastsam.sam_step`, the rho it uses without a he
 and are checked against the installed fastsam (:meth:`Variant.unavailable`), so a variant whose
 preset or option has not landed yet is skipped with that reason and appears by itself once it does.
 
-Adding a variant is one ``Variant(...)`` line in :data:`REGISTRY`.
+Adding a variant is one ``Variant(...)`` line in :data:`REGISTRY`, e.g. a preset with options and
+a ``sam_step`` argument::
+
+    Variant("looksam", "LookSAM (k=5)", "Liu et al. 2022: ...", preset="LookSAM",
+            options={"k": 5, "alpha": 0.7}, step={}, rho=0.05, rho_grid=(0.05, 0.1, 0.2), cost=1.3),
+
+then ``python -m fastsam.demo`` (the default run) and ``python -m fastsam.demo.readme --from
+fastsam_demo_out/results.json``, and commit ``docs/demo_results.json``, ``docs/demo.png`` and
+``README.md``: ``tests/test_demo_readme.py`` fails until the committed results have every
+variant that the installed fastsam can run.
 """
 
 from __future__ import annotations
