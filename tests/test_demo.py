@@ -222,6 +222,13 @@ def test_defaults_are_the_documented_run() -> None:
     assert cli.plan_from_args(p, p.parse_args(["--noise", "0"])).noises == (0.0,)
 
 
+@pytest.mark.parametrize("load,workers", [(0.0, 2), (0.5, 2), (0.74, 2), (0.8, 1), (1.6, 1), (4.0, 1)])
+def test_default_workers_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch, load: float, workers: int) -> None:
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(jobs.os, "getloadavg", lambda: (load, load, load))
+    assert jobs.default_workers() == workers
+
+
 @pytest.mark.parametrize("text,seeds", [("3", [0, 1, 2]), ("0,5,7", [0, 5, 7])])
 def test_parse_seeds(text: str, seeds: list[int]) -> None:
     assert cli._parse_seeds(text) == seeds

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=None,
                    help="CPU only: worker processes, one thread each (default: the cores not busy now, i.e. "
-                        "CPU count minus the 1-minute load average, at least 1; 0 or 1: all in this process)")
+                        "CPU count minus the cores the 1-minute load average shows busy, at least 1; 0 or 1: all "
+                        "in this process)")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="CPU only: torch threads when running in this process (default 1: the models are "
                         "tiny, and one thread does not collapse when other processes compete for the cores)")
