@@ -64,7 +64,7 @@ def default_workers() -> int:
     Worker processes only pay off on idle cores: on this project's shared 2-core machine, with
     another process busy, two workers took longer than one process (each worker also pays a few
     seconds of imports). A core busy half the time is still worth a worker: at a load average of
-    0.5, the default run took 166 s in one process and about half that in two."""
+    about 0.5, the default run took 166 s in one process and 99 s in two."""
     n = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0]
