@@ -52,17 +52,17 @@ def shapes(preset: str, shrink: int = 16) -> list[tuple[int, ...]]:
 def stubbed(backend: str) -> Iterator[None]:
     """The backend's kernels replaced by no-ops (everything on the host side still runs)."""
     if backend == "triton":
-        from fastsam.kernels import triton_sam as TS
+        from fastsam.kernels import triton_launch as TL
 
-        real = TS._launch
+        real = TL._launch
 
         def launch(kernel, grid, *args, **kw):
-            TS.LAUNCHES[0] += 1
-        TS._launch = launch
+            TL.LAUNCHES[0] += 1
+        TL._launch = launch
         try:
             yield
         finally:
-            TS._launch = real
+            TL._launch = real
     elif backend == "cpp":
         from fastsam.kernels import cpp_sam
 
@@ -159,7 +159,8 @@ def sam_step_overhead(backend: str, steps: int) -> dict[str, float]:
         return out
 
     manual, step = run(True), run(False)
-    return {"tensors": len(shp), "manual_ms": 1e3 * statistics.median(manual), "sam_step_ms": 1e3 * statistics.median(step),
+    return {"tensors": len(shp), "manual_ms": 1e3 * statistics.median(manual),
+            "sam_step_ms": 1e3 * statistics.median(step),
             "overhead_ms": 1e3 * (statistics.median(step) - statistics.median(manual))}
 
 
@@ -184,12 +185,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 per[preset] = r
                 rows.append(r)
                 print(f"{backend:7s} {base:6s} {preset}: {r['tensors']} tensors, first {r['first_ms']:.3f} ms + "
-                      f"second {r['second_ms']:.3f} ms = {r['step_ms']:.3f} ms (min {r['step_min_ms']:.3f})", flush=True)
+                      f"second {r['second_ms']:.3f} ms = {r['step_ms']:.3f} ms (min {r['step_min_ms']:.3f})",
+                      flush=True)
             b, lg = per["vit_b16"], per["vit_l16"]
             slope = (lg["step_ms"] - b["step_ms"]) / (lg["tensors"] - b["tensors"])
             rows.append({"backend": backend, "base": base, "model": "slope", "us_per_tensor": 1e3 * slope,
                          "fixed_ms": b["step_ms"] - slope * b["tensors"], "l_over_b": lg["step_ms"] / b["step_ms"]})
-            print(f"{backend:7s} {base:6s}: {1e3 * slope:.2f} us per tensor, ViT-L / ViT-B {lg['step_ms'] / b['step_ms']:.2f}")
+            print(f"{backend:7s} {base:6s}: {1e3 * slope:.2f} us per tensor, "
+                  f"ViT-L / ViT-B {lg['step_ms'] / b['step_ms']:.2f}")
     sam = {}
     for backend in ("cpp", "foreach"):
         if backend in fastsam.functional.available_backends("cpu"):

@@ -18,7 +18,9 @@ memory) and a part only a GPU can measure (the bandwidth a kernel achieves).
   one element per index). On a GPU an ATen op is about one kernel (a ``_foreach_`` op is one or
   more launches of ``multi_tensor_apply``; see the limits below). The model is a lower bound for
   ops that read an input twice internally (``log_softmax`` reads its row for the max and again
-  for the sum and the write: counted once).
+  for the sum and the write: counted once). Ops on a tensor marked ``_fastsam_host_counter``
+  (the buffer behind fastsam's Adam step counters, which live on the CPU as torch keeps them)
+  are host work, not kernels: counted apart in ``host_ops``, with no bytes.
 * every Triton kernel launch in the interpreter (``TRITON_INTERPRET=1``): count by kernel name,
   and the bytes of every executed load and store (masked-off lanes excluded), split into data
   (floating-point) and index bytes (integer loads: address tables, offsets, targets). These are
@@ -152,6 +154,7 @@ class Counts:
     """What one ``Meter`` window recorded (see the module docstring)."""
 
     torch_ops: Counter = field(default_factory=Counter)
+    host_ops: Counter = field(default_factory=Counter)  # ops on host-side counters (Adam's steps): no kernel
     torch_read: int = 0
     torch_written: int = 0
     custom_ops: Counter = field(default_factory=Counter)
@@ -178,6 +181,7 @@ class Counts:
             "torch_ops": dict(self.torch_ops),
             "triton_launches": dict(self.triton_launches),
             "custom_ops": dict(self.custom_ops),
+            "host_ops": dict(self.host_ops),
             "torch_bytes": self.torch_read + self.torch_written,
             "triton_data_bytes": self.triton_read + self.triton_written,
             "triton_index_bytes": self.triton_index_bytes,
@@ -207,6 +211,9 @@ class _Mode(TorchDispatchMode):
             return out
         if namespace == "profiler" or func.is_view or name in _NO_TRAFFIC:
             return out  # record_function markers, views, allocations: no kernel on a GPU
+        if any(getattr(t, "_fastsam_host_counter", False) for t in _tensors(args)):
+            self.c.host_ops[name] += 1  # Adam's step counters live on the CPU (as torch keeps them): no kernel
+            return out
         self.c.torch_ops[name] += 1
         r, w = op_bytes(func, args, kwargs, out)
         self.c.torch_read += r

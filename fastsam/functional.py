@@ -19,6 +19,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ._sequences import PerGroup
+
 BACKENDS = ("auto", "triton", "cuda", "cpp", "foreach", "reference")
 
 # backend name -> module implementing it; None: not implemented in this version of fastsam.
@@ -99,7 +101,23 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
+_RESOLVED: dict[tuple, str] = {}  # (backend, device, TRITON_INTERPRET, FASTSAM_DISABLE_EXT) -> a resolved name
+
+
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """See :func:`_resolve_backend`; successful answers are remembered per (choice, device,
+    environment) so that a step does not redo the checks (an error is never remembered)."""
+    env = os.environ
+    key = (backend, device, env.get("TRITON_INTERPRET"), env.get("FASTSAM_DISABLE_EXT"))
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _resolve_backend(backend, device)
+        if name != "foreach" or backend != "auto":  # auto may pick an extension once it is built
+            _RESOLVED[key] = name
+    return name
+
+
+def _resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
     """Concrete backend for a user's choice.
 
     ``"auto"``: on CUDA tensors triton when it imports, else the csrc CUDA extension when it
@@ -174,6 +192,15 @@ def _impl(backend: str) -> ModuleType:
     return mod
 
 
+def _cols(mod: ModuleType, *cols: object) -> tuple:
+    """Per-tensor hyper-parameter columns for ``mod``: a :class:`~fastsam._sequences.PerGroup`
+    as it is for a backend that reads the group structure (``PER_GROUP = True``: triton), a list
+    for the others."""
+    if getattr(mod, "PER_GROUP", False):
+        return cols
+    return tuple(list(c) if isinstance(c, PerGroup) else c for c in cols)
+
+
 def sam_perturb_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -202,7 +229,9 @@ def sam_perturb_(
     ``ready_out`` (default: ``ema`` / ``ema_ready``, in place). On an exception the parameters
     are unchanged (every backend)."""
     dev = params[0].device if params else None
-    return _impl(resolve_backend(backend, dev)).sam_perturb_(
+    mod = _impl(resolve_backend(backend, dev))
+    rhos, etas, adaptive = _cols(mod, rhos, etas, adaptive)
+    return mod.sam_perturb_(
         params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets,
         p=p, fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda, swp_keep=swp_keep, seed=seed, step=step,
         ema_out=ema_out, ready_out=ready_out,
@@ -276,7 +305,9 @@ def sam_restore_sgd_(
     :func:`fastsam.reference.sam_restore_sgd_`. ``None`` momentum buffers are created and stored
     into ``momentum_buffers``."""
     dev = params[0].device if params else None
-    _fused_impl(backend, dev, "sam_restore_sgd_").sam_restore_sgd_(
+    mod = _fused_impl(backend, dev, "sam_restore_sgd_")
+    lr, weight_decay, momentum, dampening = _cols(mod, lr, weight_decay, momentum, dampening)
+    mod.sam_restore_sgd_(
         params, grads, w_old, g_old, momentum_buffers, lr=lr, weight_decay=weight_decay, momentum=momentum,
         dampening=dampening, nesterov=nesterov, maximize=maximize, gsam_alpha=gsam_alpha,
     )
@@ -306,7 +337,9 @@ def sam_restore_adam_(
     """Fused second step with a ``torch.optim.Adam`` / ``AdamW`` update (AdamW:
     ``decoupled_weight_decay=True``); see :func:`fastsam.reference.sam_restore_adam_`."""
     dev = params[0].device if params else None
-    _fused_impl(backend, dev, "sam_restore_adam_").sam_restore_adam_(
+    mod = _fused_impl(backend, dev, "sam_restore_adam_")
+    lr, beta1, beta2, eps, weight_decay = _cols(mod, lr, beta1, beta2, eps, weight_decay)
+    mod.sam_restore_adam_(
         params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay, gsam_alpha=gsam_alpha,

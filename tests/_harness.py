@@ -252,7 +252,7 @@ def check_fused_path_taken(backend: str, *, shapes: Sequence[tuple[int, ...]], d
     loss(params).backward()
     opt.first_step(zero_grad=True)
     loss(params).backward()
-    assert fused_second_step(opt, opt._perturbed)
+    assert fused_second_step(opt, opt._layout)
     return params, loss, opt
 
 

@@ -118,8 +118,8 @@ def test_stand_in_arguments_specialize_like_the_real_ones():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records interpreter launches")
 def test_recorder_forces_the_gpu_geometry_and_runs_nothing():
     import fastsam
+    from fastsam.kernels import triton_launch as TS
     from fastsam.kernels import triton_losses as L
-    from fastsam.kernels import triton_sam as TS
     from fastsam.kernels._triton_aot import LaunchRecorder
     from fastsam.losses import obf_loss
 

@@ -83,7 +83,7 @@ class _Patched:
 
     def __enter__(self) -> _Patched:
         from fastsam import _compat
-        from fastsam.kernels import triton_sam
+        from fastsam.kernels import triton_launch, triton_sam
 
         inj = self.inj
         orig_traced = _compat.may_be_traced
@@ -94,13 +94,13 @@ class _Patched:
 
         self._set(triton_sam, "may_be_traced", may_be_traced)
         assert orig_traced is not None
-        launch = triton_sam._launch
+        launch = triton_launch._launch
 
         def _launch(*a, **kw):
             inj.hit("triton launch")
             return launch(*a, **kw)
 
-        self._set(triton_sam, "_launch", _launch)
+        self._set(triton_launch, "_launch", _launch)
         for cls in (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam):
             base_step = cls.step
 
@@ -339,9 +339,9 @@ def _clear_caches() -> None:
     """The Triton launcher caches its tables by their values (addresses): whether a run uploads
     one depends on where the allocator put the copied tensors. Every run starts with empty
     caches, so that they all pass the same call sites."""
-    from fastsam.kernels import triton_sam
+    from fastsam.kernels import triton_plan
 
-    triton_sam._CACHE.clear()
+    triton_plan.clear()
 
 
 def _available(backend: str) -> bool:

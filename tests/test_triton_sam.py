@@ -46,6 +46,7 @@ from fastsam import functional as F  # noqa: E402
 from fastsam import reference as R  # noqa: E402
 from fastsam._compat import CUSTOM_OP_LISTS_TRACEABLE  # noqa: E402
 from fastsam.kernels import _tables  # noqa: E402
+from fastsam.kernels import triton_launch as TL
 from fastsam.kernels import triton_sam as TS  # noqa: E402
 from fastsam.optim._fused import fused_second_step  # noqa: E402
 
@@ -323,13 +324,13 @@ def test_fused_state_dict_loads_into_plain_torch(base, base_kw):
 
 def test_fused_path_taken_and_fallbacks():
     params, loss, opt = check_fused_path_taken("triton", **RUN)
-    opt._perturbed = None
+    opt._set_perturbed(None)
     # a step hook must run around base.step(): no fused path
     h = opt.base_optimizer.register_step_post_hook(lambda *a: None)
     loss(params).backward()
     opt.first_step(zero_grad=True)
     loss(params).backward()
-    assert not fused_second_step(opt, opt._perturbed)
+    assert not fused_second_step(opt, opt._layout)
     opt.second_step()
     h.remove()
     # unsupported options / optimizers
@@ -339,13 +340,13 @@ def test_fused_path_taken_and_fallbacks():
         loss(params).backward()
         o.first_step(zero_grad=True)
         loss(params).backward()
-        assert not fused_second_step(o, o._perturbed)
+        assert not fused_second_step(o, o._layout)
         o.restore()
     # the foreach backend never fuses
     o = fastsam.SAM(params, torch.optim.SGD, backend="foreach", lr=0.1)
     loss(params).backward()
     o.first_step(zero_grad=True)
-    assert not fused_second_step(o, o._perturbed)
+    assert not fused_second_step(o, o._layout)
     o.restore()
 
 
@@ -650,12 +651,12 @@ def test_full_block_path_and_tail_path(vectorize):
 def test_resident_programs_from_registers():
     """The persistent grid is sized to what stays resident (64 K registers and 2048 threads per
     SM; registers allocated 8 per thread at a time): 8-warp programs."""
-    assert TS._resident_programs(32, 8) == 8  # thread-limited: 8 x 256 = 2048
-    assert TS._resident_programs(64, 8) == 4
-    assert TS._resident_programs(80, 8) == 3  # the AdamW K3 at BLOCK 2048 (ptxas, sm_90)
-    assert TS._resident_programs(126, 8) == 2  # rounds up to 128
-    assert TS._resident_programs(129, 8) == 1
-    assert TS._resident_programs(255, 4) == 2
+    assert TL._resident_programs(32, 8) == 8  # thread-limited: 8 x 256 = 2048
+    assert TL._resident_programs(64, 8) == 4
+    assert TL._resident_programs(80, 8) == 3  # the AdamW K3 at BLOCK 2048 (ptxas, sm_90)
+    assert TL._resident_programs(126, 8) == 2  # rounds up to 128
+    assert TL._resident_programs(129, 8) == 1
+    assert TL._resident_programs(255, 4) == 2
 
 
 @pytest.mark.parametrize("vectorize", [True, False], ids=["split", "masked"])

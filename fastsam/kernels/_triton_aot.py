@@ -312,7 +312,7 @@ class LaunchRecorder:
     running it (under ``TRITON_INTERPRET=1``, on CPU tensors).
 
     The launchers' device-dependent choices are made for a CUDA device of ``sms`` SMs: the SAM
-    kernels' geometry (``triton_sam._geometry`` asked for ``cuda:0``; ``_rne_bf16`` off, as on a
+    kernels' geometry (``triton_launch._geometry`` asked for ``cuda:0``; ``_rne_bf16`` off, as on a
     GPU, whose conversion rounds), the loss kernels' row blocks (``triton_losses._config`` for
     CUDA). Skipping the execution is safe because the launchers never read a kernel's output on
     the host (no host sync anywhere in these paths); it lets ViT-sized scenarios record in
@@ -337,9 +337,11 @@ class LaunchRecorder:
             raise RuntimeError("LaunchRecorder needs TRITON_INTERPRET=1 set before triton is imported")
         from triton.runtime.interpreter import InterpretedFunction
 
+        from . import triton_launch as TS  # the SAM kernels' launch geometry
         from . import triton_losses as L
-        from . import triton_sam as TS
+        from . import triton_plan
 
+        triton_plan.clear()  # plans made under the interpreter's geometry must not be reused
         rec, orig_run = self, InterpretedFunction.run
 
         def run(kernel: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
@@ -363,9 +365,12 @@ class LaunchRecorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        from . import triton_plan
+
         while self._undo:
             obj, name, value = self._undo.pop()
             setattr(obj, name, value)
+        triton_plan.clear()  # nor the plans made under the GPU geometry outside
 
     def _record(self, kernel: Any, args: tuple, kwargs: dict[str, Any], grid: Any) -> None:
         self.launches += 1

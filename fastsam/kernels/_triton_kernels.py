@@ -6,8 +6,10 @@ programs strides over the entries, so one launch covers any number of tensors of
 (device, dtype) group. Per-tensor data come from two tables:
 
 - ``tab`` (int64, column-major: entry ``col * ntab + t``): data addresses (0 = no entry), the
-  element count and the global element offset of the group's ``ntab`` tensors;
-- ``hyp`` (compute dtype, column-major likewise): per-tensor hyperparameters;
+  element count, the global element offset and the hyper-parameter row of the group's ``ntab``
+  tensors;
+- ``hyp`` (compute dtype, row-major): one row per distinct set of hyper-parameters (a param
+  group, an Adam step count): tensors point at their row, so the table stays a few rows;
 
 and ``scal`` (compute dtype) holds the op's scalar options. Math is done in ``CT`` (float32 for
 fp32/bf16/fp16 parameters, float64 for float64) and rounded once on store, to nearest even
@@ -49,8 +51,11 @@ def _sqrt(x, CT: tl.constexpr):
 # EMA_OUT / READY_OUT written (the same addresses when the F-SAM state is updated in place).
 P_W, P_G, P_WOLD, P_EMA = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 P_READY, P_GOLD, P_EMA_OUT, P_READY_OUT = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
-P_NUMEL, P_OFFSET = tl.constexpr(8), tl.constexpr(9)
-P_NCOL = tl.constexpr(10)
+P_NUMEL, P_OFFSET, P_HROW = tl.constexpr(8), tl.constexpr(9), tl.constexpr(10)
+P_NCOL = tl.constexpr(11)
+# Hyper-parameters come in a small row table (row-major, P_NHYP per row), one row per distinct
+# (rho, eta, adaptive): a param group's tensors share a row and the int table's P_HROW column
+# says which, so the host never builds a per-tensor float table (and rebuilds none per step).
 P_RHO, P_ETA, P_ADAPTIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 P_NHYP = tl.constexpr(3)
 P_NSCAL = tl.constexpr(6)  # q_hi, q_lo (q = q_hi + q_lo in float64), sigma, lambda, beta, 1 - lambda
@@ -58,7 +63,8 @@ P_NSCAL = tl.constexpr(6)  # q_hi, q_lo (q = q_hi + q_lo in float64), sigma, lam
 # Second step (restore / GSAM / SGD / Adam).
 S_W, S_G, S_WOLD, S_GOLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 S_1, S_2, S_3, S_NUMEL = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
-S_NCOL = tl.constexpr(8)
+S_HROW = tl.constexpr(8)  # the tensor's row of the hyper-parameter row table (S_NHYP values a row)
+S_NCOL = tl.constexpr(9)
 # SGD hyp: lr, weight_decay, momentum, 1 - dampening, fresh (1: momentum buffer not initialised yet)
 # Adam hyp: weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, sqrt(bc2), 1 - lr * wd
 S_NHYP = tl.constexpr(8)
@@ -179,10 +185,10 @@ def _k1_block(row, hrow, ntab, offs, inb, sigma, DT: tl.constexpr, CT: tl.conste
         m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
         u = u - sigma * m  # m = 0 exactly when not ready: d = g bit for bit
     if ADAPTIVE:
-        ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
+        ad = tl.load(hrow + P_ADAPTIVE) != 0
         pw = _ptr(tl.load(row + P_W * ntab), DT, ALIGNED)
         w = tl.load(pw + offs, mask=tl.where(ad, inb, False), other=0.0).to(CT)
-        u = tl.where(ad, u * (tl.abs(w) + tl.load(hrow + P_ETA * ntab)), u)
+        u = tl.where(ad, u * (tl.abs(w) + tl.load(hrow + P_ETA)), u)
     if QMODE == 0:
         return tl.abs(u).to(tl.float64)
     else:
@@ -221,7 +227,7 @@ def perturb_partials_kernel(
         t = ent >> 32
         start = tl.multiple_of((ent & 0xFFFFFFFF) * BLOCK, BLOCK)
         row = tab + t
-        hrow = hyp + t
+        hrow = hyp + tl.load(row + P_HROW * ntab) * P_NHYP
         offs = start + lanes
         numel = tl.load(row + P_NUMEL * ntab)
         # SPLIT: full blocks get their own copy of the body with an all-true mask (the compiler
@@ -276,8 +282,8 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta
         u = g - sigma * m
     T = 1.0
     if ADAPTIVE:
-        ad = tl.load(hrow + P_ADAPTIVE * ntab) != 0
-        T = tl.where(ad, tl.abs(w) + tl.load(hrow + P_ETA * ntab), 1.0)
+        ad = tl.load(hrow + P_ADAPTIVE) != 0
+        T = tl.where(ad, tl.abs(w) + tl.load(hrow + P_ETA), 1.0)
         u = u * T
     if QMODE == 2:
         mag = u * inv  # a power of two: exact
@@ -285,7 +291,7 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta
         mag = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(CT)
     else:
         mag = tl.where(u < 0, -1.0, 1.0).to(CT) * _abs_pow(tl.abs(u).to(tl.float64) * inv / n_hat, q - 1.0).to(CT)
-    e = tl.load(hrow + P_RHO * ntab) * mag / denom
+    e = tl.load(hrow + P_RHO) * mag / denom
     if ADAPTIVE:
         e = e * T
     if SWP:
@@ -377,7 +383,7 @@ def perturb_apply_kernel(
         t = ent >> 32
         start = tl.multiple_of((ent & 0xFFFFFFFF) * BLOCK, BLOCK)
         row = tab + t
-        hrow = hyp + t
+        hrow = hyp + tl.load(row + P_HROW * ntab) * P_NHYP
         offs = start + lanes
         numel = tl.load(row + P_NUMEL * ntab)
         r = 0.0
@@ -531,9 +537,9 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
         a_acc = tl.load(row + S_1 * ntab)
         a_in = tl.load(row + S_2 * ntab)
         has_acc = a_acc != 0
-        weight = tl.load(hrow + 0 * ntab)
-        scale = tl.load(hrow + 1 * ntab)
-        keep = tl.load(hrow + 2 * ntab) == 0  # reset == 0: add to the running sum
+        weight = tl.load(hrow + 0)
+        scale = tl.load(hrow + 1)
+        keep = tl.load(hrow + 2) == 0  # reset == 0: add to the running sum
         pa = _ptr(tl.where(has_acc, a_acc, a_w), DT, ALIGNED)
         pin = _ptr(tl.where(a_in != 0, a_in, tl.where(has_acc, a_acc, a_w)), DT, ALIGNED)
         g = tl.load(pg + offs, mask=tl.where(has_acc & has_g, inb, False), other=0.0).to(CT)
@@ -555,11 +561,11 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
         if MAXIMIZE:
             g = -g
         if MODE == 1:
-            lr = tl.load(hrow + 0 * ntab)
-            wd = tl.load(hrow + 1 * ntab)
-            mom = tl.load(hrow + 2 * ntab)
-            one_m_damp = tl.load(hrow + 3 * ntab)
-            fresh = tl.load(hrow + 4 * ntab) != 0
+            lr = tl.load(hrow + 0)
+            wd = tl.load(hrow + 1)
+            mom = tl.load(hrow + 2)
+            one_m_damp = tl.load(hrow + 3)
+            fresh = tl.load(hrow + 4) != 0
             g = tl.where(wd != 0, g + wd * w, g)
             has_mom = has_g & (mom != 0)
             pb = _ptr(tl.where(has_mom, tl.load(row + S_1 * ntab), a_w), DT, ALIGNED) + offs
@@ -572,15 +578,15 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
                 g = tl.where(has_mom, buf, g)
             w = w - lr * g
         else:
-            wd = tl.load(hrow + 0 * ntab)
-            one_m_b1 = tl.load(hrow + 1 * ntab)
-            b2 = tl.load(hrow + 2 * ntab)
-            one_m_b2 = tl.load(hrow + 3 * ntab)
-            eps = tl.load(hrow + 4 * ntab)
-            step_size = tl.load(hrow + 5 * ntab)
-            bc2_sqrt = tl.load(hrow + 6 * ntab)
+            wd = tl.load(hrow + 0)
+            one_m_b1 = tl.load(hrow + 1)
+            b2 = tl.load(hrow + 2)
+            one_m_b2 = tl.load(hrow + 3)
+            eps = tl.load(hrow + 4)
+            step_size = tl.load(hrow + 5)
+            bc2_sqrt = tl.load(hrow + 6)
             if DECOUPLED:
-                w = tl.where(wd != 0, w * tl.load(hrow + 7 * ntab), w)
+                w = tl.where(wd != 0, w * tl.load(hrow + 7), w)
             else:
                 g = tl.where(wd != 0, g + wd * w, g)
             pm1 = _ptr(tl.where(has_g, tl.load(row + S_1 * ntab), a_w), DT, ALIGNED) + offs
@@ -639,7 +645,7 @@ def second_step_kernel(
         t = ent >> 32
         start = tl.multiple_of((ent & 0xFFFFFFFF) * BLOCK, BLOCK)
         row = tab + t
-        hrow = hyp + t
+        hrow = hyp + tl.load(row + S_HROW * ntab) * S_NHYP
         offs = start + lanes
         numel = tl.load(row + S_NUMEL * ntab)
         if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)

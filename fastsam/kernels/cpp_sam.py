@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._compat import no_grad
 from ..reference import check_accumulate_args, dual_exponent
 from . import _ext
 
@@ -149,7 +150,7 @@ class CsrcBackend:
         return sum(t.numel() * t.element_size() for t in params) >= NT_MIN_BYTES
 
     # ------------------------------------------------------------------ ops
-    @torch.no_grad()
+    @no_grad
     def sam_perturb_(
         self,
         params: list[Tensor],
@@ -203,7 +204,7 @@ class CsrcBackend:
         st.finish()
         return ok
 
-    @torch.no_grad()
+    @no_grad
     def gsam_combine_(self, grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
         """``gs <- gs - alpha * (g_old - cos |g_old| gs / (|gs| + 1e-12))`` with
         ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)`` (global sums in float64), in place."""
@@ -219,7 +220,7 @@ class CsrcBackend:
         )
         st.finish()
 
-    @torch.no_grad()
+    @no_grad
     def sam_restore_(self, params: list[Tensor], w_old: list[Tensor]) -> None:
         """``w <- w_old`` exactly (byte copies, one call)."""
         if not params:
@@ -250,7 +251,7 @@ class CsrcBackend:
         )
         st.finish()
 
-    @torch.no_grad()
+    @no_grad
     def sam_restore_sgd_(
         self,
         params: list[Tensor],
@@ -296,7 +297,7 @@ class CsrcBackend:
             if fresh[i]:
                 momentum_buffers[i] = bufs[i]
 
-    @torch.no_grad()
+    @no_grad
     def sam_restore_adam_(
         self,
         params: list[Tensor],
@@ -361,7 +362,7 @@ class CsrcBackend:
             raise
 
 
-    @torch.no_grad()
+    @no_grad
     def sam_restore_accumulate_(
         self,
         params: list[Tensor],

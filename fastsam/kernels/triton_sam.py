@@ -1,8 +1,8 @@
-"""``backend="triton"``: the SAM step as a few multi-tensor Triton launches (DESIGN.md section 4).
+"""``backend="triton"``: the SAM step as a few multi-tensor Triton launches (docs/design.md, kernels).
 
 Same functions and signatures as :mod:`fastsam.reference` (``sam_perturb_``, ``gsam_combine_``,
-``sam_restore_``, ``sam_restore_sgd_``, ``sam_restore_adam_``). Per (device, dtype) group of
-tensors, whatever the number of tensors:
+``sam_restore_``, ``sam_restore_sgd_``, ``sam_restore_adam_``, ``sam_restore_accumulate_``). Per
+(device, dtype) group of tensors, whatever the number of tensors:
 
 =============================  =======  ==================================================
 op                             kernels  passes over parameter-sized memory (fp32, AdamW)
@@ -15,8 +15,13 @@ restore only / GSAM combine    1 / 2
 
 No host sync anywhere: the global norm is reduced on the device (K1 writes one partial per
 program into its slice of a buffer shared by every group; every K2 program re-reduces the whole
-buffer), "N finite" is a device flag, and the per-tensor tables are uploaded with pinned,
-non-blocking copies only when they change (see :mod:`fastsam.kernels._tables`).
+buffer), "N finite" is a device flag, and tables are uploaded with pinned, non-blocking copies
+only when they change.
+
+Host work per call is a few C-level passes over the tensor list: the tables are kept per layout
+(:mod:`fastsam.kernels.triton_plan`; a layout is the tuple of tensors fastsam.SAM passes), a
+step refills only the gradients' addresses and the hyper-parameter rows (one per param group).
+Launch geometry lives in :mod:`fastsam.kernels.triton_launch`.
 
 Every op is a ``torch.library.custom_op`` (``fastsam::sam_*``) with fake kernels, so graphs that
 contain them compile (``torch.compile``; the CPU interpreter rules out ``triton_op``). Custom ops
@@ -25,298 +30,84 @@ entries travel as dense lists plus index lists. In plain eager mode the public f
 implementation directly (the dispatcher costs more than the kernels on a ViT-sized list) and bump
 the version counters of the mutated parameters / gradients themselves.
 
-Host cost per call is a few C-level passes over the lists (addresses, sizes, dtypes, contiguity):
-~0.3 ms for the first step and ~0.9 ms for the AdamW second step with 152 tensors on a slow,
-shared 2-core VM. Non-contiguous tensors are staged through contiguous copies (correct, not fast).
-
 CPU tensors run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported); :func:`fastsam.functional.resolve_backend` refuses them otherwise.
 """
 
 import contextlib
-import ctypes
 import functools
-import itertools
 import math
 import operator
-import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._compat import custom_op, eager_under_compile_on_old_torch, may_be_traced
+from .._compat import custom_op, eager_under_compile_on_old_torch, may_be_traced, no_grad
+from .._sequences import PerGroup
 from ..reference import check_accumulate_args, dual_exponent
 from . import _tables as T
 from . import _triton_kernels as K
+from . import triton_launch as L
+from . import triton_plan as P
+from .triton_launch import IN_LAUNCH, LAUNCHES, LaunchConfig, configure, get_config  # noqa: F401  (public names)
+from .triton_plan import _BUMP_LIST  # noqa: F401  (tests switch the form)
+from .triton_plan import bump_versions as _bump_versions
 
 FUSED_UPDATES = True  # this backend implements sam_restore_sgd_ / sam_restore_adam_
+PER_GROUP = True  # hyper-parameter columns may be fastsam._sequences.PerGroup (rows per group, no per-tensor work)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# Kernel launches since import (tests and the benchmark read the difference around a step), and
-# whether a launch is in progress (the interpreter copies its tensor arguments with torch ops;
-# op-counting tests skip those, they are no device work on a GPU).
-LAUNCHES = [0]
-IN_LAUNCH = [False]
-
-
-# ------------------------------------------------------------------------------ configuration
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Launch geometry (predictions; ``bash bench/gpu_suite.sh`` sweeps them on the GPU).
-
-    GPU: ``block`` = 2048 elements per program iteration with 8 warps is 8 fp32 per thread, two
-    16-byte loads per list per iteration. Registers decided the warps (``python -m
-    fastsam.kernels._triton_aot`` reports them from ptxas, sm_90): with 4 warps (16 elements per
-    thread) the AdamW K3 needed 224 registers a thread; with 8 warps the vectorized kernels need
-    32-80 (K1 32-64, the AdamW K3 80, K2 with every option on 126).
-    ``programs_per_sm`` = 4 is a cap on the persistent grid (4 x 132 = 528 programs on an H100):
-    a persistent grid must be resident all at once, so after a kernel family's first launch the
-    grid shrinks to what its register count allows (80 registers: 3 programs of 256 threads per
-    SM; 126: 2). 3 x 2048 x 4 B = 24 KiB per list in flight per SM, and K2/K3 read 2-5 lists:
-    above the ~25 KiB/SM that 3.35 TB/s x ~1 us DRAM latency needs over 132 SMs. It is also the
-    number of norm partials per dtype group, which every K2 program re-reads (<= 528 x 4 B, L2).
-    Interpreter: every program and every op costs Python time, so few programs and big blocks.
-
-    ``vectorize``: full blocks run a copy of the kernel body with an all-true mask, and, when
-    every address of a dtype group's table is a multiple of 16 bytes (always, for tensors from
-    torch's allocators; a view at an odd offset turns it off for its group), the pointers carry
-    that fact: the compiler then emits 16-byte vector loads/stores (ld.global.v4.b32: 4 fp32 or
-    8 bf16 per instruction instead of one). Off: one masked body, scalar accesses (the GPU
-    benchmark's sweep compares both).
-    """
-
-    block: int = 2048
-    num_warps: int = 8
-    programs_per_sm: int = 4
-    interp_block: int = 1024
-    interp_programs: int = 2
-    vectorize: bool = True
-
-
-_CONFIG = LaunchConfig(
-    block=int(os.environ.get("FASTSAM_TRITON_BLOCK", 2048)),
-    num_warps=int(os.environ.get("FASTSAM_TRITON_WARPS", 8)),
-    programs_per_sm=int(os.environ.get("FASTSAM_TRITON_PROGRAMS_PER_SM", 4)),
-    vectorize=os.environ.get("FASTSAM_TRITON_VECTORIZE", "1").strip().lower() not in ("0", "false", "no", "off"),
-)
-
-
-def get_config() -> LaunchConfig:
-    return _CONFIG
-
-
-@contextlib.contextmanager
-def configure(**changes: int) -> Iterator[LaunchConfig]:
-    """Temporarily change the launch geometry (tests, benchmark sweeps)."""
-    global _CONFIG
-    old = _CONFIG
-    new = replace(old, **changes)
-    for b in (new.block, new.interp_block):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"block sizes must be powers of two >= 16 (tl.arange), got {b}")
-    _CONFIG = new
-    try:
-        yield _CONFIG
-    finally:
-        _CONFIG = old
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _geometry(device: torch.device, fit_key: tuple | None = None) -> tuple[int, int, int]:
-    """(BLOCK, max programs, num_warps) for a device: ``programs_per_sm`` per SM, fewer when the
-    kernels of ``fit_key``'s family were seen to need more registers than that allows."""
-    cfg = _CONFIG
-    if device.type == "cpu":
-        return cfg.interp_block, cfg.interp_programs, 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _SM_COUNT.get(idx)
-    if sms is None:
-        sms = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    per_sm = min(cfg.programs_per_sm, _FIT.get(fit_key, cfg.programs_per_sm)) if fit_key else cfg.programs_per_sm
-    return cfg.block, max(1, sms * per_sm), cfg.num_warps
-
-
-def _vector_flags(tab_mirror: T.DeviceMirror, rows: Sequence[int], n: int, ncols: int,
-                  skip_cols: tuple[int, ...] = ()) -> dict[str, bool]:
-    """SPLIT / ALIGNED constexprs of a group's launch: ALIGNED when every address in the table's
-    first ``ncols`` columns (the addresses, ``n`` entries each; columns ``skip_cols`` excluded:
-    the 1-element F-SAM flags, never read as vectors) is a multiple of 16 bytes (0 = no tensor
-    counts as aligned); computed once per uploaded table."""
-    if not _CONFIG.vectorize:
-        return {"SPLIT": False, "ALIGNED": False}
-
-    def low_bits() -> int:
-        bits = 0
-        for c in range(ncols):
-            if c not in skip_cols:
-                bits |= functools.reduce(operator.or_, rows[c * n:(c + 1) * n], 0)
-        return bits
-
-    return {"SPLIT": True, "ALIGNED": tab_mirror.memo("low_bits", low_bits) & 15 == 0}
-
-
-_TL_DTYPE = {
-    torch.float32: K.tl.float32,
-    torch.bfloat16: K.tl.bfloat16,
-    torch.float16: K.tl.float16,
-    torch.float64: K.tl.float64,
-}
-
-_CACHE = T.TableCache()
-
-
-def _check_group(g: T.Group) -> None:
-    if g.dtype not in _TL_DTYPE:
-        raise ValueError(f"backend='triton' supports float32/bfloat16/float16/float64 tensors, got {g.dtype}")
-    if g.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1 set "
-            "before triton is imported); use backend='foreach' (or 'auto') on CPU"
-        )
-    if g.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton' runs on CUDA tensors, got {g.device}")
-
-
-def _rne_bf16(g: T.Group) -> bool:
-    """Round bf16 stores by hand: only under the interpreter, which truncates fp32 -> bf16 (the
-    GPU conversion already rounds to nearest even)."""
-    return g.dtype == torch.bfloat16 and g.device.type == "cpu"
-
-
-# Programs per SM that stay resident, learned from the compiled kernels' register counts, per
-# launch family (the kernels that share one grid size: K1 + K2, KG + K3) and variant.
-_FIT: dict[tuple, int] = {}
-_REGS_PER_SM = 65536  # sm_70 .. sm_90: 64 K 32-bit registers per SM
-_THREADS_PER_SM = 2048
-
-
-def _resident_programs(n_regs: int, num_warps: int) -> int:
-    """Programs of ``num_warps`` warps that fit on one SM at ``n_regs`` registers a thread
-    (allocated per warp in units of 256, i.e. 8 per thread)."""
-    per_warp = -(-n_regs // 8) * 8 * 32
-    return max(1, min(_REGS_PER_SM // (per_warp * num_warps), _THREADS_PER_SM // (32 * num_warps)))
-
-
-def _launch(kernel, grid: tuple[int], *args, num_warps: int, fit_key: tuple | None = None, **meta) -> None:
-    LAUNCHES[0] += 1
-    IN_LAUNCH[0] = True
-    try:
-        dev = args[0].device
-        with T.on_device(dev):
-            ck = kernel[grid](*args, num_warps=num_warps, **meta)
-        # The persistent grid must be resident all at once (a program that waits for a free slot
-        # runs its whole share after the others, alone on its SM): remember how many programs of
-        # this variant fit, for the next sizing of this family's grid (the first call uses the
-        # configured programs_per_sm).
-        n_regs = getattr(ck, "n_regs", None) if fit_key is not None and dev.type == "cuda" else None
-        if isinstance(n_regs, int) and n_regs > 0:
-            fit = _resident_programs(n_regs, num_warps)
-            if fit < _FIT.get(fit_key, 1 << 30):
-                _FIT[fit_key] = fit
-    finally:
-        IN_LAUNCH[0] = False
-
-
-# ------------------------------------------------------------------------------ tables
-class _Staging:
-    """Contiguous stand-ins for non-contiguous tensors (copied back after the op if mutated).
-
-    The kernels address row-major contiguous memory (the ESAM mask index is the row-major
-    element index). Parameters are nearly always contiguous; a non-contiguous one (a transposed
-    view, channels_last) costs a copy in and out, one op per such tensor.
-    """
-
-    def __init__(self) -> None:
-        self.back: list[tuple[Tensor, Tensor]] = []
-        self.keep: list[Tensor] = []
-        self.copies: dict[int, Tensor] = {}
-
-    def stage(self, t: Tensor, mutated: bool) -> Tensor:
-        c = t.contiguous()
-        self.keep.append(c)
-        self.copies[id(t)] = c
-        if mutated:
-            self.back.append((t, c))
-        return c
-
-    def current(self, t: Tensor) -> Tensor:
-        """What the kernels read and wrote for ``t``: its staged copy, or ``t`` itself."""
-        return self.copies.get(id(t), t)
-
-    def finish(self) -> None:
-        for orig, c in self.back:
-            orig.copy_(c)
-
-
-# A column of a table: (aligned list or None, mutated by the op, check: "like" = must match the
-# parameter's numel and dtype, "grad" = autograd already guarantees that, "flag" = the 0-dim float32
-# F-SAM flags).
-_Col = tuple[Sequence[Tensor | None] | None, bool, str]
-
 _data_ptr = Tensor.data_ptr
-_numel = Tensor.numel
 _contig = Tensor.is_contiguous
-_dtype_of = operator.attrgetter("dtype")
-_device_of = operator.attrgetter("device")
 _is_none = functools.partial(operator.is_, None)
 
 
-def _groups(params: Sequence[Tensor]) -> list[T.Group]:
-    """(device, dtype) groups; the usual single group is found with two C-level passes."""
-    dts, devs = set(map(_dtype_of, params)), set(map(_device_of, params))
-    if len(dts) == 1 and len(devs) == 1:
-        return [T.Group(devs.pop(), dts.pop(), list(range(len(params))))]
-    return T.group_by_device_dtype(params)
+def _ptrs(ts: Sequence[Tensor | None], dense: bool | None = None) -> list[int]:
+    """Addresses, 0 for a missing entry (one C-level pass when nothing is missing; ``dense``:
+    whether the caller knows that nothing is)."""
+    if dense if dense is not None else not any(map(_is_none, ts)):
+        return list(map(_data_ptr, ts))
+    return [0 if t is None else t.data_ptr() for t in ts]
 
 
-def _columns(params: Sequence[Tensor], idx: list[int] | None, cols: list[_Col], dtype: torch.dtype,
-             offsets: Sequence[int] | None, st: _Staging) -> tuple[list[int], list[int]]:
-    """Column-major int64 table of a group: one column of addresses per list (0 = no entry), then
-    the numels [, then the global offsets]; returns (table, numels).
-
-    Companion tensors must have their parameter's numel and dtype: the kernels follow raw
-    addresses, so a mismatch would read or write out of bounds. The per-tensor work is done by
-    ``map`` over unbound tensor methods (C-level iteration): ~0.1-0.3 us per tensor and column.
-    """
-    sel = (lambda lst: lst) if idx is None else (lambda lst: [lst[i] for i in idx])
-    ws = sel(params)
-    dev = ws[0].device
-    numels = list(map(_numel, ws))
-    table: list[int] = []
-    for lst, mutated, check in cols:
-        if lst is None:
-            table += [0] * len(ws)
-            continue
-        ts = sel(lst)
-        dense = not any(map(_is_none, ts))  # not `None in ts`: that calls Tensor.__eq__, ~0.1 ms
-        present = ts if dense else [t for t in ts if t is not None]
-        if check == "like":
-            if set(map(_dtype_of, present)) - {dtype} or set(map(_device_of, present)) - {dev} or (
-                list(map(_numel, ts)) != numels if dense
-                else any(t is not None and t.numel() != n for t, n in zip(ts, numels))
-            ):
-                raise ValueError("backend='triton': a state/buffer tensor does not match its parameter's "
-                                 f"dtype ({dtype}), device ({dev}) or number of elements")
-        elif check == "flag" and any(t.dtype != torch.float32 or t.numel() != 1 or t.device != dev for t in present):
-            raise ValueError("fsam ready flags must be 1-element float32 tensors on the parameter's device")
-        if not all(map(_contig, present)):
-            ts = [t if t is None or t.is_contiguous() else st.stage(t, mutated) for t in ts]
-            dense = not any(map(_is_none, ts))  # not `None in ts`: that calls Tensor.__eq__, ~0.1 ms
-        table += list(map(_data_ptr, ts)) if dense else [0 if t is None else t.data_ptr() for t in ts]
-    table += numels
-    if offsets is not None:
-        table += offsets if idx is None else [offsets[i] for i in idx]
-    return table, numels
+def _all_contiguous(ts: Sequence[Tensor | None], dense: bool | None = None) -> bool:
+    """Every present tensor is contiguous (a sparse one is a ValueError)."""
+    try:
+        if dense if dense is not None else not any(map(_is_none, ts)):
+            return all(map(_contig, ts))
+        return all(t is None or t.is_contiguous() for t in ts)
+    except (RuntimeError, TypeError):  # "Sparse CPU tensors do not have is_contiguous"; a None where none may be
+        if any(t is None for t in ts):
+            raise ValueError("a gradient is missing (None) where the op needs one per tensor") from None
+        if any(t.layout != torch.strided for t in ts):
+            raise ValueError("backend='triton' does not support sparse gradients (grads: a tensor is sparse)") from None
+        raise
 
 
-def _acc_dtype(groups: list[T.Group]) -> torch.dtype:
-    return torch.float64 if any(g.dtype == torch.float64 for g in groups) else torch.float32
+def _plan(key: tuple | None, refs: tuple, op: str, mode: object, params: Sequence[Tensor], cols: list[P.Col],
+          dyn: list[int], offsets: Sequence[int] | None, fit: tuple, skip: tuple[int, ...] = (),
+          dense: bool | None = None) -> tuple[P.Plan, P.Staging | None]:
+    """The cached plan of a call (dynamic columns: ``dyn``), or one built for this call alone
+    (every column filled, non-contiguous tensors staged) when the tensors are not tuples or need
+    staging."""
+    dyn_ok = all(_all_contiguous(cols[c][0] or (), dense) for c in dyn)
+    plan = P.lookup(key if dyn_ok else None, params)
+    if plan is not None:
+        return plan, None
+    if key is not None and dyn_ok:
+        try:
+            plan = P.build(op, mode, params, cols, dyn, offsets, None, fit, len(cols), skip)
+            P.store(key, plan, params, refs)
+            return plan, None
+        except P._NotCacheable:
+            pass
+    st = P.Staging()
+    plan = P.build(op, mode, params, cols, [], offsets, st, fit, len(cols), skip)
+    plan.cacheable = False
+    return plan, st
 
 
 def _gather_partials(bufs: dict[torch.device, Tensor], slices: list[tuple[torch.device, int, int]],
@@ -335,10 +126,11 @@ def _gather_partials(bufs: dict[torch.device, Tensor], slices: list[tuple[torch.
 
 # ------------------------------------------------------------------------------ first step
 def _perturb_impl(
-    params: list[Tensor], grads: list[Tensor], w_old: list[Tensor], ema: list[Tensor], ema_ready: list[Tensor],
-    g_old: list[Tensor], rhos: list[float], etas: list[float], adaptive: list[bool], offsets: list[int],
-    p: float, fsam_sigma: float | None, fsam_lambda: float, swp_keep: float, seed: int, step: int,
-    ema_out: list[Tensor] | None = None, ready_out: list[Tensor] | None = None,
+    params: Sequence[Tensor], grads: Sequence[Tensor], w_old: Sequence[Tensor], ema: Sequence[Tensor],
+    ema_ready: Sequence[Tensor], g_old: Sequence[Tensor], rhos: Sequence[float], etas: Sequence[float],
+    adaptive: Sequence[bool], offsets: Sequence[int], p: float, fsam_sigma: float | None, fsam_lambda: float,
+    swp_keep: float, seed: int, step: int, ema_out: Sequence[Tensor] | None = None,
+    ready_out: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """K1 over every group, then K2 over every group (so every K2 sees every partial).
 
@@ -356,80 +148,92 @@ def _perturb_impl(
     ready_out = ema_ready if (not fsam or ready_out is None) else ready_out
     if fsam and (len(ema_out) != len(params) or len(ready_out) != len(params)):
         raise ValueError("ema_out and ready_out need one tensor per parameter")
+    if len(grads) != len(params) or len(w_old) != len(params):
+        raise ValueError("grads and w_old need one tensor per parameter")
     gsam = len(g_old) > 0
     swp = swp_keep < 1.0
     q = dual_exponent(p)
     qmode = 2 if q == 2.0 else (1 if q == 1.0 else 0)
-    any_adaptive = any(adaptive)
-    groups = _groups(params)
-    acc = _acc_dtype(groups)
+    any_adaptive = any(adaptive.values if isinstance(adaptive, PerGroup) else adaptive)
+    cols: list[P.Col] = [(params, True, "param"), (grads, False, "grad"), (w_old, True, "like"),
+                         (ema if fsam else None, False, "like"), (ema_ready if fsam else None, False, "flag"),
+                         (g_old if gsam else None, True, "like"), (ema_out if fsam else None, True, "like"),
+                         (ready_out if fsam else None, True, "flag")]
+    fit = (qmode, fsam, any_adaptive, gsam, swp, L._CONFIG)
+    statics = (params, w_old, ema if fsam else None, ema_ready if fsam else None, g_old if gsam else None,
+               ema_out if fsam else None, ready_out if fsam else None, offsets)
+    key = P.plan_key(("perturb",) + fit, *statics)
+    # a gradient per tensor (the op's contract): no None scan (a None fails the contiguity check)
+    plan, st = _plan(key, statics[1:], "perturb", fit, params, cols, [K.P_G.value], offsets, fit,
+                     (K.P_READY.value, K.P_READY_OUT.value), dense=True)
+    # hyper-parameter rows: one per distinct (rho, eta, adaptive), a param group's
+    hrow, rows = _hyper_groups(plan, (rhos, etas, adaptive), len(params))
+    gptrs = _ptrs(grads, True) if st is None else None
     q_hi = struct.unpack("f", struct.pack("f", q))[0] if qmode == 0 else q  # q = q_hi + q_lo exactly
     scal_vals = (q_hi, q - q_hi, fsam_sigma if fsam else 0.0, fsam_lambda, swp_keep, 1.0 - fsam_lambda)
     thr = int(swp_keep * 4294967296.0) if swp else 0
-    cols: list[_Col] = [(params, True, "param"), (grads, False, "grad"), (w_old, True, "like"),
-                        (ema if fsam else None, False, "like"), (ema_ready if fsam else None, False, "flag"),
-                        (g_old if gsam else None, True, "like"), (ema_out if fsam else None, True, "like"),
-                        (ready_out if fsam else None, True, "flag")]
-    st = _Staging()
-    plans = []
-    total = 0
-    for g in groups:
-        _check_group(g)
-        idx = None if len(groups) == 1 else g.idx
-        rows, numels = _columns(params, idx, cols, g.dtype, offsets, st)
-        gi = g.idx
-        hyp = [rhos[i] for i in gi] + [etas[i] for i in gi] + [1.0 if adaptive[i] else 0.0 for i in gi]
+    launches = []
+    for gp in plan.groups:
+        g = gp.group
         ct = g.compute_dtype
-        key = ("perturb", g.device, g.dtype)
-        tab_m = _CACHE.mirror(key + ("tab",), torch.int64)
-        tab = tab_m.get(tuple(rows), g.device)
-        vec = _vector_flags(tab_m, rows, len(numels), len(cols), skip_cols=(K.P_READY.value, K.P_READY_OUT.value))
-        fit_key = ("perturb", g.device, g.dtype, qmode, fsam, any_adaptive, gsam, swp, vec["ALIGNED"], _CONFIG)
-        block, max_prog, warps = _geometry(g.device, fit_key)
-        hyp_t = _CACHE.mirror(key + ("hyp",), ct).get(tuple(hyp), g.device)
-        scal = _CACHE.mirror(key + ("scal",), ct).get(scal_vals, g.device)
-        blocks, nblk = _CACHE.blocks(key).get(tuple(numels), block, g.device)
-        nprog = max(1, min(nblk, max_prog))
-        snap = torch.empty(len(g.idx), dtype=torch.float32, device=g.device) if fsam else tab
-        plans.append((g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, total, snap, vec, fit_key))
-        total += nprog
-
+        dyn = [] if gptrs is None else [gptrs if gp.idx is None else [gptrs[i] for i in gp.idx]]
+        tab = gp.table(dyn, hrow if gp.idx is None else [hrow[i] for i in gp.idx], len(cols), K.P_HROW.value,
+                       (K.P_READY.value, K.P_READY_OUT.value))
+        hyp_t = P.row_table("perturb", fit, g.device, ct, rows)
+        scal = P.CACHE.mirror(("perturb", g.device, g.dtype, "scal"), ct).get(scal_vals, g.device)
+        fit_key = gp.fit_base + (gp.vec.get("ALIGNED", False),)
+        nprog, warps = P.fit_geometry(gp, fit_key)
+        snap = plan.snap.get(id(gp))
+        if fsam and (snap is None or snap.device != g.device):
+            snap = plan.snap[id(gp)] = torch.empty(gp.n, dtype=torch.float32, device=g.device)
+        launches.append((gp, tab, hyp_t, scal, nprog, warps, fit_key, snap if fsam else tab))
+    total = sum(x[4] for x in launches)
+    bases, b = [], 0
+    for x in launches:
+        bases.append(b)
+        b += x[4]
     bufs: dict[torch.device, Tensor] = {}
     oks: dict[torch.device, Tensor] = {}
-    for g in groups:
-        if g.device not in bufs:
-            bufs[g.device] = torch.empty(2 * total, dtype=acc, device=g.device)  # (S, E) per program
-            oks[g.device] = torch.empty((), dtype=torch.uint8, device=g.device)
-    pt = _TL_DTYPE[acc]
-    for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, base, snap, vec, fit_key in plans:
-        _launch(
-            K.perturb_partials_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], base,
+    for gp in plan.groups:
+        dev = gp.group.device
+        if dev not in bufs:
+            bufs[dev] = plan.buffer(dev, 2 * total)  # (S, E) per program
+            oks[dev] = torch.empty((), dtype=torch.uint8, device=dev)
+    pt = L._TL_DTYPE[plan.acc]
+    for (gp, tab, hyp_t, scal, nprog, warps, fit_key, snap), base in zip(launches, bases):
+        g = gp.group
+        L._launch(
+            K.perturb_partials_kernel, (nprog,), tab, gp.n, hyp_t, scal, gp.blocks, gp.nblk, bufs[g.device], base,
             total, snap,
-            DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, QMODE=qmode, FSAM=fsam,
-            ADAPTIVE=any_adaptive, BLOCK=block, num_warps=warps, fit_key=fit_key, **vec,
+            DT=L._TL_DTYPE[g.dtype], CT=L._TL_DTYPE[g.compute_dtype], PT=pt, QMODE=qmode, FSAM=fsam,
+            ADAPTIVE=any_adaptive, BLOCK=gp.block, num_warps=warps, fit_key=fit_key, **gp.vec,
         )
-    _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 2, total)
+    _gather_partials(bufs, [(x[0].group.device, bb, x[4]) for x, bb in zip(launches, bases)], 2, total)
     pblock = T.next_pow2(total)
     result = oks[params[0].device].view(torch.bool)  # made before the writes: nothing can fail after them
-    done: list[T.Group] = []
+    done: list[P.GroupPlan] = []
     try:
-        for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, snap, vec, fit_key in plans:
-            _launch(
-                K.perturb_apply_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, bufs[g.device], total,
+        for gp, tab, hyp_t, scal, nprog, warps, fit_key, snap in launches:
+            g = gp.group
+            L._launch(
+                K.perturb_apply_kernel, (nprog,), tab, gp.n, hyp_t, scal, gp.blocks, gp.nblk, bufs[g.device], total,
                 total, snap, oks[g.device], seed & 0xFFFFFFFF, step & 0xFFFFFFFF, thr,
-                DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, QMODE=qmode, FSAM=fsam,
-                ADAPTIVE=any_adaptive, GSAM=gsam, SWP=swp, RNE_BF16=_rne_bf16(g), BLOCK=block, PBLOCK=pblock,
-                num_warps=warps, fit_key=fit_key, **vec,
+                DT=L._TL_DTYPE[g.dtype], CT=L._TL_DTYPE[g.compute_dtype], PT=pt, QMODE=qmode, FSAM=fsam,
+                ADAPTIVE=any_adaptive, GSAM=gsam, SWP=swp, RNE_BF16=L._rne_bf16(g), BLOCK=gp.block, PBLOCK=pblock,
+                num_warps=warps, fit_key=fit_key, **gp.vec,
             )
-            done.append(g)
-        st.finish()
+            done.append(gp)
+        if st is not None:
+            st.finish()
     except BaseException:
         # groups already perturbed (and the staged copies of those not yet written back) go back
         # to w: their w_old holds it bit for bit
-        for g in done:
-            idx = [i for i in g.idx if id(params[i]) not in st.copies]  # staged ones were never written back
+        for gp in done:
+            gi = gp.group.idx
+            idx = [i for i in gi if st is None or id(params[i]) not in st.copies]
             if idx:
-                torch._foreach_copy_([params[i] for i in idx], [st.current(w_old[i]) for i in idx])
+                cur = (lambda t: t) if st is None else st.current
+                torch._foreach_copy_([params[i] for i in idx], [cur(w_old[i]) for i in idx])
         raise
     return result
 
@@ -437,80 +241,98 @@ def _perturb_impl(
 # ------------------------------------------------------------------------------ second step
 _NHYP = 8  # K.S_NHYP
 _ZERO_ROW = (0.0,) * _NHYP
-_NO_ADAM_ROW = (0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # eps = sqrt(bc2) = 1: see _adam_rows
+_NO_ADAM_ROW = (0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # eps = sqrt(bc2) = 1: the discarded lanes stay NaN-free
+
+# rows_fn(plan, grads, undo, dense) -> (per-tensor row index, rows): the hyper-parameter rows of a
+# call (dense: no gradient is None)
+RowsFn = Callable[[P.Plan, Sequence[Tensor | None], list, bool], tuple[Sequence[int], list[tuple]]]
 
 
-def _sgd_rows(n: int, upd: Sequence[bool], lr: list[float], wd: list[float], mom: list[float],
-              damp: list[float], fresh: Sequence[bool]) -> list[tuple[float, ...]]:
-    """Per-tensor SGD hyp rows: lr, weight_decay, momentum, 1 - dampening, fresh."""
-    return [(lr[i], wd[i], mom[i], 1.0 - damp[i], 1.0 if fresh[i] else 0.0, 0.0, 0.0, 0.0) if upd[i]
-            else _ZERO_ROW for i in range(n)]
+def _hyper_groups(plan: P.Plan, cols: tuple, n: int) -> tuple[Sequence[int], list[tuple]]:
+    """Per-tensor index into the distinct tuples of the per-tensor hyper-parameter ``cols`` (each a
+    float for every tensor, a :class:`~fastsam._sequences.PerGroup`, or one value per tensor),
+    with those tuples as floats. PerGroup columns over one ``group_of`` give a row per group with
+    no per-tensor work; the plan keeps the result while the same groups and values come again."""
+    groups = {id(c.group_of): c.group_of for c in cols if isinstance(c, PerGroup)}
+    if len(groups) == 1 and all(isinstance(c, (PerGroup, int, float)) for c in cols):
+        (group_of,) = groups.values()
+        vals = tuple(c.values if isinstance(c, PerGroup) else (c,) for c in cols)
+        old = plan.hkey
+        if old is not None and old[0] is group_of and old[1] == vals:
+            return plan.hrow, plan.hrows  # type: ignore[return-value]
+        ng = max(len(v) for v in vals)
+        rows = [tuple(float(v[g] if len(v) > 1 else v[0]) for v in vals) for g in range(ng)]
+        plan.hkey, plan.hrow, plan.hrows = (group_of, vals), group_of, rows  # type: ignore[assignment]
+        return group_of, rows
+    old = plan.hkey
+    if old is not None and len(old) == len(cols) and all(
+            (a is b and type(b) is tuple) or (type(b) is float and type(a) is float and a == b)
+            for a, b in zip(old, cols)):
+        return plan.hrow, plan.hrows  # type: ignore[return-value]
+    seqs = [c if not isinstance(c, (int, float)) else None for c in cols]
+    if all(sq is None for sq in seqs):
+        hg, hv = [0] * n, [tuple(float(c) for c in cols)]
+    else:
+        for sq in seqs:
+            if sq is not None and len(sq) != n:
+                raise ValueError(f"a per-tensor hyper-parameter has {len(sq)} values for {n} tensors")
+        per = [list(map(float, sq)) if sq is not None else [float(c)] * n for sq, c in zip(seqs, cols)]
+        hg, hv = P.rows_index(list(zip(*per)))
+    plan.hkey, plan.hrow, plan.hrows = cols, hg, hv  # type: ignore[assignment]
+    return hg, hv
 
 
-def _adam_rows(n: int, lr: list[float], b1: list[float], b2: list[float], eps: list[float], wd: list[float],
-               steps: Sequence[float | None]) -> list[tuple[float, ...]]:
-    """Per-tensor Adam hyp rows (torch's scalars, computed in float64 as torch does on the host):
+def _sgd_rows_fn(cols: tuple, fresh: Sequence[bool]) -> RowsFn:
+    """torch.optim.SGD rows: lr, weight_decay, momentum, 1 - dampening, fresh (the momentum buffer
+    starts as d)."""
+    def rows_fn(plan: P.Plan, grads: Sequence[Tensor | None], undo: list, dense: bool
+                ) -> tuple[Sequence[int], list[tuple]]:
+        n = len(grads)
+        hg, hv = _hyper_groups(plan, cols, n)
+        any_fresh = any(fresh)
+        if not any_fresh and dense:
+            return hg, [(lr, wd, mom, 1.0 - damp, 0.0, 0.0, 0.0, 0.0) for lr, wd, mom, damp in hv]
+        keys = [None if g is None else (hg[i], bool(fresh[i])) for i, g in enumerate(grads)]
+        idx, uniq = P.rows_index([(-1, False) if k is None else k for k in keys])
+        rows = [_ZERO_ROW if h < 0 else (*(lambda v: (v[0], v[1], v[2], 1.0 - v[3]))(hv[h]), 1.0 if f else 0.0,
+                                          0.0, 0.0, 0.0) for h, f in uniq]
+        return idx, rows
+    return rows_fn
+
+
+def _adam_row(h: tuple, t: float) -> tuple[float, ...]:
+    """Adam/AdamW row from torch's scalars, computed in float64 as torch does on the host:
     weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, sqrt(bc2), 1 - lr * wd with
-    ``bc = 1 - beta^t``. Memoised: tensors share a handful of (hyperparameters, step) keys."""
-    memo: dict[tuple[float, ...], tuple[float, ...]] = {}
-    rows = []
-    for i in range(n):
-        t = steps[i]
-        if t is None:  # no update; eps = sqrt(bc2) = 1 keep the discarded lanes of the branch-free K3 NaN-free
-            rows.append(_NO_ADAM_ROW)
-            continue
-        key = (lr[i], b1[i], b2[i], eps[i], wd[i], t)
-        row = memo.get(key)
-        if row is None:
-            bc1 = 1.0 - b1[i] ** t
-            bc2 = 1.0 - b2[i] ** t
-            row = memo[key] = (wd[i], 1.0 - b1[i], b2[i], 1.0 - b2[i], eps[i], lr[i] / bc1, math.sqrt(bc2),
-                               1.0 - lr[i] * wd[i])
-        rows.append(row)
-    return rows
+    ``bc = 1 - beta^t``."""
+    lr, b1, b2, eps, wd = h
+    bc1 = 1.0 - b1 ** t
+    bc2 = 1.0 - b2 ** t
+    return (wd, 1.0 - b1, b2, 1.0 - b2, eps, lr / bc1, math.sqrt(bc2), 1.0 - lr * wd)
 
 
-_CSCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+def _adam_rows_fn(cols: tuple, steps: Sequence[Tensor | None]) -> RowsFn:
+    """torch.optim.Adam / AdamW rows; torch increments the step first, then computes the bias
+    corrections from it (one row per param group while every tensor has the same step)."""
+    def rows_fn(plan: P.Plan, grads: Sequence[Tensor | None], undo: list, dense: bool
+                ) -> tuple[Sequence[int], list[tuple]]:
+        n = len(grads)
+        hg, hv = _hyper_groups(plan, cols, n)
+        none = not dense
+        ts = P.increment_steps(plan if plan.cacheable else None,
+                               [s if g is not None else None for s, g in zip(steps, grads)] if none else steps, undo)
+        if type(ts) is P.Uniform:
+            return hg, [_adam_row(h, ts.value) for h in hv]
+        present = [t for t in ts if t is not None]
+        if not none and present and min(present) == max(present):
+            return hg, [_adam_row(h, present[0]) for h in hv]
+        keys = [(-1, 0.0) if t is None else (hg[i], t) for i, t in enumerate(ts)]
+        idx, uniq = P.rows_index(keys)
+        return idx, [_NO_ADAM_ROW if h < 0 else _adam_row(hv[h], t) for h, t in uniq]
+    return rows_fn
 
 
-def _increment_steps(steps: Sequence[Tensor | None], undo: list[Callable[[], None]]) -> list[float | None]:
-    """``step += 1`` on Adam's 0-dim step tensors (as torch's ``step_t += 1``), returning the new
-    values. torch keeps them on the CPU, so this is host memory: written in place through their
-    addresses (~0.5 us a tensor, against ~4 us for ``torch._foreach_add_`` on 0-dim CPU tensors,
-    0.6 ms a step on a ViT-B), then their version counters are bumped. Appends to ``undo`` the
-    exact reverse (``step - 1``: integers below 2^24 are exact in float32)."""
-    out: list[float | None] = []
-    touched: list[Tensor] = []
-
-    def revert() -> None:
-        for t in touched:
-            t -= 1
-
-    undo.append(revert)
-    done: list[Tensor] = []
-    seen: set[int] = set()
-    f32, f64 = torch.float32, torch.float64
-    at32, at64 = ctypes.c_float.from_address, ctypes.c_double.from_address
-    for s in steps:
-        if s is None:
-            out.append(None)
-            continue
-        dt = s.dtype
-        if not s.is_cpu or (dt is not f32 and dt is not f64) or s.numel() != 1 or id(s) in seen:
-            s += 1  # any other layout (a step on the device would make float(s) a host sync)
-            touched.append(s)
-            out.append(float(s))
-            continue
-        seen.add(id(s))
-        cell = (at32 if dt is f32 else at64)(s.data_ptr())
-        v = cell.value + 1.0
-        cell.value = v
-        touched.append(s)
-        out.append(float(cell.value))  # as stored (float32 rounding, as torch's step_t += 1)
-        done.append(s)
-    if done:
-        _bump_versions(done)
-    return out
+def _fixed_rows_fn(hrow: list[int], rows: list[tuple]) -> RowsFn:
+    return lambda plan, grads, undo, dense: (hrow, rows)
 
 
 def _second_step_impl(
@@ -521,7 +343,7 @@ def _second_step_impl(
     s1: Sequence[Tensor | None] | None,
     s2: Sequence[Tensor | None] | None,
     s3: Sequence[Tensor | None] | None,
-    hyper: Callable[[], list[tuple[float, ...]]] | None,
+    rows_fn: RowsFn | None,
     *,
     mode: int,
     gsam_alpha: float,
@@ -531,10 +353,11 @@ def _second_step_impl(
     decoupled: bool = False,
     params_mutated: bool = True,
 ) -> None:
-    """Shared launcher of restore / GSAM combine / SGD / Adam (aligned lists, None = no entry).
+    """Shared launcher of restore / GSAM combine / SGD / Adam / accumulate (aligned sequences,
+    None = no entry).
 
-    ``hyper(undo)`` gives the per-tensor hyp rows; it runs after the tables are validated and
-    appends to ``undo`` what reverses its own side effects (Adam's step counters).
+    ``rows_fn`` gives the hyper-parameter rows; it runs after the tables are built and checked,
+    and appends to its ``undo`` list what reverses its own side effects (Adam's step counters).
 
     On an exception in a launch the optimizer state (momentum buffers, Adam moments, step
     counters) is put back as it was, and every parameter is either unchanged or restored from its
@@ -549,84 +372,83 @@ def _second_step_impl(
         go is not None and g is not None for go, g in zip(g_old, grads))
     updates = mode != K.MODE_RESTORE
     accum = mode == K.MODE_ACCUM
-    cols: list[_Col] = [(params, params_mutated, "param"), (grads, gsam and not accum, "like"),
-                        (w_old, False, "like"),
-                        (g_old if gsam else None, False, "like"), (s1, updates, "like"),
-                        (s2, updates and not accum, "like"), (s3, updates, "like")]
-    groups = _groups(params)
-    acc = _acc_dtype(groups)
-    st = _Staging()
-    plans = []
-    total = 0
-    for g in groups:
-        _check_group(g)
-        rows, numels = _columns(params, None if len(groups) == 1 else g.idx, cols, g.dtype, None, st)
-        key = ("second", mode, gsam, g.device, g.dtype)  # restore / GSAM / update tables apart
-        tab_m = _CACHE.mirror(key + ("tab",), torch.int64)
-        tab = tab_m.get(tuple(rows), g.device)
-        vec = _vector_flags(tab_m, rows, len(numels), len(cols))
-        fit_key = key + (nesterov, maximize, amsgrad, decoupled, vec["ALIGNED"], _CONFIG)
-        block, max_prog, warps = _geometry(g.device, fit_key)
-        blocks, nblk = _CACHE.blocks(key).get(tuple(numels), block, g.device)
-        nprog = max(1, min(nblk, max_prog))
-        plans.append([g, block, warps, tab, None, None, blocks, nblk, nprog, total, vec, fit_key, sum(numels)])
-        total += nprog
+    cols: list[P.Col] = [(params, params_mutated, "param"), (grads, gsam and not accum, "like"),
+                         (w_old, False, "like"), (g_old if gsam else None, False, "like"), (s1, updates, "like"),
+                         (s2, updates and not accum, "like"), (s3, updates, "like")]
+    fit = (mode, gsam, nesterov, maximize, amsgrad, decoupled, params_mutated, L._CONFIG)
+    statics = (params, w_old, g_old if gsam else None, s1, s2, s3)
+    key = P.plan_key(("second",) + fit, *statics)
+    dense = not any(map(_is_none, grads))
+    plan, st = _plan(key, statics[1:], "second", fit, params, cols, [K.S_G.value], None, fit, dense=dense)
+    order = sorted(plan.groups, key=lambda gp: gp.total_numel) if len(plan.groups) > 1 else plan.groups
     saved: list[tuple[Tensor, Tensor]] = []
-    if len(plans) > 1 and mode in (K.MODE_SGD, K.MODE_ADAM):
+    if len(order) > 1 and mode in (K.MODE_SGD, K.MODE_ADAM):
         # launched in size order; the state (and the parameters with no w_old to restore from)
         # that every group but the last (largest) writes is kept
-        plans.sort(key=lambda pl: pl[12])
         state = [lst for lst in (s1, s2, s3) if lst is not None]
-        for pl in plans[:-1]:
-            for i in pl[0].idx:
+        for gp in order[:-1]:
+            for i in gp.group.idx:
                 if grads[i] is None:
                     continue
                 keep = [lst[i] for lst in state] + ([params[i]] if w_old[i] is None else [])
                 for t in keep:
                     if t is not None:
-                        t = st.current(t)
+                        t = t if st is None else st.current(t)
                         saved.append((t, t.clone()))
     undo: list[Callable[[], None]] = []
-    hyp_rows = hyper(undo) if hyper is not None else [_ZERO_ROW] * n
+    hrow, rows = rows_fn(plan, grads, undo, dense) if rows_fn is not None else ([0] * n, [_ZERO_ROW])
     try:
-        for pl in plans:
-            g = pl[0]
+        gptrs = _ptrs(grads, dense) if st is None else None
+        launches = []
+        for gp in order:
+            g = gp.group
             ct = g.compute_dtype
-            key = ("second", mode, gsam, g.device, g.dtype)  # restore / GSAM / update tables apart
-            sub = hyp_rows if len(groups) == 1 else [hyp_rows[i] for i in g.idx]
-            cm = tuple(itertools.chain.from_iterable(zip(*sub)))  # column-major
-            pl[4] = _CACHE.mirror(key + ("hyp", mode), ct).get(cm, g.device)
-            pl[5] = _CACHE.mirror(key + ("scal",), ct).get((float(gsam_alpha),), g.device)
-
+            dyn = [] if gptrs is None else [gptrs if gp.idx is None else [gptrs[i] for i in gp.idx]]
+            tab = gp.table(dyn, hrow if gp.idx is None else [hrow[i] for i in gp.idx], len(cols),
+                           K.S_HROW.value, ())
+            hyp_t = P.row_table("second", fit, g.device, ct, rows)
+            scal = P.CACHE.mirror(("second", g.device, g.dtype, "scal"), ct).get((float(gsam_alpha),), g.device)
+            fit_key = gp.fit_base + (gp.vec.get("ALIGNED", False),)
+            nprog, warps = P.fit_geometry(gp, fit_key)
+            launches.append((gp, tab, hyp_t, scal, nprog, warps, fit_key))
+        total = sum(x[4] for x in launches)
         bufs: dict[torch.device, Tensor] = {}
-        pt = _TL_DTYPE[acc]
+        pt = L._TL_DTYPE[plan.acc]
         if gsam:
-            for g in groups:
-                if g.device not in bufs:
-                    bufs[g.device] = torch.empty(5 * total, dtype=acc, device=g.device)
-            for g, block, warps, tab, _h, _s, blocks, nblk, nprog, base, vec, fit_key, _n in plans:
-                _launch(K.gsam_partials_kernel, (nprog,), tab, len(g.idx), blocks, nblk, bufs[g.device], base,
-                        total, DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, BLOCK=block,
-                        num_warps=warps, fit_key=fit_key, **vec)
-            _gather_partials(bufs, [(pl[0].device, pl[9], pl[8]) for pl in plans], 5, total)
+            bases, b = [], 0
+            for x in launches:
+                bases.append(b)
+                b += x[4]
+            for gp in plan.groups:
+                if gp.group.device not in bufs:
+                    bufs[gp.group.device] = plan.buffer(gp.group.device, 5 * total)
+            for (gp, tab, _h, _s, nprog, warps, fit_key), base in zip(launches, bases):
+                g = gp.group
+                L._launch(K.gsam_partials_kernel, (nprog,), tab, gp.n, gp.blocks, gp.nblk, bufs[g.device], base,
+                          total, DT=L._TL_DTYPE[g.dtype], CT=L._TL_DTYPE[g.compute_dtype], PT=pt, BLOCK=gp.block,
+                          num_warps=warps, fit_key=fit_key, **gp.vec)
+            _gather_partials(bufs, [(x[0].group.device, bb, x[4]) for x, bb in zip(launches, bases)], 5, total)
         pblock = T.next_pow2(total)
-        for g, block, warps, tab, hyp_t, scal, blocks, nblk, nprog, _base, vec, fit_key, _n in plans:
+        for gp, tab, hyp_t, scal, nprog, warps, fit_key in launches:
+            g = gp.group
             part = bufs[g.device] if gsam else tab
-            _launch(
-                K.second_step_kernel, (nprog,), tab, len(g.idx), hyp_t, scal, blocks, nblk, part, total, total,
-                DT=_TL_DTYPE[g.dtype], CT=_TL_DTYPE[g.compute_dtype], PT=pt, MODE=mode, GSAM=gsam,
-                NESTEROV=nesterov, MAXIMIZE=maximize, AMSGRAD=amsgrad, DECOUPLED=decoupled, RNE_BF16=_rne_bf16(g),
-                BLOCK=block, PBLOCK=pblock, num_warps=warps, fit_key=fit_key, **vec,
+            L._launch(
+                K.second_step_kernel, (nprog,), tab, gp.n, hyp_t, scal, gp.blocks, gp.nblk, part, total, total,
+                DT=L._TL_DTYPE[g.dtype], CT=L._TL_DTYPE[g.compute_dtype], PT=pt, MODE=mode, GSAM=gsam,
+                NESTEROV=nesterov, MAXIMIZE=maximize, AMSGRAD=amsgrad, DECOUPLED=decoupled, RNE_BF16=L._rne_bf16(g),
+                BLOCK=gp.block, PBLOCK=pblock, num_warps=warps, fit_key=fit_key, **gp.vec,
             )
-        st.finish()
+        if st is not None:
+            st.finish()
     except BaseException:
         for t, old in saved:
             t.copy_(old)
         for fn in reversed(undo):
             fn()
-        rest = [i for i in range(n) if w_old[i] is not None and id(params[i]) not in st.copies]
+        rest = [i for i in range(n) if w_old[i] is not None and (st is None or id(params[i]) not in st.copies)]
         if rest and params_mutated:
-            torch._foreach_copy_([params[i] for i in rest], [st.current(w_old[i]) for i in rest])  # type: ignore
+            cur = (lambda t: t) if st is None else st.current
+            torch._foreach_copy_([params[i] for i in rest], [cur(w_old[i]) for i in rest])  # type: ignore[misc]
         raise
 
 
@@ -658,23 +480,6 @@ def _traced(probe: Tensor) -> bool:
     """True when something may trace the call (see :func:`fastsam._compat.may_be_traced`), unless
     inside :func:`direct`."""
     return not _DIRECT[0] and may_be_traced(probe)
-
-
-_BUMP_LIST: list[bool | None] = [None]  # does _increment_version take a tuple? (decided on first use)
-
-
-def _bump_versions(tensors: Sequence[Tensor]) -> None:
-    if _BUMP_LIST[0] is not False:
-        try:
-            torch._C._increment_version(tuple(tensors))  # one call for the whole list (torch >= 2.5)
-            _BUMP_LIST[0] = True
-            return
-        except (TypeError, RuntimeError):  # torch 2.4: "increment_version expect a Tensor as input"
-            if _BUMP_LIST[0]:
-                raise
-            _BUMP_LIST[0] = False
-    for t in tensors:  # one tensor per call
-        torch._C._increment_version(t)
 
 
 @contextlib.contextmanager
@@ -712,26 +517,23 @@ def _(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets
 def _second_step_body(
     params: Sequence[Tensor], grads: Sequence[Tensor | None], w_old: Sequence[Tensor | None],
     g_old: Sequence[Tensor | None] | None, s1: Sequence[Tensor | None], s2: Sequence[Tensor | None],
-    s3: Sequence[Tensor | None], steps: Sequence[Tensor | None], hyper: Sequence[float], fresh: Sequence[bool],
+    s3: Sequence[Tensor | None], steps: Sequence[Tensor | None], hyper: tuple, fresh: Sequence[bool],
     mode: int, gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
 ) -> None:
-    """Aligned lists (None = no entry). ``hyper``: the optimizer's raw values, 5 per tensor
-    (SGD: lr, weight_decay, momentum, dampening, -; Adam: lr, beta1, beta2, eps, weight_decay)."""
-    n = len(params)
-    h = [hyper[5 * i:5 * i + 5] for i in range(n)]
-    upd = [g is not None for g in grads]
-
-    def rows(undo: list[Callable[[], None]]) -> list[tuple[float, ...]]:
-        if mode == K.MODE_SGD:
-            return _sgd_rows(n, upd, [x[0] for x in h], [x[1] for x in h], [x[2] for x in h], [x[3] for x in h],
-                             fresh)
-        # Adam: torch increments the step first, then computes the bias corrections from it
-        t = _increment_steps([steps[i] if upd[i] else None for i in range(n)], undo)
-        return _adam_rows(n, [x[0] for x in h], [x[1] for x in h], [x[2] for x in h], [x[3] for x in h],
-                          [x[4] for x in h], t)
-
-    _second_step_impl(params, grads, w_old, g_old, s1, s2, s3, rows, mode=mode, gsam_alpha=gsam_alpha,
+    """Aligned sequences (None = no entry). ``hyper``: the optimizer's raw values as per-tensor
+    columns, each a float for every tensor or one value per tensor (SGD: lr, weight_decay,
+    momentum, dampening; Adam: lr, beta1, beta2, eps, weight_decay)."""
+    if mode == K.MODE_SGD:
+        rows_fn = _sgd_rows_fn(hyper[:4], fresh)
+    else:
+        rows_fn = _adam_rows_fn(hyper[:5], steps)
+    _second_step_impl(params, grads, w_old, g_old, s1, s2, s3, rows_fn, mode=mode, gsam_alpha=gsam_alpha,
                       nesterov=nesterov, maximize=maximize, amsgrad=amsgrad, decoupled=decoupled)
+
+
+def _flat_hyper(hyper: Sequence[float], n: int) -> tuple:
+    """The custom ops' flat hyper list (5 values per tensor) as per-tensor columns."""
+    return tuple(tuple(hyper[5 * i + k] for i in range(n)) for k in range(5))
 
 
 def _second_step_dense(
@@ -747,8 +549,8 @@ def _second_step_dense(
     _second_step_body(params, _scatter(n, grads, grad_idx), _scatter(n, w_old, w_old_idx),
                       _scatter(n, g_old, g_old_idx), _scatter(n, state1, state1_idx),
                       _scatter(n, state2, state2_idx), _scatter(n, state3, state3_idx),
-                      _scatter(n, steps, steps_idx), hyper, fresh, mode, gsam_alpha, nesterov, maximize, amsgrad,
-                      decoupled)
+                      _scatter(n, steps, steps_idx), _flat_hyper(hyper, n), fresh, mode, gsam_alpha, nesterov,
+                      maximize, amsgrad, decoupled)
 
 
 @custom_op("fastsam::sam_second_step", mutates_args=("params", "state1", "state2", "state3", "steps"))
@@ -792,7 +594,7 @@ def _(*args, **kwargs):
 
 def _restore_body(params: Sequence[Tensor], w_old: Sequence[Tensor]) -> None:
     n = len(params)
-    _second_step_impl(params, [None] * n, w_old, None, None, None, None, None, mode=K.MODE_RESTORE,
+    _second_step_impl(params, (None,) * n, w_old, None, None, None, None, None, mode=K.MODE_RESTORE,
                       gsam_alpha=0.0)
 
 
@@ -808,14 +610,14 @@ def _accumulate_body(params: Sequence[Tensor], grads: Sequence[Tensor | None], w
                      acc_in: Sequence[Tensor | None] | None = None) -> None:
     n = len(params)
     row = (float(weight), float(scale))
-    rows = [row + (1.0 if reset[i] else 0.0,) + _ZERO_ROW[3:] if acc[i] is not None else _ZERO_ROW
-            for i in range(n)]
+    rows = [row + (0.0,) + _ZERO_ROW[3:], row + (1.0,) + _ZERO_ROW[3:], _ZERO_ROW]  # add / reset / no acc
+    hrow = [2 if acc[i] is None else (1 if reset[i] else 0) for i in range(n)]
     src = None  # column S_2: the running sums when they are read from other tensors than acc
     if acc_in is not None:
         src = [None if (acc[i] is None or reset[i] or acc_in[i] is acc[i]) else acc_in[i] for i in range(n)]
         if all(t is None for t in src):
             src = None
-    _second_step_impl(params, grads, w_old, g_old, acc, src, None, lambda undo: rows, mode=K.MODE_ACCUM,
+    _second_step_impl(params, grads, w_old, g_old, acc, src, None, _fixed_rows_fn(hrow, rows), mode=K.MODE_ACCUM,
                       gsam_alpha=gsam_alpha)
 
 
@@ -859,7 +661,7 @@ def _(grads, g_old, alpha):
 
 # ------------------------------------------------------------------------------ public API
 @eager_under_compile_on_old_torch
-@torch.no_grad()
+@no_grad
 def sam_perturb_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -885,15 +687,16 @@ def sam_perturb_(
     if not params:
         return torch.ones((), dtype=torch.bool)
     fs = fsam_sigma is not None
-    args = (list(ema or []) if fs else [], list(ema_ready or []) if fs else [], list(g_old or []))
-    outs = (list(ema_out) if fs and ema_out is not None else [],
-            list(ready_out) if fs and ready_out is not None else [])
+    # tuples stay tuples: the launch plans are cached per tuple object
+    args = (ema if fs and ema is not None else (), ema_ready if fs and ema_ready is not None else (),
+            g_old if g_old is not None else ())
+    outs = (ema_out if fs and ema_out is not None else (), ready_out if fs and ready_out is not None else ())
     if _traced(params[0]):
         return torch.ops.fastsam.sam_perturb(
-            list(params), list(grads), list(w_old), *args, [float(r) for r in rhos], [float(e) for e in etas],
-            [bool(a) for a in adaptive], [int(o) for o in offsets], float(p),
+            list(params), list(grads), list(w_old), *map(list, args), [float(r) for r in rhos],
+            [float(e) for e in etas], [bool(a) for a in adaptive], [int(o) for o in offsets], float(p),
             None if fsam_sigma is None else float(fsam_sigma), float(fsam_lambda), float(swp_keep), int(seed),
-            int(step), *outs,
+            int(step), *map(list, outs),
         )
     ok = _perturb_impl(params, grads, w_old, *args, rhos, etas, adaptive, offsets, p, fsam_sigma, fsam_lambda,
                        swp_keep, seed, step, outs[0] or None, outs[1] or None)
@@ -902,7 +705,7 @@ def sam_perturb_(
 
 
 @eager_under_compile_on_old_torch
-@torch.no_grad()
+@no_grad
 def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
     """Triton twin of :func:`fastsam.reference.gsam_combine_` (reduction + combine: 2 launches)."""
     if not grads:
@@ -915,7 +718,7 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
 
 
 @eager_under_compile_on_old_torch
-@torch.no_grad()
+@no_grad
 def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
     """``w <- w_old`` exactly (1 launch per group)."""
     if not params:
@@ -927,16 +730,17 @@ def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
         _bump_versions(params)
 
 
-def _floats(x: float | Sequence[float], n: int, name: str) -> list[float]:
-    if isinstance(x, (int, float)):
-        return [float(x)] * n
-    vals = [float(v) for v in x]
-    if len(vals) != n:
-        raise ValueError(f"{name}: expected a float or {n} values, got {len(vals)}")
-    return vals
+def _floats(x: float | Sequence[float], n: int, name: str) -> float | Sequence[float]:
+    """A float for every tensor, or one value per tensor (checked, kept as the caller's sequence:
+    the plan recognizes a tuple it saw before and reuses its rows)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if len(x) != n:
+        raise ValueError(f"{name}: expected a float or {n} values, got {len(x)}")
+    return x
 
 
-def _second_step_call(params, grads, w_old, g_old, s1, s2, s3, steps, hyper, fresh, *, mode, gsam_alpha,
+def _second_step_call(params, grads, w_old, g_old, s1, s2, s3, steps, hyper: tuple, fresh, *, mode, gsam_alpha,
                       nesterov=False, maximize=False, amsgrad=False, decoupled=False) -> None:
     n = len(params)
     if n == 0:
@@ -951,12 +755,14 @@ def _second_step_call(params, grads, w_old, g_old, s1, s2, s3, steps, hyper, fre
         return
     op = torch.ops.fastsam.sam_second_step_gsam if gsam else torch.ops.fastsam.sam_second_step
     dense = [x for lst in (grads, w_old, g_old if gsam else None, s1, s2, s3, steps) for x in _dense(lst)]
-    op(list(params), *dense, [float(v) for v in hyper], [bool(f) for f in fresh], mode, float(gsam_alpha),
+    cols = (tuple(hyper) + (0.0,) * 5)[:5]
+    flat = [float(c if isinstance(c, (int, float)) else c[i]) for i in range(n) for c in cols]
+    op(list(params), *dense, flat, [bool(f) for f in fresh], mode, float(gsam_alpha),
        bool(nesterov), bool(maximize), bool(amsgrad), bool(decoupled))
 
 
 @eager_under_compile_on_old_torch
-@torch.no_grad()
+@no_grad
 def sam_restore_sgd_(
     params: list[Tensor],
     grads: list[Tensor | None],
@@ -980,26 +786,32 @@ def sam_restore_sgd_(
     n = len(params)
     lrs, wds = _floats(lr, n, "lr"), _floats(weight_decay, n, "weight_decay")
     moms, damps = _floats(momentum, n, "momentum"), _floats(dampening, n, "dampening")
-    fresh = [False] * n
-    bufs: list[Tensor | None] = [None] * n
-    for i in range(n):
-        if grads[i] is None or moms[i] == 0:
-            continue
-        if momentum_buffers[i] is None:
-            bufs[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
-            fresh[i] = True
-        else:
-            bufs[i] = momentum_buffers[i]
-    hyper = [v for i in range(n) for v in (lrs[i], wds[i], moms[i], damps[i], 0.0)]
-    _second_step_call(params, grads, w_old, g_old, bufs, [None] * n, [None] * n, [None] * n, hyper, fresh,
+    fresh: Sequence[bool] = (False,) * n
+    nonzero = (moms != 0) if isinstance(moms, float) else (
+        isinstance(moms, PerGroup) and all(v != 0 for v in moms.values))
+    if nonzero and not any(map(_is_none, momentum_buffers)) and not any(map(_is_none, grads)):
+        bufs: Sequence[Tensor | None] = momentum_buffers  # the usual step: every buffer exists
+    else:
+        mom_of = (lambda i: moms) if isinstance(moms, float) else (lambda i: moms[i])  # type: ignore[index]
+        fresh = [False] * n
+        bufs = [None] * n
+        for i in range(n):
+            if grads[i] is None or mom_of(i) == 0:
+                continue
+            if momentum_buffers[i] is None:
+                bufs[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)  # type: ignore[index]
+                fresh[i] = True  # type: ignore[index]
+            else:
+                bufs[i] = momentum_buffers[i]  # type: ignore[index]
+    _second_step_call(params, grads, w_old, g_old, bufs, None, None, None, (lrs, wds, moms, damps), fresh,
                       mode=K.MODE_SGD, gsam_alpha=gsam_alpha, nesterov=nesterov, maximize=maximize)
-    for i in range(n):  # handed over once the op succeeded (an exception leaves the list as it was)
+    for i in range(n) if any(fresh) else ():  # handed over once the op succeeded (an exception changes nothing)
         if fresh[i]:
             momentum_buffers[i] = bufs[i]
 
 
 @eager_under_compile_on_old_torch
-@torch.no_grad()
+@no_grad
 def sam_restore_adam_(
     params: list[Tensor],
     grads: list[Tensor | None],
@@ -1023,21 +835,21 @@ def sam_restore_adam_(
     """Triton twin of :func:`fastsam.reference.sam_restore_adam_`: one K3 launch per group (GSAM +1).
 
     ``steps`` are 0-dim tensors (torch keeps them on the CPU, so reading them is no device
-    sync); they are incremented in place and the bias corrections go into the per-tensor table.
+    sync); they are incremented in place (one op when they are views of one buffer, as
+    fastsam.SAM keeps them) and the bias corrections go into the hyper-parameter rows.
     """
     n = len(params)
-    lrs, b1s, b2s = _floats(lr, n, "lr"), _floats(beta1, n, "beta1"), _floats(beta2, n, "beta2")
-    epss, wds = _floats(eps, n, "eps"), _floats(weight_decay, n, "weight_decay")
+    cols = (_floats(lr, n, "lr"), _floats(beta1, n, "beta1"), _floats(beta2, n, "beta2"), _floats(eps, n, "eps"),
+            _floats(weight_decay, n, "weight_decay"))
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
-    hyper = [x for i in range(n) for x in (lrs[i], b1s[i], b2s[i], epss[i], wds[i])]
     _second_step_call(params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
-                      steps, hyper, [False] * n, mode=K.MODE_ADAM, gsam_alpha=gsam_alpha, maximize=maximize,
+                      steps, cols, (False,) * n, mode=K.MODE_ADAM, gsam_alpha=gsam_alpha, maximize=maximize,
                       amsgrad=amsgrad, decoupled=decoupled_weight_decay)
 
 
 @eager_under_compile_on_old_torch
-@torch.no_grad()
+@no_grad
 def sam_restore_accumulate_(
     params: list[Tensor],
     grads: list[Tensor | None],

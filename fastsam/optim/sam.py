@@ -7,10 +7,11 @@ The class validates, keeps state and dispatches; the math lives in the backends 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import operator
 import warnings
-import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -18,11 +19,14 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .._compat import no_grad
+from .._sequences import TRUSTED_PTRS, PerGroup, Tensors
 from .._validate import check_bool, check_int, check_param_tensor, check_real, overlapping_pair
 from ..functional import BACKENDS
 from ._fused import fused_second_step
 
 _GROUP_KEYS = ("rho", "adaptive", "eta")
+_UNMARKED = ("unmarked",)  # _grad_marks after a step that did not record its gradients
 
 # The step methods mutate Python attributes of the optimizer (_perturbed, _sam_step, ...). Inside
 # a torch.compile'd function, dynamo (torch 2.13) drops attribute writes made on an Optimizer
@@ -36,7 +40,10 @@ _eager = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 
 _shape_of = operator.attrgetter("shape")
 _grad_of = operator.attrgetter("grad")
+_is_none = functools.partial(operator.is_, None)
 _dtype_of = operator.attrgetter("dtype")
+_is_sparse = operator.attrgetter("is_sparse")
+_version_of = operator.attrgetter("_version")
 
 
 def _check_group_options(group: dict[str, Any], where: str = "") -> None:
@@ -61,18 +68,90 @@ class _Txn:
 
     __slots__ = ("outer", "ema_old", "acc_old", "acc_live0", "base_len0", "created", "updated", "params", "grads0")
 
-    def __init__(self, opt: SAM, outer: bool) -> None:
+    def __init__(self, opt: SAM, outer: bool, params: list[Tensor] | None = None,
+                 grads: list[Tensor | None] | None = None) -> None:
         self.outer = outer
         # the gradients at the start (references: zero_grad and backward replace .grad, they do
         # not write into it), put back by a rollback so that a failed call leaves .grad as it was
-        self.params = opt._all_params()
-        self.grads0 = list(map(_grad_of, self.params))
+        self.params = opt._all_params() if params is None else params
+        self.grads0 = list(map(_grad_of, self.params)) if grads is None else grads
         self.ema_old: dict[Tensor, tuple[Tensor, Tensor] | None] = {}  # param -> (ema, ready) before the step
         self.acc_old: dict[Tensor, Tensor | None] = {}  # param -> committed partial sum before the step
         self.acc_live0: set[int] | None = None  # the set of live partial sums before the step
         self.base_len0 = len(opt.base_optimizer.state)
         self.created: list[Tensor] = []  # params whose base state this step created (fused path)
         self.updated = False  # the base optimizer stepped: the step counter moves at commit
+
+
+class _Layout:
+    """The perturbed set P of a step and what depends only on which parameters it holds: kept per
+    (parameter addresses, which parameters have a gradient, which groups perturb), so that a step
+    does no per-tensor Python (the fused backends cache their launch plans on these tuples)."""
+
+    __slots__ = ("key", "params", "idx", "pick", "w_old", "g_old", "offsets", "group_of", "groups", "shapes",
+                 "dtypes", "ptrs", "interned", "check_sparse", "__weakref__")
+
+    def __init__(self, opt: SAM, key: tuple, params_all: list[Tensor], grads: list[Tensor | None]) -> None:
+        self.key = key
+        idx: list[int] = []
+        group_of: list[int] = []
+        used: dict[int, int] = {}  # param group index -> position among the perturbing groups
+        offsets: list[int] = []
+        k = offset = 0
+        for gi, group in enumerate(opt.param_groups):
+            rho = group["rho"]
+            for w in group["params"]:
+                g = grads[k]
+                if g is not None and rho > 0:
+                    idx.append(k)
+                    group_of.append(used.setdefault(gi, len(used)))
+                    offsets.append(offset)
+                offset += w.numel()
+                k += 1
+        self.idx = None if len(idx) == len(params_all) else tuple(idx)
+        # the gradients of P from the list of every parameter's gradient (one C-level call)
+        if self.idx is None:
+            self.pick = tuple
+        elif len(idx) == 1:
+            self.pick = lambda gs, _i=idx[0]: (gs[_i],)
+        elif not idx:
+            self.pick = lambda gs: ()
+        else:
+            self.pick = operator.itemgetter(*idx)
+        self.params = Tensors(params_all[i] for i in idx)
+        self.group_of = tuple(group_of)
+        self.groups = tuple(used)
+        self.offsets = tuple(offsets)
+        self.w_old = tuple(opt._buffer(w, "w_old") for w in self.params)
+        self.g_old = tuple(opt._buffer(w, "g_old") for w in self.params) if opt.gsam_alpha > 0 else None
+        self.shapes = list(map(_shape_of, self.params))
+        self.dtypes = list(map(_dtype_of, self.params))
+        self.ptrs = self.pick(opt._layout_key)  # the addresses P had when the layout was made
+        self.interned: dict[tuple, tuple] = {}
+        self.check_sparse = True
+
+    def trust(self, all_ptrs: tuple[int, ...]) -> None:
+        """Hand the addresses just read for every parameter to the next op on ``params`` (the
+        Triton launcher then does not read them again; see fastsam.kernels.triton_plan)."""
+        self.params.__dict__[TRUSTED_PTRS] = self.pick(all_ptrs)
+
+    def untrust(self) -> None:
+        self.params.__dict__.pop(TRUSTED_PTRS, None)
+
+    def column(self, groups: list[dict[str, Any]], key: str) -> PerGroup:
+        """A per-tensor column of the perturbing groups' current ``key`` values."""
+        return PerGroup(tuple(groups[gi][key] for gi in self.groups), self.group_of)
+
+    def intern(self, tensors: list[Tensor]) -> tuple[Tensor, ...]:
+        """The same tuple object for the same tensors (F-SAM's two alternating buffer sets), so
+        that the backends' cached launch plans are found again."""
+        ids = tuple(map(id, tensors))
+        t = self.interned.get(ids)
+        if t is None:
+            if len(self.interned) >= 4:  # two buffer sets in use; older ones were replaced
+                self.interned.clear()
+            t = self.interned[ids] = tuple(tensors)
+        return t
 
 
 class SAM(torch.optim.Optimizer):
@@ -200,12 +279,15 @@ class SAM(torch.optim.Optimizer):
     def _init_transient(self) -> None:
         """Everything that is not saved: buffers of the open step, caches, the open transaction."""
         self._sam_step = 0  # completed steps (base updates through SAM): the ESAM mask key
-        self._perturbed: list[Tensor] | None = None  # the tensors perturbed by the open first step
-        self._perturbed_sig: tuple[list[Any], list[Any]] | None = None  # their shapes and dtypes
+        self._perturbed: tuple[Tensor, ...] | None = None  # the tensors perturbed by the open first step
+        self._layout: _Layout | None = None  # ... and their layout (saved w, ...)
+        self._layouts: OrderedDict[tuple, _Layout] = OrderedDict()  # recent layouts (a few: P may vary)
+        self._fused_plans: OrderedDict[tuple, Any] = OrderedDict()  # fastsam.optim._fused plans
+        self._closure_used = False  # step(closure) tracks which gradients are fresh from then on
         self._perturb_ok: Tensor | None = None
         # transient per-parameter buffers (w_old, g_old, partial sums, spare EMA buffers), never saved
         self._scratch: dict[Tensor, dict[str, Tensor]] = {}
-        self._grad_marks: list[tuple[Tensor, Any]] | None = None
+        self._grad_marks: tuple[list[Tensor], list[int], list[int | None]] | None = None
         # ids of the parameters whose scratch "acc" buffer holds a partial sum (see accumulate())
         self._acc_live: set[int] = set()
         self._txn: _Txn | None = None
@@ -274,16 +356,19 @@ class SAM(torch.optim.Optimizer):
         self._check_params()
 
     def _all_params(self) -> list[Tensor]:
-        return [w for g in self.param_groups for w in g["params"]]
+        return list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
 
-    def _check_params(self) -> None:
+    def _check_params(self) -> list[Tensor]:
         """Real floating-point parameters with storage, and no two of them over the same memory
         (two Parameters of one storage would be perturbed twice and could not be restored).
-        The aliasing scan runs when the parameters' addresses changed since it last passed."""
+        The aliasing scan runs when the parameters' addresses changed since it last passed.
+        Returns every parameter, in group order."""
         params = self._all_params()
         key = tuple(map(Tensor.data_ptr, params))
         if key == self._layout_key:
-            return
+            return params
+        self._layouts.clear()
+        self._fused_plans.clear()
         for i, w in enumerate(params):
             check_param_tensor(w, f"params[{i}]")
         pair = overlapping_pair(params)
@@ -296,6 +381,29 @@ class SAM(torch.optim.Optimizer):
                 "places (e.g. decoder.weight = encoder.weight)"
             )
         self._layout_key = key
+        return params
+
+    def _layout_for(self, params: list[Tensor], grads: list[Tensor | None]) -> _Layout:
+        """The layout of this step's P (cached: the same parameters with gradients in the same
+        perturbing groups give the same object, and with it the backends' cached plans)."""
+        groups = self.param_groups
+        # (the layouts are dropped whenever the parameters' addresses change: see _check_params)
+        key = (tuple(map(_is_none, grads)), tuple(g["rho"] > 0 for g in groups),
+               tuple(len(g["params"]) for g in groups))
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = _Layout(self, key, params, grads)
+            if any(map(_is_sparse, lay.pick(grads))):
+                raise ValueError("SAM does not support sparse gradients (params: a parameter has one)")
+            # the Triton launcher reports a sparse gradient itself (it reads every gradient's layout
+            # anyway): the per-step scan is left to it; the other backends get it here
+            lay.check_sparse = F.resolve_backend(self.backend, params[0].device if params else None) != "triton"
+            self._layouts[key] = lay
+            while len(self._layouts) > 4:  # P changes with frozen parts, rho = 0 groups, no-grad layers
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return lay
 
     def _own(self) -> None:
         """Step methods run on the SAM object itself: a framework wrapper that subclasses it with a
@@ -308,10 +416,11 @@ class SAM(torch.optim.Optimizer):
             )
 
     # ------------------------------------------------------------------ transactions
-    def _begin(self, outer: bool = False) -> _Txn:
+    def _begin(self, outer: bool = False, params: list[Tensor] | None = None,
+               grads: list[Tensor | None] | None = None) -> _Txn:
         txn = self._txn
         if txn is None:
-            txn = self._txn = _Txn(self, outer)
+            txn = self._txn = _Txn(self, outer, params, grads)
         return txn
 
     @contextlib.contextmanager
@@ -394,28 +503,6 @@ class SAM(torch.optim.Optimizer):
         self._perturb_ok = None
 
     # ------------------------------------------------------------------ the step
-    def _collect(self) -> tuple[list[Tensor], list[Tensor], list[float], list[float], list[bool], list[int]]:
-        """The perturbed set P with its per-tensor options and global element offsets (group
-        options validated here: a scheduler or user code may have written them)."""
-        params, grads, rhos, etas, adaptive, offsets = [], [], [], [], [], []
-        offset = 0
-        for gi, group in enumerate(self.param_groups):
-            _check_group_options(group, str(gi))
-            rho = group["rho"]
-            for w in group["params"]:
-                g = w.grad
-                if g is not None and rho > 0:
-                    if g.is_sparse:
-                        raise ValueError("SAM does not support sparse gradients (params: a parameter has one)")
-                    params.append(w)
-                    grads.append(g)
-                    rhos.append(float(rho))
-                    etas.append(float(group["eta"]))
-                    adaptive.append(bool(group["adaptive"]))
-                    offsets.append(offset)
-                offset += w.numel()
-        return params, grads, rhos, etas, adaptive, offsets
-
     def _buffer(self, w: Tensor, name: str) -> Tensor:
         bufs = self._scratch.setdefault(w, {})
         buf = bufs.get(name)
@@ -424,41 +511,48 @@ class SAM(torch.optim.Optimizer):
             bufs[name] = buf
         return buf
 
-    def _fsam_lists(self, params: list[Tensor], txn: _Txn) -> tuple[list[Tensor], list[Tensor], list[Tensor],
-                                                                      list[Tensor], list[Tensor]]:
+    def _fsam_lists(self, lay: _Layout, txn: _Txn) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...],
+                                                            tuple[Tensor, ...], tuple[Tensor, ...], list[Tensor]]:
         """F-SAM inputs and outputs of a first step: a tensor's first write in a step goes to a
-        spare buffer (its committed EMA is kept for a rollback), later ones in place."""
+        spare buffer (its committed EMA is kept for a rollback), later ones in place. The lists
+        come back as the layout's interned tuples (the same objects while the buffers are)."""
         ema, ready, ema_out, ready_out, forked = [], [], [], [], []
-        for w in params:
-            st = self.state[w]
+        state, scratch, ema_old = self.state, self._scratch, txn.ema_old
+        for w in lay.params:
+            st = state[w]
             if "fsam_ema" not in st:  # created now (zeros, not ready): part of the step
                 st["fsam_ema"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 st["fsam_ready"] = torch.zeros((), dtype=torch.float32, device=w.device)
-                txn.ema_old.setdefault(w, None)
+                ema_old.setdefault(w, None)
             m, r = st["fsam_ema"], st["fsam_ready"]
             ema.append(m)
             ready.append(r)
-            if w in txn.ema_old and txn.ema_old[w] is not None:  # already written in this step
+            if ema_old.get(w) is not None:  # already written in this step
                 ema_out.append(m)
                 ready_out.append(r)
             else:
                 ema_out.append(self._buffer(w, "ema_spare"))
-                sc = self._scratch[w]
+                sc = scratch[w]
                 rs = sc.get("ready_spare")
                 if rs is None or rs.device != w.device:
                     rs = sc["ready_spare"] = torch.zeros((), dtype=torch.float32, device=w.device)
                 ready_out.append(rs)
                 forked.append(w)
-        return ema, ready, ema_out, ready_out, forked
+        return lay.intern(ema), lay.intern(ready), lay.intern(ema_out), lay.intern(ready_out), forked
 
-    def _check_shapes_unchanged(self) -> None:
+    def _check_shapes_unchanged(self) -> tuple[int, ...]:
         """The perturbed parameters still have the shapes and dtypes of their saved ``w``: a
         ``p.data`` replaced by another shape would get ``w`` broadcast into it."""
-        params = self._perturbed
-        assert params is not None and self._perturbed_sig is not None
-        shapes, dtypes = self._perturbed_sig
-        if list(map(_shape_of, params)) == shapes and list(map(_dtype_of, params)) == dtypes:
-            return
+        lay = self._layout
+        assert lay is not None
+        params = lay.params
+        ptrs = tuple(map(Tensor.data_ptr, params))
+        if ptrs == lay.ptrs:  # the same storages (a same-size view would keep its address: shapes checked too
+            # when the addresses moved, which is what p.data = ... does)
+            return ptrs
+        if list(map(_shape_of, params)) == lay.shapes and list(map(_dtype_of, params)) == lay.dtypes:
+            return ptrs
+        shapes, dtypes = lay.shapes, lay.dtypes
         idx = next(i for i, w in enumerate(params) if w.shape != shapes[i] or w.dtype != dtypes[i])
         w = params[idx]
         raise RuntimeError(
@@ -470,16 +564,19 @@ class SAM(torch.optim.Optimizer):
 
     def _restore_weights(self) -> None:
         """``w <- w_old`` for the perturbed tensors (no GSAM, no state change)."""
-        params = self._perturbed
-        if params is None:
+        lay = self._layout
+        if lay is None:
             return
         self._check_shapes_unchanged()
-        F.sam_restore_(params, [self._scratch[w]["w_old"] for w in params], backend=self.backend)
-        self._perturbed = None
-        self._perturbed_sig = None
+        F.sam_restore_(lay.params, lay.w_old, backend=self.backend)
+        self._set_perturbed(None)
+
+    def _set_perturbed(self, lay: _Layout | None) -> None:
+        self._layout = lay
+        self._perturbed = None if lay is None else lay.params
 
     @_eager
-    @torch.no_grad()
+    @no_grad
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb: ``w_old <- w``, ``w <- w + e(g)`` on every parameter of P (see class doc).
 
@@ -492,24 +589,34 @@ class SAM(torch.optim.Optimizer):
                 "first_step() called twice: the weights are still perturbed; call second_step() "
                 "(or restore()) before the next first_step()"
             )
-        txn = self._begin()
+        params = self._check_params()
+        ptrs = self._layout_key  # every parameter's address, read by _check_params just now
+        grads = list(map(_grad_of, params))
+        txn = self._begin(params=params, grads=grads)
         try:
-            self._check_params()
-            params, grads, rhos, etas, adaptive, offsets = self._collect()
-            w_old = [self._buffer(w, "w_old") for w in params]
-            g_old = [self._buffer(w, "g_old") for w in params] if self.gsam_alpha > 0 else None
+            groups = self.param_groups
+            for gi, group in enumerate(groups):  # a scheduler or user code may have written them
+                _check_group_options(group, str(gi))
+            lay = self._layout_for(params, grads)
+            pgrads = lay.pick(grads)
+            if lay.check_sparse and any(map(_is_sparse, pgrads)):
+                raise ValueError("SAM does not support sparse gradients (params: a parameter has one)")
             ema = ready = ema_out = ready_out = None
             forked: list[Tensor] = []
             if self.fsam_sigma is not None:
-                ema, ready, ema_out, ready_out, forked = self._fsam_lists(params, txn)
-            ok = F.sam_perturb_(
-                params, grads, w_old, ema, ready, g_old, rhos, etas, adaptive, offsets,
-                p=self.p, fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda,
-                swp_keep=self.swp_keep, seed=self.seed, step=self._sam_step,
-                ema_out=ema_out, ready_out=ready_out, backend=self.backend,
-            )
-            self._perturbed = params
-            self._perturbed_sig = (list(map(_shape_of, params)), list(map(_dtype_of, params)))
+                ema, ready, ema_out, ready_out, forked = self._fsam_lists(lay, txn)
+            lay.trust(ptrs)
+            try:
+                ok = F.sam_perturb_(
+                    lay.params, pgrads, lay.w_old, ema, ready, lay.g_old, lay.column(groups, "rho"),
+                    lay.column(groups, "eta"), lay.column(groups, "adaptive"), lay.offsets,
+                    p=self.p, fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda,
+                    swp_keep=self.swp_keep, seed=self.seed, step=self._sam_step,
+                    ema_out=ema_out, ready_out=ready_out, backend=self.backend,
+                )
+            finally:
+                lay.untrust()
+            self._set_perturbed(lay)
             self._perturb_ok = ok
             for w in forked:  # the new EMA and flags become current; the replaced ones are kept
                 st, sc = self.state[w], self._scratch[w]
@@ -526,7 +633,7 @@ class SAM(torch.optim.Optimizer):
             raise
 
     @_eager
-    @torch.no_grad()
+    @no_grad
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` exactly, apply GSAM if enabled, then run the base optimizer step.
 
@@ -539,38 +646,40 @@ class SAM(torch.optim.Optimizer):
                 "second_step() called without a matching first_step(): compute the gradient at w, "
                 "call first_step(), compute the gradient at the perturbed point, then second_step()"
             )
-        self._check_shapes_unchanged()  # before anything: the step stays open, w kept
+        ptrs = self._check_shapes_unchanged()  # before anything: the step stays open, w kept
         txn = self._begin()
+        params = self._all_params()
+        grads = list(map(_grad_of, params))
         try:
-            if fused_second_step(self, self._perturbed, txn):
-                self._perturbed = None
-                self._perturbed_sig = None
+            if fused_second_step(self, self._layout, txn, params, grads, ptrs):
+                self._set_perturbed(None)
             else:
                 self._restore_and_combine()
                 self.base_optimizer.step()
+                grads = None  # the base optimizer's step may have replaced them
             txn.updated = True
         except BaseException:
             self._fail_call(txn)
             raise
         self._end_call(txn)
-        self._after_base_step()
+        self._after_base_step(params, grads)
         if zero_grad:
             self.zero_grad()
 
     def _restore_and_combine(self) -> None:
         """Weights back to ``w`` and, with GSAM, ``.grad`` replaced by the combined gradient."""
-        params = self._perturbed
-        if params is None:
+        lay = self._layout
+        if lay is None:
             return
         self._restore_weights()
-        if self.gsam_alpha > 0:
-            pairs = [(w.grad, self._scratch[w]["g_old"]) for w in params if w.grad is not None]
+        if self.gsam_alpha > 0 and lay.g_old is not None:
+            pairs = [(w.grad, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
             if pairs:
                 gs, go = (list(t) for t in zip(*pairs))
                 F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
 
     @_eager
-    @torch.no_grad()
+    @no_grad
     def restore(self, apply_gsam: bool = False) -> None:
         """Put the weights back to ``w_old`` (bit-exact) without a base step.
 
@@ -602,7 +711,7 @@ class SAM(torch.optim.Optimizer):
             raise
 
     @_eager
-    @torch.no_grad()
+    @no_grad
     def accumulate(self, weight: float = 1.0, *, scale: float = 1.0) -> None:
         r"""Restore ``w`` (when perturbed), GSAM-combine the gradient in ``.grad`` (when perturbed
         and ``gsam_alpha > 0``) and add it into per-parameter accumulation buffers, in one pass
@@ -627,7 +736,8 @@ class SAM(torch.optim.Optimizer):
             self._check_shapes_unchanged()
         txn = self._begin()
         try:
-            perturbed = {id(w) for w in self._perturbed} if self._perturbed is not None else set()
+            lay = self._layout
+            perturbed = {} if lay is None else {id(w): i for i, w in enumerate(lay.params)}
             live = self._acc_live
             params: list[Tensor] = []
             grads: list[Tensor | None] = []
@@ -649,8 +759,8 @@ class SAM(torch.optim.Optimizer):
                         raise ValueError("accumulate() does not support sparse gradients (params: a parameter has one)")
                     params.append(w)
                     grads.append(g)
-                    w_old.append(self._scratch[w]["w_old"] if in_p else None)
-                    g_old.append(self._scratch[w]["g_old"] if in_p and gsam else None)
+                    w_old.append(lay.w_old[perturbed[id(w)]] if in_p else None)  # type: ignore[union-attr]
+                    g_old.append(lay.g_old[perturbed[id(w)]] if in_p and gsam else None)  # type: ignore[union-attr,index]
                     reset.append(not is_live)
                     if g is None and not is_live:
                         acc.append(None)
@@ -670,8 +780,7 @@ class SAM(torch.optim.Optimizer):
                     scale=float(scale), gsam_alpha=self.gsam_alpha if gsam else 0.0, acc_in=acc_in,
                     backend=self.backend,
                 )
-            self._perturbed = None
-            self._perturbed_sig = None
+            self._set_perturbed(None)
             if txn.acc_live0 is None:
                 txn.acc_live0 = set(live)
             for w, a in zip(params, acc):
@@ -721,7 +830,7 @@ class SAM(torch.optim.Optimizer):
         return bool(self._acc_live)
 
     @_eager
-    @torch.no_grad()
+    @no_grad
     def base_step(self) -> None:
         """Run the base optimizer on the gradients in ``.grad`` (weights must be unperturbed).
 
@@ -736,7 +845,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
         txn = self._begin()
         try:
-            if not fused_second_step(self, [], txn):
+            if not fused_second_step(self, None, txn):
                 self.base_optimizer.step()
             txn.updated = True
         except BaseException:
@@ -745,9 +854,12 @@ class SAM(torch.optim.Optimizer):
         self._end_call(txn)
         self._after_base_step()
 
-    def _after_base_step(self) -> None:
+    def _after_base_step(self, params: list[Tensor] | None = None, grads: list[Tensor | None] | None = None) -> None:
         self._opt_called = True  # tells torch's LR schedulers that an optimizer step happened
-        self._mark_grads()
+        if self._closure_used:
+            self._mark_grads(params, grads)
+        else:  # only step(closure) reads the marks: an optimizer that never used it saves the passes
+            self._grad_marks = _UNMARKED
 
     @property
     def is_perturbed(self) -> bool:
@@ -791,23 +903,40 @@ class SAM(torch.optim.Optimizer):
             else:
                 self.restore()
 
-    def _mark_grads(self) -> None:
-        """Remember which gradient tensors are "stale" (already used by a SAM step)."""
-        self._grad_marks = [
-            (w, None if w.grad is None else (weakref.ref(w.grad), w.grad._version))
-            for g in self.param_groups for w in g["params"]
-        ]
+    def _mark_grads(self, params: list[Tensor] | None = None, grads: list[Tensor | None] | None = None) -> None:
+        """Remember which gradient tensors are "stale" (already used by a SAM step): their ids and
+        version counters (C-level passes). An id reused by a new gradient can only make a fresh
+        gradient look stale, which costs step(closure) one more closure call, never a stale
+        gradient look fresh (the marked tensor itself would have to change)."""
+        if params is None or grads is None:
+            params = self._all_params()
+            grads = list(map(_grad_of, params))
+        if any(map(_is_none, grads)):
+            versions = [None if g is None else g._version for g in grads]
+        else:
+            versions = list(map(_version_of, grads))
+        self._grad_marks = (params, list(map(id, grads)), versions)
 
     def _has_fresh_grads(self) -> bool:
         """True if some parameter got a gradient since the last second_step / zero_grad."""
-        marks = self._grad_marks
-        if marks is None:
-            return any(w.grad is not None for g in self.param_groups for w in g["params"])
-        for w, mark in marks:
+        params = self._all_params()
+        marked = self._grad_marks
+        if marked is _UNMARKED:  # a step made without step(closure), which left its gradients in place
+            present = any(w.grad is not None for w in params)
+            if present:
+                warnings.warn(
+                    "SAM.step(closure) after a step made with first_step()/second_step() that left its gradients "
+                    "in place: they are taken as this step's first-pass gradient (as after loss.backward()). If they "
+                    "are the previous step's, call opt.zero_grad() (or second_step(zero_grad=True)) after each step",
+                    stacklevel=3)
+            return present
+        if marked is None or len(marked[0]) != len(params) or not all(map(operator.is_, marked[0], params)):
+            return any(w.grad is not None for w in params)
+        for w, gid, version in zip(params, marked[1], marked[2]):
             grad = w.grad
             if grad is None:
                 continue
-            if mark is None or mark[0]() is not grad or mark[1] != grad._version:
+            if id(grad) != gid or grad._version != version:
                 return True
         return False
 
@@ -833,6 +962,7 @@ class SAM(torch.optim.Optimizer):
         if not callable(closure):
             raise ValueError(f"closure must be callable (forward + backward returning the loss), got {closure!r}")
         self._own()
+        self._closure_used = True  # from now on every step records which gradients it used
         from ..integrations._wrappers import lightning_closure_problem  # stdlib + torch only
 
         problem = lightning_closure_problem(closure)
@@ -852,12 +982,12 @@ class SAM(torch.optim.Optimizer):
         """``torch.optim.Optimizer.zero_grad``; with ``set_to_none`` (the default) it runs no tensor op
         (not even the profiler marker), so it cannot fail inside a step that must not."""
         if set_to_none:
-            for g in self.param_groups:
-                for w in g["params"]:
-                    w.grad = None
+            for w in self._all_params():
+                w.grad = None
+            self._grad_marks = None  # none left: any gradient present later is fresh
         else:
             super().zero_grad(set_to_none=False)
-        self._mark_grads()
+            self._mark_grads()
 
     # ------------------------------------------------------------------ checkpoints
     def _check_no_open_step(self, what: str) -> None:
@@ -1060,7 +1190,8 @@ class SAM(torch.optim.Optimizer):
         d["_scratch"] = {w: {"acc": sc["acc"]} for w, sc in self._scratch.items() if "acc" in sc and id(w) in
                          self._acc_live}
         d["_acc_live_params"] = [w for g in self.param_groups for w in g["params"] if id(w) in self._acc_live]
-        for k in ("_acc_live", "_grad_marks", "_layout_key", "_perturb_ok"):
+        for k in ("_acc_live", "_grad_marks", "_layout_key", "_perturb_ok", "_layouts", "_fused_plans", "_layout",
+                  "_perturbed"):
             d.pop(k, None)
         return d
 
@@ -1071,6 +1202,10 @@ class SAM(torch.optim.Optimizer):
         self._grad_marks = None
         self._layout_key = None
         self._perturb_ok = None
+        self._layouts = OrderedDict()
+        self._fused_plans = OrderedDict()
+        self._layout = None
+        self._perturbed = None
         self.__dict__.setdefault("_txn", None)
         # torch.optim.Optimizer keeps these; re-created as its own __setstate__ would
         self.__dict__.setdefault("_optimizer_step_pre_hooks", {})
