@@ -53,6 +53,9 @@ def _rows(logits: Tensor, target: Tensor, ignore_index: int):
     """(z in compute dtype, safe class index [B] int64, kept-row mask, in-range mask)."""
     z = logits.to(_compute_dtype(logits.dtype))
     C = z.shape[1]
+    # int64 before comparing: torch compares an int32 tensor with a Python int outside the int32
+    # range after wrapping it (int32 target != 2**40 is False where the target is 0)
+    target = target.long()
     keep = target != ignore_index
     in_range = (target >= 0) & (target < C)
     y = torch.where(in_range, target, torch.zeros_like(target)).long()
@@ -78,7 +81,7 @@ def reduce_rows(rows: Tensor, target: Tensor, ignore_index: int, reduction: str)
     total = rows.sum()
     if reduction == "sum":
         return total
-    n = (target != ignore_index).sum()
+    n = (target.long() != ignore_index).sum()  # int64: see _rows
     mean = total / n.clamp(min=1).to(total.dtype)
     return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
 
@@ -97,12 +100,26 @@ def obf_strength(p_y: Tensor, gamma: float, lam: float) -> Tensor:
     return gamma * torch.clamp((1.0 - r) / (1.0 - lam), min=0.0)
 
 
-def _bce_with_logits(z: Tensor, t: Tensor) -> Tensor:
-    """Elementwise ``-(t log sigmoid(z) + (1 - t) log(1 - sigmoid(z)))`` as
-    ``max(z, 0) - t z + log1p(exp(-|z|))``, with ``t z = 0`` where ``t = 0``: at ``z = -inf``
-    ``F.binary_cross_entropy_with_logits`` computes ``-inf * 0 = NaN`` there."""
-    tz = torch.where(t != 0, t * z, torch.zeros_like(z))
-    return torch.clamp(z, min=0.0) - tz + torch.log1p(torch.exp(-z.abs()))
+def _logsumexp(x: Tensor) -> Tensor:
+    """``logsumexp`` over dim 1 whose autograd gradient is ``softmax(x)`` at any magnitude.
+
+    ``torch.logsumexp``'s backward is ``exp(x - lse)``, and at large logits ``lse`` is rounded
+    to a multiple of ``ulp(max x)``: at x = [3e38, 3e38] the lse is 3e38 (log 2 is far below
+    its ulp) and the gradient [1, 1] instead of [0.5, 0.5]. Shifting by the detached row max
+    ``m`` (the function does not depend on it) makes autograd see ``exp(x - m) / sum``.
+    """
+    m = x.detach().amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # as torch.logsumexp does
+    return (m + torch.log(torch.exp(x - m).sum(1, keepdim=True))).squeeze(1)
+
+
+def _softplus(z: Tensor) -> Tensor:
+    """``log(1 + exp(z))`` with an exact gradient everywhere: autograd of ``logaddexp(0, z)`` is
+    ``1 / (1 + exp(-z))``, so 0.5 at ``z = 0`` and 0 (not NaN) at ``z = -inf``. (The textbook
+    ``max(z, 0) + log1p(exp(-|z|))`` differentiates to 1 + 0 at ``z = 0``: the one-sided
+    derivatives of ``max`` and ``|z|`` that autograd picks do not add up to the true 0.5.
+    ``F.softplus`` is linear above ``z = 20``, off by up to 2e-9 in float64.)"""
+    return torch.logaddexp(torch.zeros_like(z), z)
 
 
 def obf_loss_reference(
@@ -120,25 +137,36 @@ def obf_loss_reference(
     ``L`` is the cross-entropy (sigmoid: the sum over classes of binary cross-entropy with
     per-class targets onehot(y), resp. 1/C). ``lam`` defaults to ``1/C``.
     Returns ``[B]`` for ``reduction="none"``, else a scalar.
+
+    Computed as eq. 15 with the cross-entropies written out, ``N = logsumexp(z)`` (softmax) or
+    ``N = sum_j softplus(z_j)`` (sigmoid: ``BCE(t, z) = softplus(z) - t z``)::
+
+        L(y) = N - z_y,   L(U) = N - mean_j z_j,   value = mean_j z_j - a N - (1 - a) z_y
+
+    The same number, but no term is larger than the logits: ``L(y)`` and ``L(U)`` alone overflow
+    for finite logits (z = [3e38, -3e38, ...]: ``log_softmax`` is -inf, the value came out -inf
+    or NaN), and the value's autograd gradient is eq. 16, ``U - a p - (1 - a) onehot(y)``,
+    at every finite logit (``d N / d z = p``). A -inf logit (masked class) gives value -inf and
+    no NaN in the gradient; a -inf target logit makes ``L(y) - L(U)`` inf - inf (NaN), as in the
+    kernels.
     """
     z, y, keep, in_range = _rows(logits, target, ignore_index)
     C = z.shape[1]
     lam = 1.0 / C if lam is None else float(lam)
-    onehot = F.one_hot(y, C).to(z.dtype)
-    uniform = torch.full_like(z, 1.0 / C)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    mean_z = (z / C).sum(1)  # not z.mean(1): sum(z) overflows for two logits of 3e38
     if sigmoid:
-        p = torch.sigmoid(z)
-        L_y = _bce_with_logits(z, onehot).sum(1)
-        L_U = _bce_with_logits(z, uniform).sum(1)
+        sp = _softplus(z)
+        p_y = torch.sigmoid(z_y).detach()
+        a = obf_strength(p_y, gamma, lam)
+        # a N as sum_j a softplus(z_j): with a = 0 an infinite N must not give 0 * inf = NaN
+        aN = (a[:, None] * sp).sum(1)
     else:
-        log_p = torch.log_softmax(z, dim=1)
-        p = log_p.exp()
-        # gathered, not onehot * log_p: a -inf logit elsewhere has log_p = -inf and 0 * -inf = NaN
-        L_y = -log_p.gather(1, y[:, None]).squeeze(1)
-        L_U = -(uniform * log_p).sum(1)
-    p_y = p.gather(1, y[:, None]).squeeze(1).detach()
-    a = obf_strength(p_y, gamma, lam)
-    value = (1.0 - a) * L_y - L_U
+        lse = _logsumexp(z)
+        p_y = torch.softmax(z.detach(), dim=1).gather(1, y[:, None]).squeeze(1)  # exact at any magnitude
+        a = obf_strength(p_y, gamma, lam)
+        aN = a * lse
+    value = mean_z - aN - (1.0 - a) * z_y
     return reduce_rows(_finish_rows(value, keep, in_range), target, ignore_index, reduction)
 
 
@@ -187,7 +215,9 @@ def _bisam_inputs(logits: Tensor, target: Tensor, mu: float | None, phi: str, ig
     z, y, keep, in_range = _rows(logits, target, ignore_index)
     mu = BISAM_DEFAULT_MU[phi] if mu is None else float(mu)
     is_y = F.one_hot(y, z.shape[1]).bool()
-    Fm = z - z.gather(1, y[:, None])  # F_j = z_j - z_y (Lemma 1)
+    # F_j = z_j - z_y (Lemma 1); F_y is identically 0 (z_y - z_y would be NaN at an infinite
+    # z_y, and the NaN would reach z_y's gradient through phi's backward)
+    Fm = (z - z.gather(1, y[:, None])).masked_fill(is_y, 0.0)
     return z, y, keep, in_range, mu, is_y, Fm
 
 
@@ -210,7 +240,7 @@ def bisam_loss_reference(
     # gradient either); masking it avoids phi's rounding at 0.
     ph = bisam_phi(Fm, phi, alpha).masked_fill(is_y, 0.0)
     C = z.shape[1]
-    Q = torch.logsumexp(mu * ph, dim=1) / mu - math.log(C) / mu
+    Q = _logsumexp(mu * ph) / mu - math.log(C) / mu
     return reduce_rows(_finish_rows(Q, keep, in_range), target, ignore_index, reduction)
 
 

@@ -38,6 +38,7 @@ from fastsam._reference_losses import (
     bisam_loss_reference,
     obf_loss_reference,
 )
+from fastsam._validate import check_bool, check_int, check_real
 
 __all__ = ["bisam_loss", "obf_loss"]
 
@@ -247,19 +248,31 @@ def _fused(logits: Tensor, target: Tensor, fwd, op, op_args: tuple, ignore_index
 # --------------------------------------------------------------------------------------------
 
 
-def _as_float(name: str, value) -> float:
-    if isinstance(value, Tensor):
-        raise ValueError(f"{name}: expected a Python number, got a tensor (reading it would sync)")
+# Largest BiSAM mu and alpha under float32 math: mu * phi (phi <= 1) and the logsumexp stay finite
+# and 1/mu a normal float32 (a GPU may flush subnormals to 0); alpha * F = 0 at F = 0 instead of
+# inf * 0. At mu = 1e30, Q is max_j phi(F_j) to within log(C) * 1e-30.
+BISAM_MAX_MU_ALPHA = 1e30
+
+
+def _as_float(name: str, value, **bounds) -> float:
+    """A hyperparameter as a float: a Python or numpy real number, not a bool, a string or a
+    tensor (fastsam._validate.check_real), within ``bounds``; a ValueError naming it otherwise."""
     try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number, got {value!r}") from None
-    if math.isnan(v):
-        raise ValueError(f"{name}: must not be NaN")
-    return v
+        return check_real(name, value, **bounds)
+    except ValueError as e:
+        if isinstance(value, Tensor):
+            raise ValueError(f"{e} (a Python or numpy number, not a tensor: reading one would sync)") from None
+        raise
 
 
-def _check_common(logits: Tensor, target: Tensor, reduction: str, backend: str, ignore_index: int) -> None:
+def _check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _check_common(logits: Tensor, target: Tensor, reduction: str, backend: str, ignore_index: int) -> int:
+    """Checks the arguments both losses share; returns ignore_index as a Python int."""
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected a 2-D tensor [B, C], got {shape}")
@@ -278,21 +291,23 @@ def _check_common(logits: Tensor, target: Tensor, reduction: str, backend: str, 
         )
     if target.device != logits.device:
         raise ValueError(f"target: on {target.device}, logits on {logits.device}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    _check_choice("reduction", reduction, _REDUCTIONS)
+    _check_choice("backend", backend, _BACKENDS)
+    # any int64 (numpy ints too): the kernels compare the target with it as an int64
+    ignore_index = int(check_int("ignore_index", ignore_index, lo=-(2**63), hi=2**63 - 1,
+                                 what="the target value of rows to skip"))
     # Target values: free to check on CPU; on GPU it would cost a sync (see module docstring).
     if target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling():
         C = logits.shape[1]
+        # int64: an int32 tensor compared with an int outside the int32 range wraps the int
+        target = target.long()
         bad = ((target < 0) | (target >= C)) & (target != ignore_index)
         if bool(bad.any()):
             first = target[bad][0].item()
             raise ValueError(
                 f"target: class index {first} out of range [0, {C}) (and not ignore_index={ignore_index})"
             )
+    return ignore_index
 
 
 def _triton_available() -> bool:
@@ -343,7 +358,11 @@ def obf_loss(
         sigmoid: use sigmoid cross-entropy (sum of per-class BCE), the ViT recipe of the paper.
         reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"`` (``[B]``).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
-        ignore_index: rows with this target contribute 0 and are not counted by the mean.
+        ignore_index: rows with this target contribute 0 and are not counted by the mean; an
+            int (Python or numpy) in the int64 range.
+
+    ``gamma`` and ``lam`` are Python or numpy real numbers, ``sigmoid`` a bool: a string, a
+    tensor (or a bool for a number) is a ValueError naming the argument.
 
     Per example, with ``p = softmax(z)`` (``sigmoid(z)``) and ``U`` uniform over the classes,
     ``a`` and ``p`` treated as constants::
@@ -355,16 +374,12 @@ def obf_loss(
     Ascend it (it replaces the training loss in SAM's first pass). Values are float32 for
     half-precision logits (float32 math); the gradient has the logits' dtype.
     """
-    _check_common(logits, target, reduction, backend, ignore_index)
+    ignore_index = _check_common(logits, target, reduction, backend, ignore_index)
     C = logits.shape[1]
-    gamma = _as_float("gamma", gamma)
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma: must be in [0, 1], got {gamma}")
-    lam = 1.0 / C if lam is None else _as_float("lam", lam)
-    if not 0.0 <= lam < 1.0:
-        raise ValueError(f"lam: must be in [0, 1), got {lam}")
-    if not isinstance(sigmoid, bool):
-        raise ValueError(f"sigmoid: expected a bool, got {sigmoid!r}")
+    gamma = _as_float("gamma", gamma, lo=0.0, hi=1.0, what="the forgetting strength cap")
+    lam = 1.0 / C if lam is None else _as_float("lam", lam, lo=0.0, hi=1.0, hi_open=True,
+                                                   what="the likelihood threshold; None for 1/C")
+    sigmoid = check_bool("sigmoid", sigmoid, what="sigmoid instead of softmax cross-entropy")
     if not _use_triton(logits, backend):
         return obf_loss_reference(logits, target, gamma, lam, sigmoid, reduction, ignore_index)
     def fwd(z: Tensor, y: Tensor, write: bool):
@@ -394,13 +409,19 @@ def bisam_loss(
     Args:
         logits: ``[B, C]`` float32/bfloat16/float16 (float64 with the reference backend), C >= 2.
         target: ``[B]`` int32/int64 class indices in ``[0, C)`` or ``ignore_index``.
-        mu: logsumexp temperature, > 0 (>= 1e-3 unless the logits are float64: below, float32
-            cancellation ruins the value); default 1.5 for ``phi="log"``, 10 for ``phi="tanh"``.
+        mu: logsumexp temperature, > 0 (in [1e-3, 1e30] unless the logits are float64: below,
+            float32 cancellation ruins the value; above, mu * phi and 1/mu leave the float32 range);
+            default 1.5 for ``phi="log"``, 10 for ``phi="tanh"``.
         phi: ``"log"`` (``1 - softplus(log(e-1) - x)``) or ``"tanh"`` (``tanh(alpha x)``).
-        alpha: slope of the tanh bound, > 0 (unused by ``"log"``).
+        alpha: slope of the tanh bound, > 0 (<= 1e30 unless the logits are float64; checked but
+            unused by ``"log"``).
         reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"`` (``[B]``).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
-        ignore_index: rows with this target contribute 0 and are not counted by the mean.
+        ignore_index: rows with this target contribute 0 and are not counted by the mean; an
+            int (Python or numpy) in the int64 range.
+
+    ``mu`` and ``alpha`` are Python or numpy real numbers: a bool, a string or a tensor is a
+    ValueError naming the argument.
 
     Per example, with ``F_j = z_j - z_y`` and ``s = softmax_j(mu * phi(F_j))``::
 
@@ -410,21 +431,25 @@ def bisam_loss(
     Ascend it (it replaces the training loss in SAM's first pass). Values are float32 for
     half-precision logits (float32 math); the gradient has the logits' dtype.
     """
-    _check_common(logits, target, reduction, backend, ignore_index)
-    if phi not in BISAM_DEFAULT_MU:
-        raise ValueError(f"phi: expected 'log' or 'tanh', got {phi!r}")
-    mu = BISAM_DEFAULT_MU[phi] if mu is None else _as_float("mu", mu)
-    if not (mu > 0.0 and math.isfinite(mu)):
-        raise ValueError(f"mu: must be a finite number > 0, got {mu}")
-    if mu < BISAM_MIN_MU and logits.dtype != torch.float64:
+    ignore_index = _check_common(logits, target, reduction, backend, ignore_index)
+    phi = _check_choice("phi", phi, tuple(BISAM_DEFAULT_MU))
+    mu = BISAM_DEFAULT_MU[phi] if mu is None else _as_float("mu", mu, lo=0.0, lo_open=True, hi=math.inf, hi_open=True,
+                                                             what="the logsumexp temperature; None for the default")
+    f32_math = logits.dtype != torch.float64
+    if mu > BISAM_MAX_MU_ALPHA and f32_math:
+        raise ValueError(
+            f"mu: must be in (0, {BISAM_MAX_MU_ALPHA:g}] for {logits.dtype} logits (float32 math), got {mu:g}: above, "
+            "mu * phi and 1/mu leave the float32 range (Q is already max_j phi(F_j) there); float64 logits "
+            "(backend='reference') take any finite mu > 0"
+        )
+    if mu < BISAM_MIN_MU and f32_math:
         raise ValueError(
             f"mu: must be >= {BISAM_MIN_MU:g} for {logits.dtype} logits, got {mu:g}: Q = logsumexp(mu phi)/mu - "
             "log(C)/mu cancels in float32 (at mu = 1e-6 the value is off by ~0.4); Xie et al. use mu = 1.5 (log "
-            "bound) and 10 (tanh bound). float64 logits (backend='reference') take any mu > 0"
+            "bound) and 10 (tanh bound). float64 logits (backend='reference') take any finite mu > 0"
         )
-    alpha = _as_float("alpha", alpha)
-    if not (alpha > 0.0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha: must be a finite number > 0, got {alpha}")
+    alpha = _as_float("alpha", alpha, lo=0.0, lo_open=True, hi=BISAM_MAX_MU_ALPHA if f32_math else math.inf,
+                      hi_open=not f32_math, what="the slope of the tanh bound; float32 math: at most 1e30")
     if not _use_triton(logits, backend):
         return bisam_loss_reference(logits, target, mu, phi, alpha, reduction, ignore_index)
     def fwd(z: Tensor, y: Tensor, write: bool):

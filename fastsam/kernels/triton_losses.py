@@ -52,7 +52,7 @@ LOG_E_MINUS_1 = math.log(math.e - 1.0)
 # from it (_config: 8 row elements per thread per live vector, at most 16 warps).
 # - softmax OBF: 8192 columns with 16 warps (16 per thread) covers ImageNet-1k and -21k heads in
 #   1 and 3 chunks; sm_90 registers (ptxas 13.4 through triton 3.9, every launched variant):
-#   32-43 one-chunk, 66-82 chunked, no spill.
+#   32-43 one-chunk, 67-84 chunked, no spill.
 # - sigmoid OBF and BiSAM: 2048 columns with 8 warps (8 per thread): 21-78 registers, no spill,
 #   3 programs of 256 threads resident per SM (24 KiB of a row in flight per SM per load). At
 #   8192 / 16 warps they needed 56-128 registers: BiSAM-log with a gradient sat at 128, the cap
@@ -152,8 +152,10 @@ def _store_grad(ptrs, g, mask):
 def _obf_strength(log_inv_py, gamma, lam, inv_one_minus_lam):
     # eq. 17: a = gamma * max(0, (1 - lam / p_y) / (1 - lam)), with lam / p_y = lam * exp(-log p_y).
     # lam = 0 must give r = 0 even where 1/p_y overflows (0 * inf = nan), hence the where.
+    # A NaN logit at the target gives a NaN a (and so a NaN gradient row), as in the reference:
+    # a plain maximum would turn NaN into 0 (fmax).
     r = tl.where(lam > 0.0, lam * tl.exp(log_inv_py), 0.0)
-    return gamma * tl.maximum((1.0 - r) * inv_one_minus_lam, 0.0)
+    return gamma * tl.maximum((1.0 - r) * inv_one_minus_lam, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -198,6 +200,8 @@ def _obf_softmax_kernel(
 ):
     # value_i = (1-a) CE(y) - CE(U) = mean_j z_j - a * lse - (1 - a) z_y   (eq. 15, simplified:
     #           the two lse terms cancel, which also removes a catastrophic cancellation)
+    # mean_j z_j is accumulated as sum_j (z_j / C): a plain sum of finite logits can overflow
+    # (two of 3e38), and no term of the value is then larger than the largest |logit| (+ log C).
     # grad_i  = 1/C - a * softmax(z) - (1 - a) onehot(y)                  (eq. 16)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -217,9 +221,10 @@ def _obf_softmax_kernel(
             m = tl.max(z, axis=0)
             e = tl.exp(z - m)
             s = tl.sum(e, axis=0)
-            lse = m + tl.log(s)
-            sum_z = tl.sum(tl.where(mask, z, 0.0), axis=0)
-            a = _obf_strength(lse - z_y, gamma, lam, inv_one_minus_lam)
+            log_s = tl.log(s)
+            lse = m + log_s
+            mean_z = tl.sum(tl.where(mask, z * inv_c, 0.0), axis=0)
+            a = _obf_strength(log_s + (m - z_y), gamma, lam, inv_one_minus_lam)
             a = tl.where(in_range, a, float("nan"))
             if WRITE_GRAD:
                 g = inv_c - (a / s) * e - tl.where(cols == y, 1.0 - a, 0.0)
@@ -233,20 +238,21 @@ def _obf_softmax_kernel(
                 mask = offs < C
                 z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 m_vec, s_vec, _e, _gt = _online_update(m_vec, s_vec, z)
-                sz_vec += tl.where(mask, z, 0.0)
+                sz_vec += tl.where(mask, z * inv_c, 0.0)
             m, scale = _merge_lanes(m_vec, s_vec)
-            lse = m + tl.log(tl.sum(s_vec * scale, axis=0))
-            sum_z = tl.sum(sz_vec, axis=0)
-            a = _obf_strength(lse - z_y, gamma, lam, inv_one_minus_lam)
+            log_s = tl.log(tl.sum(s_vec * scale, axis=0))
+            lse = m + log_s
+            mean_z = tl.sum(sz_vec, axis=0)
+            a = _obf_strength(log_s + (m - z_y), gamma, lam, inv_one_minus_lam)
             a = tl.where(in_range, a, float("nan"))
             if WRITE_GRAD:  # second sweep: the gradient needs the final lse
                 for start in range(0, C, BLOCK):
                     offs = start + cols
                     mask = offs < C
                     z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                    g = inv_c - a * tl.exp(z - lse) - tl.where(offs == y, 1.0 - a, 0.0)
+                    g = inv_c - a * tl.exp((z - m) - log_s) - tl.where(offs == y, 1.0 - a, 0.0)
                     _store_grad(g_row + offs, g, mask)
-        loss = sum_z * inv_c - a * lse - (1.0 - a) * z_y
+        loss = mean_z - a * lse - (1.0 - a) * z_y
         tl.store(loss_ptr + row, loss)
 
 
@@ -264,7 +270,9 @@ def _obf_sigmoid_kernel(
     # softplus(z) - t z), so value = mean z - a S - (1 - a) z_y and, because
     # d softplus / dz = sigmoid, grad = 1/C - a sigmoid(z) - (1 - a) onehot(y): eq. 16 with
     # p = sigmoid(z) (the paper's "sum_i yhat_i grad z_i" for sigmoid cross-entropy).
-    # a depends only on p_y = sigmoid(z_y), known before the sweep.
+    # a depends only on p_y = sigmoid(z_y), known before the sweep. Accumulated: a * softplus(z_j)
+    # (a = 0 with an overflowing S must not give 0 * inf) and z_j / C (sum z_j can overflow), as in
+    # the reference (obf_loss_reference). At z_j = 0 the gradient uses sigmoid(0) = 1/2 exactly.
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     g_row = g_ptr + row * C
@@ -290,13 +298,13 @@ def _obf_sigmoid_kernel(
             z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
             e = tl.exp(-tl.abs(z))
             p = tl.where(z >= 0.0, 1.0, e) / (1.0 + e)
-            sp_vec += tl.where(mask, tl.maximum(z, 0.0) + _log1p(e), 0.0)
-            sz_vec += z  # masked lanes loaded 0
+            sp_vec += tl.where(mask, a * (tl.maximum(z, 0.0) + _log1p(e)), 0.0)
+            sz_vec += z * inv_c  # masked lanes loaded 0
             if WRITE_GRAD:
                 g = inv_c - a * p - tl.where(offs == y, 1.0 - a, 0.0)
                 _store_grad(g_row + offs, g, mask)
-        S = tl.sum(sp_vec, axis=0)
-        loss = tl.sum(sz_vec, axis=0) * inv_c - a * S - (1.0 - a) * z_y
+        aS = tl.sum(sp_vec, axis=0)
+        loss = tl.sum(sz_vec, axis=0) - aS - (1.0 - a) * z_y
         tl.store(loss_ptr + row, loss)
 
 
@@ -359,7 +367,8 @@ def _bisam_kernel(
                 t_vec = tl.where(gt, t_vec * e + w, t_vec + e * w)
             m, scale = _merge_lanes(m_vec, s_vec)
             inv_s = 1.0 / tl.sum(s_vec * scale, axis=0)
-            lse = m - tl.log(inv_s)
+            log_inv_s = tl.log(inv_s)
+            lse = m - log_inv_s
             g_y = -tl.sum(t_vec * scale, axis=0) * inv_s  # = -sum_{j != y} s_j phi'(F_j)
             if WRITE_GRAD:  # second sweep: s_j needs the final lse
                 for start in range(0, C, BLOCK):
@@ -367,7 +376,7 @@ def _bisam_kernel(
                     mask = offs < C
                     z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
                     ph, dph = _phi_and_slope(z - z_y, alpha, PHI_TANH)
-                    g = tl.where(offs == y, g_y, tl.exp(mu * ph - lse) * dph) + bad
+                    g = tl.where(offs == y, g_y, tl.exp((mu * ph - m) + log_inv_s) * dph) + bad
                     _store_grad(g_row + offs, g, mask)
         loss = (lse - log_c) * inv_mu + bad
         tl.store(loss_ptr + row, loss)
