@@ -89,3 +89,19 @@ def no_grad(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def check_not_capturing(device: torch.device | None) -> None:
+    """Refuse to run inside CUDA graph capture, with the reason (an error at capture, instead of a
+    graph that replays stale values).
+
+    A SAM step is not capturable: it reads host-side state every step (Adam's step counters live
+    on the CPU, as torch keeps them when ``capturable=False``), and its launchers upload a table
+    when a value changes (hyper-parameters, gradient addresses), which a replay would skip."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fastsam's SAM ops cannot be captured in a CUDA graph: a step reads host-side state (Adam's step "
+            "counters, on the CPU as torch keeps them) and uploads its launch tables when a value changes, which "
+            "a replay would not redo. Capture the forward and backward passes only, and call first_step() / "
+            "second_step() (or fastsam.sam_step) outside the graph"
+        )

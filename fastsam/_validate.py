@@ -74,6 +74,39 @@ def check_param_tensor(p: Any, where: str) -> None:
     if p.device.type == "meta":
         raise ValueError(f"{where}: a parameter is on the meta device (no storage to perturb); materialize the "
                          "model (e.g. model.to_empty(device=...)) before building the optimizer")
+    if p.numel() > 1 and any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride())):
+        raise ValueError(f"{where}: a parameter of shape {tuple(p.shape)} has stride {tuple(p.stride())}: several of "
+                         "its elements share one memory location (an expand()ed tensor), so it cannot be perturbed "
+                         "element by element; make it a tensor of its own (.clone() or .contiguous())")
+
+
+# Hyper-parameters of torch's optimizers that must be finite numbers when present: a NaN or inf
+# one (a scheduler's output, user code, a checkpoint) turns every weight of the group into NaN.
+FINITE_HYPER = ("lr", "weight_decay", "momentum", "dampening", "eps", "alpha", "lr_decay",
+                "initial_accumulator_value", "rho")
+
+
+def check_group_hyper(group: dict[str, Any], where: str, keys: tuple[str, ...] = FINITE_HYPER) -> None:
+    """The base optimizer's numbers in a param group: finite where present (Python / numpy
+    numbers, or tensors on the CPU; a CUDA tensor is not read: that would sync), ``betas`` a pair
+    of them."""
+    for k in (*keys, "betas"):
+        if k not in group:
+            continue
+        v = group[k]
+        vals = v if k == "betas" else (v,)
+        if k == "betas" and (not isinstance(v, (tuple, list)) or len(v) != 2):
+            raise ValueError(f"{where}: betas must be a pair of floats in [0, 1), got {v!r}")
+        for x in vals:
+            if isinstance(x, Tensor):
+                if x.numel() != 1 or x.is_complex():
+                    raise ValueError(f"{where}: {k} must be a real number or a one-element tensor, got a tensor of "
+                                     f"shape {tuple(x.shape)} and dtype {x.dtype}")
+                if x.device.type == "cpu" and not math.isfinite(float(x)):
+                    raise ValueError(f"{where}: {k} must be finite, got {v!r}")
+            elif not is_number(x) or not math.isfinite(float(x)):
+                raise ValueError(f"{where}: {k} must be a finite number, got {v!r}"
+                                 + ("" if is_number(x) else f" of type {type(x).__name__}"))
 
 
 def overlapping_pair(params: list[Tensor]) -> tuple[int, int] | None:

@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ._compat import check_not_capturing
 from ._sequences import PerGroup
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "foreach", "reference")
@@ -229,6 +230,7 @@ def sam_perturb_(
     ``ready_out`` (default: ``ema`` / ``ema_ready``, in place). On an exception the parameters
     are unchanged (every backend)."""
     dev = params[0].device if params else None
+    check_not_capturing(dev)
     mod = _impl(resolve_backend(backend, dev))
     rhos, etas, adaptive = _cols(mod, rhos, etas, adaptive)
     return mod.sam_perturb_(
@@ -242,12 +244,14 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float, *, bac
     """GSAM: ``gs <- gs - alpha * (g_old - cos * |g_old| * gs / |gs|)``; see
     :func:`fastsam.reference.gsam_combine_`."""
     dev = grads[0].device if grads else None
+    check_not_capturing(dev)
     _impl(resolve_backend(backend, dev)).gsam_combine_(grads, g_old, alpha)
 
 
 def sam_restore_(params: list[Tensor], w_old: list[Tensor], *, backend: str = "auto") -> None:
     """``w <- w_old`` exactly."""
     dev = params[0].device if params else None
+    check_not_capturing(dev)
     _impl(resolve_backend(backend, dev)).sam_restore_(params, w_old)
 
 
@@ -269,6 +273,7 @@ def sam_restore_accumulate_(
     ``acc <- scale * ((0 if reset else acc_in) + weight * g)`` (``acc_in`` default ``acc``: in
     place); see :func:`fastsam.reference.sam_restore_accumulate_`. An exception changes nothing."""
     dev = params[0].device if params else None
+    check_not_capturing(dev)
     _impl(resolve_backend(backend, dev)).sam_restore_accumulate_(
         params, grads, w_old, g_old, acc, reset, weight=weight, scale=scale, gsam_alpha=gsam_alpha, acc_in=acc_in,
     )
@@ -305,6 +310,7 @@ def sam_restore_sgd_(
     :func:`fastsam.reference.sam_restore_sgd_`. ``None`` momentum buffers are created and stored
     into ``momentum_buffers``."""
     dev = params[0].device if params else None
+    check_not_capturing(dev)
     mod = _fused_impl(backend, dev, "sam_restore_sgd_")
     lr, weight_decay, momentum, dampening = _cols(mod, lr, weight_decay, momentum, dampening)
     mod.sam_restore_sgd_(
@@ -337,6 +343,7 @@ def sam_restore_adam_(
     """Fused second step with a ``torch.optim.Adam`` / ``AdamW`` update (AdamW:
     ``decoupled_weight_decay=True``); see :func:`fastsam.reference.sam_restore_adam_`."""
     dev = params[0].device if params else None
+    check_not_capturing(dev)
     mod = _fused_impl(backend, dev, "sam_restore_adam_")
     lr, beta1, beta2, eps, weight_decay = _cols(mod, lr, beta1, beta2, eps, weight_decay)
     mod.sam_restore_adam_(

@@ -404,10 +404,64 @@ def test_4_nonfinite_lr_is_refused_by_the_fused_update(backend):
     F.cross_entropy(m(x), y).backward()
     opt.first_step(zero_grad=True)
     F.cross_entropy(m(x), y).backward()
-    with pytest.raises(ValueError, match="lr must be finite"):
+    with pytest.raises(ValueError, match="lr must be a finite"):
         opt.second_step()
     opt.param_groups[0]["lr"] = 1e-2
     _assert_state(_state(m, opt), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), "np.float32", "tensor", float("inf")])
+def test_4_nonfinite_hyperparameters_are_refused_on_every_path(backend, bad):
+    """NaN/inf written into a group by a scheduler or user code, as a Python, numpy or 0-dim tensor
+    number, is refused before the base optimizer runs (fused or not): nothing changes."""
+    import numpy as np
+
+    value = {"np.float32": np.float32("nan"), "tensor": torch.tensor(float("nan"))}.get(bad, bad)
+    m = _model()
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    x, y = _data()
+    _iteration(m, opt, x, y)
+    before = _state(m, opt)
+    opt.param_groups[0]["lr"] = value
+    F.cross_entropy(m(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match="param group 0: lr must be"):
+        opt.second_step()
+    opt.restore()
+    opt.param_groups[0]["lr"] = 0.1
+    _assert_state(_state(m, opt), before)
+
+
+@pytest.mark.parametrize("name,bad", [("p", 1.0), ("p", "2"), ("swp_keep", 0.0), ("gsam_alpha", float("nan")),
+                                      ("fsam_lambda", 2.0), ("fsam_sigma", -1.0), ("seed", -1), ("seed", 1.5)])
+def test_4_options_set_after_construction_are_checked(name, bad):
+    m = _model()
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, fsam_sigma=0.5)
+    old = getattr(opt, name)
+    with pytest.raises(ValueError, match=name):
+        setattr(opt, name, bad)
+    assert getattr(opt, name) == old
+
+
+def test_4_options_cannot_change_inside_a_step_and_a_change_takes_effect():
+    m = _model()
+    ref_m = _model()
+    opt = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, backend="foreach")
+    ref = fastsam.SAM(ref_m.parameters(), torch.optim.SGD, lr=0.1, gsam_alpha=0.3, backend="foreach")
+    x, y = _data()
+    F.cross_entropy(m(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="gsam_alpha cannot change while a SAM step is open"):
+        opt.gsam_alpha = 0.3
+    opt.restore()  # (puts back the gradients too)
+    opt.zero_grad()
+    opt.gsam_alpha = 0.3  # between steps: the next step is a GSAM step
+    _iteration(m, opt, x, y)
+    _iteration(ref_m, ref, x, y)
+    for a, b in zip(m.parameters(), ref_m.parameters()):
+        assert _same(a, b)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -419,6 +473,22 @@ def test_4_nonfinite_lr_is_refused_by_the_fused_update(backend):
 def test_4_complex_integer_and_meta_parameters_are_rejected(make, match, backend):
     with pytest.raises(ValueError, match=match):
         fastsam.SAM([make()], torch.optim.SGD, lr=0.1, backend=backend)
+
+
+def test_2_a_refused_param_group_changes_nothing():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = fastsam.SAM([p], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="share memory with a parameter already in the optimizer"):
+        opt.add_param_group({"params": [torch.nn.Parameter(p.data[1:3])]})
+    assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1
+    p.grad = torch.randn(4)
+    opt.first_step()
+    opt.second_step()
+
+
+def test_2_self_overlapping_parameters_are_rejected():
+    with pytest.raises(ValueError, match="share one memory location"):
+        fastsam.SAM([torch.nn.Parameter(torch.randn(3, 1).expand(3, 4))], torch.optim.SGD, lr=0.1)
 
 
 # ============================================================================== 5. checkpoints
@@ -442,8 +512,19 @@ def _trained(backend="foreach", **kw):
     (lambda sd: sd["sam"]["state"][1].__setitem__("fsam_ema", torch.zeros(5)), "F-SAM EMA of parameter 1"),
     (lambda sd: sd["sam"]["state"].__setitem__(9, sd["sam"]["state"][0]), "parameter index 9"),
     (lambda sd: sd["sam"]["options"].__setitem__("p", 3.0), r"other SAM options \(p: saved 3.0"),
-    (lambda sd: sd["sam"]["options"].__setitem__("seed", 4), "seed: saved 4"),
+    (lambda sd: (sd["sam"]["options"].__setitem__("seed", 4), sd["sam"].__setitem__("seed", 4)), "seed: saved 4"),
     (lambda sd: sd["base_optimizer"]["param_groups"][0].__setitem__("rho", float("nan")), "param group 0.*rho"),
+    (lambda sd: sd["base_optimizer"]["state"][0].pop("exp_avg"), r"lacks \['exp_avg'\]"),
+    (lambda sd: sd["base_optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(())), "has shape ()"),
+    (lambda sd: sd["base_optimizer"]["state"][0].__setitem__("exp_avg", "zeros"), "must be a tensor of shape"),
+    (lambda sd: sd["base_optimizer"]["state"][0].__setitem__("step", "2"), "'step' of parameter 0 must be"),
+    (lambda sd: sd["base_optimizer"]["param_groups"][0].__setitem__("lr", "0.1"), "lr must be a finite number"),
+    (lambda sd: sd["base_optimizer"]["param_groups"][0].__setitem__("lr", float("nan")), "lr must be a finite"),
+    (lambda sd: sd["base_optimizer"]["param_groups"][0].__setitem__("betas", (0.9,)), "betas must be a pair"),
+    (lambda sd: sd["sam"].__setitem__("seed", 7), r"inconsistent: seed 7, options\['seed'\] 3"),
+    (lambda sd: sd["sam"].__setitem__("options", {}), r"options'\] lacks"),
+    (lambda sd: sd["sam"].__setitem__("options", [1]), "must be a dict of the SAM options"),
+    (lambda sd: sd["sam"]["state"][0].__setitem__("fsam_ready", torch.tensor(1j)), "real one-element tensor"),
 ])
 def test_5_bad_checkpoints_change_nothing(corrupt, match):
     m, opt = _trained()
@@ -456,6 +537,28 @@ def test_5_bad_checkpoints_change_nothing(corrupt, match):
     with pytest.raises(ValueError, match=match):
         other.load_state_dict(sd)
     _assert_state(_state(other_m, other), before)
+
+
+def test_5_a_load_the_base_optimizer_refuses_changes_nothing(monkeypatch):
+    """What no generic check sees, the base optimizer's own load refuses half-way (torch replaces
+    its state, then fails in __setstate__): its previous state and groups are put back."""
+    m, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    other_m, other = _trained()
+    _iteration(other_m, other, *_data(7))
+    before = _state(other_m, other)
+    real = torch.optim.AdamW.__setstate__
+
+    def half_way(self, state):
+        real(self, state)
+        raise RuntimeError("refused after replacing the state")
+
+    monkeypatch.setattr(torch.optim.AdamW, "__setstate__", half_way)
+    with pytest.raises(ValueError, match="refused by AdamW.load_state_dict.*unchanged"):
+        other.load_state_dict(sd)
+    monkeypatch.undo()
+    _assert_state(_state(other_m, other), before)
+    _iteration(other_m, other, *_data())  # and it still trains
 
 
 def test_5_other_options_with_strict_false_and_plain_torch_state():
@@ -485,6 +588,28 @@ def test_5_state_dict_and_copies_refuse_an_open_step():
             call()
     opt.restore()
     opt.state_dict()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_5_copies_with_an_lr_scheduler_attached_step_themselves(how):
+    """An LR scheduler wraps the optimizer's step on the instance; a copy must not carry that
+    wrapper (it would step the original) and must pickle."""
+    m, opt = _trained()
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    pair = copy.deepcopy((m, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((m, opt)))
+    m2, opt2 = pair
+    x, y = _data()
+    n0 = opt.step_count
+
+    def closure():
+        opt2.zero_grad()
+        loss = F.cross_entropy(m2(x), y)
+        loss.backward()
+        return loss
+
+    w = m2[0].weight.detach().clone()
+    opt2.step(closure)
+    assert opt.step_count == n0 and opt2.step_count == n0 + 1 and not torch.equal(w, m2[0].weight)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])

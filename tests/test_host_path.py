@@ -185,3 +185,51 @@ def test_step_closure_after_manual_steps_warns_when_gradients_were_left():
         calls = []
         opt.step(lambda: calls.append(1) or closure())
         assert len(calls) == 2  # the stale gradients were not taken as fresh
+
+
+def test_cuda_graph_capture_is_refused_with_the_reason(monkeypatch):
+    """Inside CUDA graph capture every SAM op refuses before doing anything (the host-side
+    contract; on this machine the capture state is simulated)."""
+    from fastsam import functional as F
+    from fastsam._compat import check_not_capturing
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        check_not_capturing(torch.device("cuda", 0))
+    check_not_capturing(torch.device("cpu"))  # CPU tensors: no capture possible, nothing asked
+    if DEV.type == "cuda":
+        p = _params()
+        with pytest.raises(RuntimeError, match="CUDA graph"):
+            F.sam_restore_(p, [q.detach().clone() for q in p], backend="triton")
+
+
+def test_tables_used_on_another_stream_are_recorded_there(monkeypatch):
+    """A kept device table handed out on a stream other than its allocation stream is recorded on
+    it once (the caching allocator then waits for that stream before reusing the memory)."""
+    from fastsam.kernels import _tables as T
+
+    class Stream:
+        def __init__(self, sid):
+            self.cuda_stream = sid
+
+    current = [Stream(1)]
+    recorded = []
+
+    class FakeTensor:
+        def record_stream(self, s):
+            recorded.append(s.cuda_stream)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(T, "upload", lambda values, dtype, device: FakeTensor())
+    m = T.DeviceMirror(torch.int64)
+    dev = torch.device("cuda", 0)
+    t = m.get((1, 2, 3), dev)
+    assert m.get((1, 2, 3), dev) is t and recorded == []  # same stream: nothing to record
+    current[0] = Stream(2)
+    m.get((1, 2, 3), dev)
+    m.get((1, 2, 3), dev)
+    assert recorded == [2]  # once per stream
+    m.get((4, 5), dev)  # a new table, allocated on stream 2
+    current[0] = Stream(1)
+    m.get((4, 5), dev)
+    assert recorded == [2, 1]

@@ -631,7 +631,8 @@ def test_full_block_path_and_tail_path(vectorize):
     import test_accumulate
 
     shapes = [(64,), (95,), (7, 5), (0,), (1,), (33,)]  # 95 = 2 full blocks + 31: one short of full
-    with TS.configure(interp_block=32, vectorize=vectorize):
+    # the GPU block too (on CUDA the fixture's 256 would make every case here a single masked block)
+    with TS.configure(block=32, interp_block=32, vectorize=vectorize):
         check_perturb_matches_reference("triton", torch.float32, shapes, OPTIONS["all"], offset_stride=1000,
                                         device=DEV)
         check_perturb_matches_reference("triton", torch.bfloat16, shapes, {"adaptive": True, "fsam_sigma": 1.0},
@@ -642,7 +643,7 @@ def test_full_block_path_and_tail_path(vectorize):
                    {"lr": [1e-2, 2e-2, 1e-2, 1e-2, 1e-2, 5e-3], "weight_decay": 0.1, "decoupled_weight_decay": True},
                    {"lr": 1e-2, "maximize": True, "gsam_alpha": 0.4}):
             check_fused_adam_matches_twin("triton", torch.float32, kw, fused_lists)
-    with TS.configure(interp_block=2048, vectorize=vectorize):  # its (40001,): 19 full blocks + a tail
+    with TS.configure(block=2048, interp_block=2048, vectorize=vectorize):  # its (40001,): 19 full blocks + a tail
         for dtype in (torch.float32, torch.bfloat16):
             for gsam in (False, True):
                 test_accumulate.test_restore_accumulate_matches_reference("triton", dtype, gsam)

@@ -48,7 +48,7 @@ class DeviceMirror:
     allocator recycles the old block in stream order.
     """
 
-    __slots__ = ("dtype", "key", "device", "tensor", "_memo", "_memo_for")
+    __slots__ = ("dtype", "key", "device", "tensor", "_memo", "_memo_for", "_streams")
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -57,6 +57,7 @@ class DeviceMirror:
         self.tensor: Tensor | None = None
         self._memo: dict[str, object] = {}
         self._memo_for: Tensor | None = None
+        self._streams: set[int] = set()  # CUDA streams the current tensor was handed out on
 
     def memo(self, name: str, fn: Callable[[], object]) -> object:
         """``fn()``, computed once per uploaded table: host-side facts about the current values
@@ -69,10 +70,24 @@ class DeviceMirror:
 
     def get(self, values: tuple, device: torch.device) -> Tensor:
         if self.tensor is not None and values == self.key and device == self.device:
+            if device.type == "cuda":
+                self._on_stream()
             return self.tensor
         self.tensor = upload(values, self.dtype, device)
         self.key, self.device = values, device
+        if device.type == "cuda":
+            self._streams = {torch.cuda.current_stream(device).cuda_stream}  # allocated (and copied) here
         return self.tensor
+
+    def _on_stream(self) -> None:
+        """A kept table used on another stream than the one it was allocated on: recorded there,
+        so that the caching allocator does not hand its memory out again (when the table is
+        replaced) before that stream's kernels have read it."""
+        assert self.tensor is not None and self.device is not None
+        cur = torch.cuda.current_stream(self.device)
+        if cur.cuda_stream not in self._streams:
+            self.tensor.record_stream(cur)
+            self._streams.add(cur.cuda_stream)
 
 
 def upload(values: Sequence[int | float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -89,25 +104,29 @@ def upload(values: Sequence[int | float], dtype: torch.dtype, device: torch.devi
 class BlockTable:
     """``blocks[b] = t * 2^32 + j`` for every BLOCK-element block of every tensor (>= 1 per tensor)."""
 
-    __slots__ = ("key", "device", "tensor", "count")
+    __slots__ = ("key", "device", "tensor", "count", "_mirror")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.device: torch.device | None = None
         self.tensor: Tensor | None = None
         self.count = 0
+        self._mirror = DeviceMirror(torch.int64)  # (its stream bookkeeping)
 
     def get(self, numels: tuple[int, ...], block: int, device: torch.device) -> tuple[Tensor, int]:
         key = (numels, block)
-        if self.tensor is None or key != self.key or device != self.device:
-            counts = torch.tensor([max(1, -(-n // block)) for n in numels], dtype=torch.int64)
-            total = int(counts.sum()) if len(numels) else 0
-            tid = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
-            first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-            j = torch.arange(total, dtype=torch.int64) - first
-            host = tid * (1 << 32) + j
-            self.tensor = upload(host.tolist(), torch.int64, device)
-            self.key, self.device, self.count = key, device, total
+        if self.tensor is not None and key == self.key and device == self.device:
+            if device.type == "cuda":
+                self._mirror._on_stream()
+            return self.tensor, self.count
+        counts = torch.tensor([max(1, -(-n // block)) for n in numels], dtype=torch.int64)
+        total = int(counts.sum()) if len(numels) else 0
+        tid = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        j = torch.arange(total, dtype=torch.int64) - first
+        host = tid * (1 << 32) + j
+        self.tensor = self._mirror.get(tuple(host.tolist()), device)
+        self.key, self.device, self.count = key, device, total
         return self.tensor, self.count
 
 

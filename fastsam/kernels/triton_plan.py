@@ -191,7 +191,7 @@ class Plan:
     """The static launch data of one op over one set of tensors (see the module doc)."""
 
     __slots__ = ("key", "epoch", "refs", "groups", "pptrs", "n", "total", "acc", "bufs", "snap", "hrow", "hrows",
-                 "hkey", "steps_buf", "steps_idx", "cacheable")
+                 "hkey", "steps_buf", "steps_idx", "cacheable", "pblock")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -210,6 +210,7 @@ class Plan:
         self.steps_buf: Tensor | None = None  # Adam: the step tensors are views of this buffer
         self.steps_idx: list[int] | None = None
         self.cacheable = True
+        self.pblock = 0  # the PBLOCK constexpr (triton_sam._pblock), once known
 
     def buffer(self, device: torch.device, size: int) -> Tensor:
         """A partial-sum buffer of this plan (reused: each step's writes come after the previous

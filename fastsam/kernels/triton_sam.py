@@ -110,6 +110,16 @@ def _plan(key: tuple | None, refs: tuple, op: str, mode: object, params: Sequenc
     return plan, st
 
 
+def _pblock(plan: P.Plan) -> int:
+    """PBLOCK (the reduction's power-of-two width over the programs' partials) from the configured
+    grid, not the one the register fit shrinks it to: the first launch on a GPU learns the fit and
+    makes later grids smaller, which must not change this constexpr (a recompile of every kernel
+    that takes it)."""
+    if plan.pblock == 0:
+        plan.pblock = T.next_pow2(sum(max(1, min(gp.nblk, L._geometry(gp.group.device)[1])) for gp in plan.groups))
+    return plan.pblock
+
+
 def _gather_partials(bufs: dict[torch.device, Tensor], slices: list[tuple[torch.device, int, int]],
                      rows: int, stride: int) -> None:
     """Model split over devices: copy every group's partial slice into every other device's buffer
@@ -209,7 +219,7 @@ def _perturb_impl(
             ADAPTIVE=any_adaptive, BLOCK=gp.block, num_warps=warps, fit_key=fit_key, **gp.vec,
         )
     _gather_partials(bufs, [(x[0].group.device, bb, x[4]) for x, bb in zip(launches, bases)], 2, total)
-    pblock = T.next_pow2(total)
+    pblock = _pblock(plan)
     result = oks[params[0].device].view(torch.bool)  # made before the writes: nothing can fail after them
     done: list[P.GroupPlan] = []
     try:
@@ -428,7 +438,7 @@ def _second_step_impl(
                           total, DT=L._TL_DTYPE[g.dtype], CT=L._TL_DTYPE[g.compute_dtype], PT=pt, BLOCK=gp.block,
                           num_warps=warps, fit_key=fit_key, **gp.vec)
             _gather_partials(bufs, [(x[0].group.device, bb, x[4]) for x, bb in zip(launches, bases)], 5, total)
-        pblock = T.next_pow2(total)
+        pblock = _pblock(plan) if gsam else 1  # read only by GSAM's combine: constant otherwise (no recompile)
         for gp, tab, hyp_t, scal, nprog, warps, fit_key in launches:
             g = gp.group
             part = bufs[g.device] if gsam else tab

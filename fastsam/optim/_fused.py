@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import operator
 from typing import TYPE_CHECKING, Any
 
@@ -94,17 +93,6 @@ def _is_float(x: Any) -> bool:
 def _uniform(groups: list[dict[str, Any]], key: str, default: Any = False) -> tuple[bool, Any]:
     vals = {bool(g.get(key, default)) for g in groups}
     return len(vals) <= 1, (vals.pop() if vals else default)
-
-
-def _check_finite_hyper(g: dict[str, Any], gi: int, keys: tuple[str, ...]) -> None:
-    """The fused update reads these as numbers: a NaN / inf one (a scheduler's output, user code)
-    would turn every weight of the group into NaN; refuse before anything is written."""
-    for k in keys:
-        v = g.get(k)
-        vals = v if isinstance(v, (tuple, list)) else (v,)
-        for x in vals:
-            if x is not None and _is_float(x) and not math.isfinite(x):
-                raise ValueError(f"param group {gi}: {k} must be finite, got {v!r}")
 
 
 def _values(dicts: tuple) -> tuple | None:
@@ -349,8 +337,6 @@ def _run(opt: SAM, base: torch.optim.Optimizer, plan: _Plan, txn: _Txn | None, g
          ptrs: tuple[int, ...] | None) -> bool:
     groups = base.param_groups
     glist = [groups[gi] for gi in plan.gidx]
-    for gi in plan.gidx:
-        _check_finite_hyper(groups[gi], gi, ("lr", "weight_decay", "momentum", "dampening", "betas", "eps"))
     go = plan.group_of
     if ptrs is not None:
         plan.ws.__dict__[TRUSTED_PTRS] = ptrs

@@ -21,11 +21,27 @@ from torch import Tensor
 from .. import functional as F
 from .._compat import no_grad
 from .._sequences import TRUSTED_PTRS, PerGroup, Tensors
-from .._validate import check_bool, check_int, check_param_tensor, check_real, overlapping_pair
+from .._validate import (
+    check_bool,
+    check_group_hyper,
+    check_int,
+    check_param_tensor,
+    check_real,
+    is_number,
+    overlapping_pair,
+)
 from ..functional import BACKENDS
 from ._fused import fused_second_step
 
 _GROUP_KEYS = ("rho", "adaptive", "eta")
+# base-optimizer state entries that hold one value per parameter element (shape = the parameter's)
+_ELEMENTWISE_STATE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
+                                "acc_delta", "sum", "grad_avg", "prev", "step_size", "ax", "exp_inf"})
+# what torch's own optimizers keep for every parameter they have stepped
+_REQUIRED_STATE: dict[type, tuple[str, ...]] = {
+    torch.optim.Adam: ("step", "exp_avg", "exp_avg_sq"),
+    torch.optim.AdamW: ("step", "exp_avg", "exp_avg_sq"),
+}
 _UNMARKED = ("unmarked",)  # _grad_marks after a step that did not record its gradients
 
 # The step methods mutate Python attributes of the optimizer (_perturbed, _sam_step, ...). Inside
@@ -154,6 +170,36 @@ class _Layout:
         return t
 
 
+def _option(name: str, check: Callable[[Any], Any], doc: str) -> property:
+    """A SAM option that is validated whenever it is set (at construction and after), and that
+    cannot change inside an open step; a change drops the cached layouts and plans."""
+    attr = "_opt_" + name
+
+    def get(self: SAM) -> Any:
+        return self.__dict__[attr]
+
+    def set_(self: SAM, value: Any) -> None:
+        value = check(value)
+        d = self.__dict__
+        if d.get("_txn") is not None or d.get("_perturbed") is not None:
+            raise RuntimeError(f"{name} cannot change while a SAM step is open: finish it (second_step() / "
+                               "base_step()) or abandon it (restore()) first")
+        d[attr] = value
+        if "_layouts" in d:
+            d["_layouts"].clear()
+            d["_fused_plans"].clear()
+
+    return property(get, set_, doc=doc)
+
+
+def _check_p(v: Any) -> float:
+    return check_real("p", v, lo=1.0, lo_open=True, allow_inf=True, what="2 for SAM, math.inf for sign perturbations")
+
+
+def _check_sigma(v: Any) -> float | None:
+    return None if v is None else check_real("fsam_sigma", v, lo=0.0, what="None turns F-SAM off")
+
+
 class SAM(torch.optim.Optimizer):
     r"""Sharpness-Aware Minimization (Foret et al., 2021) and its family over any base optimizer.
 
@@ -211,6 +257,17 @@ class SAM(torch.optim.Optimizer):
         opt.second_step(zero_grad=True)
     """
 
+    p = _option("p", _check_p, "The perturbation's p-norm (q = p / (p - 1) is the dual exponent).")
+    fsam_sigma = _option("fsam_sigma", _check_sigma, "F-SAM's sigma (None: F-SAM off).")
+    fsam_lambda = _option("fsam_lambda", lambda v: check_real("fsam_lambda", v, lo=0.0, hi=1.0, hi_open=True),
+                          "F-SAM's EMA factor.")
+    gsam_alpha = _option("gsam_alpha", lambda v: check_real("gsam_alpha", v, lo=0.0, what="0 disables GSAM"),
+                         "GSAM's alpha (0: off).")
+    swp_keep = _option("swp_keep", lambda v: check_real("swp_keep", v, lo=0.0, hi=1.0, lo_open=True,
+                                                        what="1 disables ESAM weight masks"),
+                       "ESAM's keep probability beta (1: off).")
+    seed = _option("seed", lambda v: check_int("seed", v, lo=0, hi=2**32 - 1), "ESAM's mask seed.")
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
@@ -240,14 +297,14 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         F.resolve_backend(backend)  # an explicitly requested but unavailable backend fails here
 
-        self.p = float(p)
-        self.fsam_sigma = None if fsam_sigma is None else float(fsam_sigma)
-        self.fsam_lambda = float(fsam_lambda)
-        self.gsam_alpha = float(gsam_alpha)
-        self.swp_keep = float(swp_keep)
-        self.seed = int(seed)
-        self.backend = backend
         self._init_transient()
+        self.p = p
+        self.fsam_sigma = fsam_sigma
+        self.fsam_lambda = fsam_lambda
+        self.gsam_alpha = gsam_alpha
+        self.swp_keep = swp_keep
+        self.seed = seed
+        self.backend = backend
 
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -352,6 +409,16 @@ class SAM(torch.optim.Optimizer):
         for k in _GROUP_KEYS:
             param_group.setdefault(k, self.defaults[k])
         _check_group_options(param_group)
+        check_group_hyper(param_group, "param_group")
+        existing = self._all_params()
+        pair = overlapping_pair(existing + params)
+        if pair is not None:  # checked before anything is appended: a refused group changes nothing
+            i, j = pair
+            raise ValueError(
+                f"param_group: a new parameter (shape {tuple((existing + params)[j].shape)}) would share memory with "
+                f"{'another new one' if i >= len(existing) else 'a parameter already in the optimizer'}: it would be "
+                "perturbed twice and could not be restored. Tie weights by using one Parameter object"
+            )
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
         self._check_params()
 
@@ -651,6 +718,7 @@ class SAM(torch.optim.Optimizer):
         params = self._all_params()
         grads = list(map(_grad_of, params))
         try:
+            self._check_base_hyper()
             if fused_second_step(self, self._layout, txn, params, grads, ptrs):
                 self._set_perturbed(None)
             else:
@@ -845,6 +913,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
         txn = self._begin()
         try:
+            self._check_base_hyper()
             if not fused_second_step(self, None, txn):
                 self.base_optimizer.step()
             txn.updated = True
@@ -853,6 +922,12 @@ class SAM(torch.optim.Optimizer):
             raise
         self._end_call(txn)
         self._after_base_step()
+
+    def _check_base_hyper(self) -> None:
+        """The base optimizer's hyper-parameters are finite before it updates (on every path: a
+        NaN lr from a scheduler would otherwise write NaN into every weight of its group)."""
+        for gi, group in enumerate(self.param_groups):
+            check_group_hyper(group, f"param group {gi}")
 
     def _after_base_step(self, params: list[Tensor] | None = None, grads: list[Tensor | None] | None = None) -> None:
         self._opt_called = True  # tells torch's LR schedulers that an optimizer step happened
@@ -1066,8 +1141,21 @@ class SAM(torch.optim.Optimizer):
                 {**{k: g[k] for k in (*_GROUP_KEYS, "initial_rho") if k in g}, **sg}
                 for sg, g in zip(base_sd["param_groups"], self.param_groups)]}
         sam_state, step, seed, keep = self._validate_sam_state(sam, params, strict)
-        # everything checked: load (torch's load_state_dict replaces groups and state as a whole)
-        self.base_optimizer.load_state_dict(base_sd)
+        # everything checked: load (torch's load_state_dict replaces groups and state as a whole). A
+        # base optimizer can still refuse what no generic check sees (its own __setstate__ runs
+        # after the replacement): then its previous state and groups are put back
+        base = self.base_optimizer
+        kept = {k: base.__dict__[k] for k in ("state", "param_groups", "defaults") if k in base.__dict__}
+        groups0 = [dict(g) for g in base.param_groups]
+        try:
+            base.load_state_dict(base_sd)
+        except Exception as e:
+            base.__dict__.update(kept)
+            for g, g0 in zip(base.param_groups, groups0):
+                g.clear()
+                g.update(g0)
+            raise ValueError(f"state_dict['base_optimizer'] was refused by {type(base).__name__}.load_state_dict "
+                             f"({type(e).__name__}: {e}); this optimizer is unchanged") from e
         self.state = defaultdict(dict)
         for i, st in sam_state.items():
             w = params[i]
@@ -1111,6 +1199,7 @@ class SAM(torch.optim.Optimizer):
                         _check_group_options({**g, k: sg[k]}, str(gi))
                     except ValueError as e:
                         raise ValueError(f"state_dict param group {gi}: {e}") from None
+            check_group_hyper(sg, f"state_dict param group {gi}")
             for key, w in zip(sg["params"], g["params"]):
                 index[key] = w
         for key, st in base_sd["state"].items():
@@ -1121,11 +1210,24 @@ class SAM(torch.optim.Optimizer):
                 raise ValueError(f"state_dict base state of parameter {key!r} must be a dict, got {type(st).__name__}")
             w = index[key]
             for name, v in st.items():
-                if isinstance(v, Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(w.shape):
+                elementwise = name in _ELEMENTWISE_STATE
+                if elementwise and not (isinstance(v, Tensor) or (v is None and name == "momentum_buffer")):
+                    raise ValueError(f"state_dict base state '{name}' of parameter {key!r} must be a tensor of shape "
+                                     f"{tuple(w.shape)}, got {type(v).__name__}")
+                if isinstance(v, Tensor) and (v.dim() > 0 or elementwise) and tuple(v.shape) != tuple(w.shape):
                     raise ValueError(f"state_dict base state '{name}' of parameter {key!r} has shape {tuple(v.shape)}, "
                                      f"the parameter {tuple(w.shape)}")
                 if isinstance(v, Tensor) and (v.is_complex() != w.is_complex()):
                     raise ValueError(f"state_dict base state '{name}' of parameter {key!r} has dtype {v.dtype}")
+                if name == "step" and not (is_number(v) or (isinstance(v, Tensor) and v.numel() == 1
+                                                           and not v.is_complex())):
+                    raise ValueError(f"state_dict base state 'step' of parameter {key!r} must be a number or a "
+                                     f"one-element tensor, got {v!r}")
+            required = _REQUIRED_STATE.get(type(self.base_optimizer), ())
+            if st and any(k not in st for k in required):
+                raise ValueError(f"state_dict base state of parameter {key!r} lacks "
+                                 f"{sorted(set(required) - set(st))} ({type(self.base_optimizer).__name__} keeps "
+                                 f"{list(required)} for every parameter it has stepped)")
 
     def _validate_sam_state(self, sam: Any, params: list[Tensor], strict: bool) -> tuple[dict[int, dict], int, int,
                                                                                           bool]:
@@ -1156,17 +1258,29 @@ class SAM(torch.optim.Optimizer):
             if not isinstance(m, Tensor) or tuple(m.shape) != tuple(w.shape) or not m.is_floating_point():
                 raise ValueError(f"state_dict F-SAM EMA of parameter {idx} must be a float tensor of shape "
                                  f"{tuple(w.shape)}, got {getattr(m, 'shape', m)!r}")
-            if not isinstance(r, Tensor) or r.numel() != 1:
-                raise ValueError(f"state_dict F-SAM flag of parameter {idx} must be a one-element tensor")
+            if not isinstance(r, Tensor) or r.numel() != 1 or r.is_complex():
+                raise ValueError(f"state_dict F-SAM flag of parameter {idx} must be a real one-element tensor")
             state[idx] = st
         saved = sam.get("options")
         mine = self._options()
         if saved is None and sam.get("version", 1) >= 2:
             raise ValueError("state_dict['sam'] has no 'options' entry")
+        if saved is not None and not isinstance(saved, dict):
+            raise ValueError("state_dict['sam']['options'] must be a dict of the SAM options, got "
+                             f"{type(saved).__name__}")
         saved = dict(saved or {})
+        if "seed" in saved and saved["seed"] != seed:
+            raise ValueError(f"state_dict['sam'] is inconsistent: seed {seed!r}, options['seed'] {saved['seed']!r}")
         saved.setdefault("seed", seed)
+        missing = sorted(set(mine) - set(saved)) if sam.get("version", 1) >= 2 else []
+        if missing and strict:
+            raise ValueError(f"state_dict['sam']['options'] lacks {missing} (a fastsam.SAM.state_dict() saves "
+                             f"{sorted(mine)}); pass strict=False to load it keeping this optimizer's options")
         diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved.get(k) != v}
-        keep = False
+        keep = bool(missing)
+        if missing:
+            warnings.warn(f"load_state_dict(strict=False): the checkpoint's SAM options lack {missing}; keeping this "
+                          "optimizer's options and seed", stacklevel=3)
         if diff:
             what = ", ".join(f"{k}: saved {a!r}, this optimizer {b!r}" for k, (a, b) in diff.items())
             if strict:
@@ -1193,6 +1307,9 @@ class SAM(torch.optim.Optimizer):
         for k in ("_acc_live", "_grad_marks", "_layout_key", "_perturb_ok", "_layouts", "_fused_plans", "_layout",
                   "_perturbed"):
             d.pop(k, None)
+        # an LR scheduler wraps this instance's step (an attribute bound to this object): a copy
+        # keeps the class's own (as torch.optim.Optimizer's copies do), or it would step the original
+        d.pop("step", None)
         return d
 
     def __setstate__(self, state: dict[str, Any]) -> None:
