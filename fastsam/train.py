@@ -36,6 +36,7 @@ from . import _amp, _grads
 from . import _batch as B_
 from ._validate import check_bool, check_int, check_real
 from .integrations._wrappers import run_wrapped, unwrap_optimizer
+from .optim._cheap import sq_norm as _cheap_sq_norm
 from .optim.sam import SAM
 
 LossFn = Callable[..., Tensor]
@@ -80,6 +81,10 @@ class _Plan:
     ref: float  # accumulation weights: n_k / ref, the last scaled by ref / samples
     samples: int
     bn: list[_BatchNorm]  # the model's BatchNorm layers that track running statistics
+    #: "sam" (two passes), "plain" (one pass at w: interval SAM / LookSAM between their SAM steps),
+    #: "adaptive" (AE-SAM: decided from the first micro-batch's gradient), "momentum" (MSAM: one
+    #: pass at the point perturbed along the momentum)
+    mode: str = "sam"
 
 
 def _check_args(micro_batch: Any, sds_keep: Any, max_grad_norm: Any, amp_dtype: Any, update: Any,
@@ -110,7 +115,11 @@ def _plan(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, micro_bat
     # DDP syncs the second pass itself only in the simple case; otherwise every pass runs under
     # no_sync and the final gradient is averaged once (per-rank GSAM / micro-batches stay local,
     # which makes N ranks equal to one process with micro_batch = per-rank batch).
-    manual_sync = ddp and (len(bounds) > 1 or optimizer.gsam_alpha > 0 or not update or accum is not None)
+    mode = _mode(optimizer)
+    # DDP syncs the one pass of a plain or MSAM step itself in the simple case; AE-SAM decides
+    # after a pass under no_sync, and the gradient combines of GSAM / LookSAM / WSAM are per rank
+    manual_sync = ddp and (len(bounds) > 1 or optimizer._needs_g_old() or not update or accum is not None
+                           or mode == "adaptive")
     one = len(bounds) == 1 and update and accum is None
     return _Plan(
         B=B, bounds=bounds, x_spec=B_.split_spec(inputs, B), y_spec=B_.split_spec(targets, B), ddp=ddp,
@@ -118,7 +127,36 @@ def _plan(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, micro_bat
         update=update, ref=float(accum["ref"]) if accum else float(B),
         samples=(accum["samples"] if accum else 0) + B,
         bn=[mod for mod in model.modules() if isinstance(mod, _BatchNorm) and mod.track_running_stats],
+        mode=mode,
     )
+
+
+def _mode(optimizer: SAM) -> str:
+    """How this step's passes run (see _Plan.mode), known before the first pass except for AE-SAM."""
+    if optimizer.perturb_from == "momentum":
+        return "momentum"
+    if optimizer.aesam is not None:
+        return "adaptive"
+    return "sam" if optimizer.perturbs_next_step else "plain"
+
+
+def _check_family(optimizer: SAM, plan: _Plan, ascent_loss_fn: Any, sds_keep: float, accum: Any) -> None:
+    """What sam_step runs with each cheap-family choice (one pass has no ascent loss to use and
+    no w / w + e pair to select examples from)."""
+    if plan.mode == "momentum":
+        if ascent_loss_fn is not None:
+            raise ValueError("ascent_loss_fn with MSAM (perturb_from='momentum'): its one pass is at the perturbed "
+                             "point, no first pass uses an ascent loss")
+        if sds_keep < 1.0:
+            raise ValueError("sds_keep < 1 with MSAM (perturb_from='momentum'): selecting examples by "
+                             "l(w + e) - l(w) needs the pass at w that MSAM does not make")
+    if plan.mode == "adaptive" and ascent_loss_fn is not None:
+        raise ValueError("ascent_loss_fn with AE-SAM: its decision reads the training gradient at w, which the "
+                         "first pass would not compute")
+    if plan.mode in ("sam", "adaptive") and (len(plan.bounds) > 1 or not plan.update or accum is not None) and (
+            optimizer.looksam_alpha is not None or (optimizer.wsam_gamma is not None and optimizer.wsam_decouple)):
+        raise ValueError("LookSAM and decoupled WSAM combine the two gradients of one batch: micro_batch and "
+                         "update=False accumulation are not supported with them (WSAM(decouple=False) is)")
 
 
 @contextlib.contextmanager
@@ -218,18 +256,51 @@ def _select_examples(model: nn.Module, plan: _Plan, x: Any, y: Any, lo: int, hi:
 
 
 def _descent_pass(model: nn.Module, optimizer: SAM, plan: _Plan, x: Any, y: Any, loss_fn: Any, scaler: Any,
-                  keys: list, amp_dtype: Any) -> Tensor:
+                  keys: list, amp_dtype: Any, with_outputs: bool = False) -> Any:
     """Pass 2 at w + e with BatchNorm statistics frozen (DDP: synced in the simple case)."""
     sync = plan.ddp and not plan.manual_sync
-    with (contextlib.nullcontext() if sync or not plan.ddp else model.no_sync()), _frozen(plan.bn):
+    # MSAM's one pass updates the BatchNorm statistics (there is no pass at w to do it)
+    frozen = _frozen(plan.bn) if plan.mode != "momentum" else contextlib.nullcontext()
+    with (contextlib.nullcontext() if sync or not plan.ddp else model.no_sync()), frozen:
         with B_.autocast(amp_dtype, x):
-            l2 = loss_fn(B_.call(model, x), y, reduction="mean")
+            out = B_.call(model, x)
+            l2 = loss_fn(out, y, reduction="mean")
         (scaler.scale(l2) if scaler is not None else l2).backward()
     if scaler is not None:
         k = _amp.unscale(scaler, optimizer.param_groups)
         if k is not None:
             keys.append(k)
-    return l2
+    return (l2, B_.detach(out)) if with_outputs else l2
+
+
+def _plain_pass(model: nn.Module, optimizer: SAM, plan: _Plan, x: Any, y: Any, loss_fn: Any, scaler: Any,
+                keys: list, amp_dtype: Any) -> tuple[Tensor, Any]:
+    """The one pass at w of a non-perturbing step: training loss, BatchNorm statistics updated,
+    DDP synced in the simple case."""
+    optimizer.zero_grad(set_to_none=True)
+    sync = plan.ddp and not plan.manual_sync
+    with contextlib.nullcontext() if sync or not plan.ddp else model.no_sync():
+        with B_.autocast(amp_dtype, x):
+            out = B_.call(model, x)
+            loss = loss_fn(out, y, reduction="mean")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        k = _amp.unscale(scaler, optimizer.param_groups)
+        if k is not None:
+            keys.append(k)
+    return loss, B_.detach(out)
+
+
+def _decide(optimizer: SAM, plan: _Plan) -> bool:
+    """AE-SAM's decision from the first micro-batch's gradient (its |g|^2 averaged over DDP ranks,
+    so that every rank decides alike)."""
+    gs = [w.grad for g in optimizer.param_groups if g["rho"] > 0 for w in g["params"] if w.grad is not None]
+    q = _cheap_sq_norm(gs)
+    if plan.ddp:
+        q = q.clone()
+        dist.all_reduce(q)
+        q = q / dist.get_world_size()
+    return optimizer.wants_perturbation(q)
 
 
 def _collect_gradient(optimizer: SAM, plan: _Plan, mb: int, n_k: int) -> None:
@@ -280,17 +351,45 @@ def _run(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, loss_fn: L
     loss2: Tensor | None = None
     n2_total = 0
     bad: Tensor | None = None  # device flag: a first step saw a non-finite norm (this call)
+    plain = plan.mode == "plain"  # a one-pass step at w (AE-SAM: decided after the first pass)
     for mb, (lo, hi) in enumerate(plan.bounds):
         n_k = hi - lo
         x, y = inputs, targets
         if len(plan.bounds) > 1:
             x, y = B_.take(inputs, slice(lo, hi), plan.x_spec), B_.take(targets, slice(lo, hi), plan.y_spec)
+        if plain or plan.mode == "momentum":
+            if plain:  # one pass at w
+                l2, out = _plain_pass(model, optimizer, plan, x, y, loss_fn, scaler, keys, amp_dtype)
+            else:  # MSAM: one pass at the point perturbed along the momentum
+                optimizer.first_step(zero_grad=True)
+                ok = optimizer.perturbation_ok
+                assert ok is not None
+                bad = ~ok if bad is None else bad | ~ok.to(bad.device)
+                l2, out = _descent_pass(model, optimizer, plan, x, y, loss_fn, scaler, keys, amp_dtype, True)
+            if keep_outputs:
+                outs.append(out)
+            del out
+            w = l2.detach().float() * (n_k / plan.B)
+            loss1, loss2 = w + (0 if loss1 is None else loss1), w + (0 if loss2 is None else loss2)
+            n2_total += n_k
+            if plan.fast:
+                break
+            _collect_gradient(optimizer, plan, mb, n_k)
+            continue
         l1, l0, out = _ascent_pass(model, optimizer, plan, x, y, n_k, ascent, loss_fn, sds_keep < 1.0, scaler, keys,
                                    amp_dtype)
         if keep_outputs:
             outs.append(out)
         del out
         loss1 = l1.detach().float() * (n_k / plan.B) + (0 if loss1 is None else loss1)
+        if plan.mode == "adaptive" and mb == 0 and not _decide(optimizer, plan):
+            plain = True  # this pass's gradient is the first micro-batch's plain gradient
+            loss2 = l1.detach().float() * (n_k / plan.B)
+            n2_total += n_k
+            if plan.fast:
+                break
+            _collect_gradient(optimizer, plan, mb, n_k)
+            continue
         optimizer.first_step(zero_grad=True)
         ok = optimizer.perturbation_ok
         assert ok is not None
@@ -302,7 +401,9 @@ def _run(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, loss_fn: L
         if plan.fast:
             break
         _collect_gradient(optimizer, plan, mb, n_k)
-    assert loss1 is not None and loss2 is not None and bad is not None
+    assert loss1 is not None and loss2 is not None
+    if bad is None:  # no first step ran (a plain step)
+        bad = torch.zeros((), dtype=torch.bool, device=loss2.device)
     if accum is not None:
         bad = bad | accum["bad"].to(bad.device)
 
@@ -327,6 +428,8 @@ def _run(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, loss_fn: L
         optimizer.restore()  # abandons the step: weights at w, the step's state undone
         optimizer.clear_accumulated()  # a skipped update drops its accumulated batches (AMP's rule)
         optimizer.zero_grad(set_to_none=True)
+    elif plain:
+        optimizer.plain_step()  # LookSAM: its reuse combine, then the base update
     elif plan.fast:
         optimizer.second_step()
     else:
@@ -439,6 +542,7 @@ def sam_step(
             "optimizer.load_accumulated() (and step) or optimizer.clear_accumulated() first"
         )
     plan = _plan(model, optimizer, inputs, targets, micro_batch, max_grad_norm, update, accum)
+    _check_family(optimizer, plan, ascent_loss_fn, sds_keep, accum)
     ascent = loss_fn if ascent_loss_fn is None else ascent_loss_fn
     undo = _Undo(optimizer, plan, _devices(optimizer), scaler)
     keys: list[_amp.ScalerKey] = []  # this call's scaler keys (+ the accumulation's, once inserted)

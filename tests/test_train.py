@@ -385,7 +385,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("opts", [{}, dict(gsam_alpha=0.3, adaptive=True, eta=0.01, swp_keep=0.6, seed=5)])
+@pytest.mark.parametrize("opts", [{}, dict(gsam_alpha=0.3, adaptive=True, eta=0.01, swp_keep=0.6, seed=5),
+                                  # the cheaper family (#17): plain steps, MSAM's one pass, WSAM's per-rank mix
+                                  dict(sam_every=2), dict(perturb_from="momentum"),
+                                  dict(wsam_gamma=0.8, wsam_decouple=False)])
 def test_ddp_equals_single_process_m_sam(opts):
     """N ranks == one process with micro_batch = per-rank batch (GSAM combined per rank), ESAM
     masks included (one mask per step: keyed by the completed steps, on every rank and micro-batch).

@@ -31,6 +31,8 @@ from .._validate import (
     overlapping_pair,
 )
 from ..functional import BACKENDS
+from . import _cheap
+from ._cheap import PERTURB_FROM, AESAMPolicy
 from ._fused import fused_second_step
 
 _GROUP_KEYS = ("rho", "adaptive", "eta")
@@ -43,6 +45,11 @@ _REQUIRED_STATE: dict[type, tuple[str, ...]] = {
     torch.optim.AdamW: ("step", "exp_avg", "exp_avg_sq"),
 }
 _UNMARKED = ("unmarked",)  # _grad_marks after a step that did not record its gradients
+_UNSET = object()
+# the cheap-family options a version-2 checkpoint (saved before they existed) implicitly had
+_V2_OPTIONS = {"sam_every": 1, "looksam_alpha": None, "aesam": None, "perturb_from": "gradient",
+               "wsam_gamma": None, "wsam_decouple": True}
+_FAMILY_KEYS = ("gsam_alpha", "sam_every", "looksam_alpha", "aesam", "perturb_from", "wsam_gamma")
 
 # The step methods mutate Python attributes of the optimizer (_perturbed, _sam_step, ...). Inside
 # a torch.compile'd function, dynamo (torch 2.13) drops attribute writes made on an Optimizer
@@ -82,7 +89,8 @@ class _Txn:
     (rollback); later writes of the same step go to the new buffer in place.
     """
 
-    __slots__ = ("outer", "ema_old", "acc_old", "acc_live0", "base_len0", "created", "updated", "params", "grads0")
+    __slots__ = ("outer", "ema_old", "acc_old", "acc_live0", "base_len0", "created", "updated", "params", "grads0",
+                 "perturbed", "gv_old", "combined", "wsam_pending")
 
     def __init__(self, opt: SAM, outer: bool, params: list[Tensor] | None = None,
                  grads: list[Tensor | None] | None = None) -> None:
@@ -97,6 +105,10 @@ class _Txn:
         self.base_len0 = len(opt.base_optimizer.state)
         self.created: list[Tensor] = []  # params whose base state this step created (fused path)
         self.updated = False  # the base optimizer stepped: the step counter moves at commit
+        self.perturbed = False  # a first step perturbed (counts as a perturbing step at commit)
+        self.gv_old: dict[Tensor, Tensor | None] = {}  # param -> LookSAM direction before the step
+        self.combined = False  # LookSAM / WSAM have taken this step's two gradients
+        self.wsam_pending: tuple | None = None  # decoupled WSAM's correction, applied after the update
 
 
 class _Layout:
@@ -139,7 +151,7 @@ class _Layout:
         self.groups = tuple(used)
         self.offsets = tuple(offsets)
         self.w_old = tuple(opt._buffer(w, "w_old") for w in self.params)
-        self.g_old = tuple(opt._buffer(w, "g_old") for w in self.params) if opt.gsam_alpha > 0 else None
+        self.g_old = tuple(opt._buffer(w, "g_old") for w in self.params) if opt._needs_g_old() else None
         self.shapes = list(map(_shape_of, self.params))
         self.dtypes = list(map(_dtype_of, self.params))
         self.ptrs = self.pick(opt._layout_key)  # the addresses P had when the layout was made
@@ -184,7 +196,17 @@ def _option(name: str, check: Callable[[Any], Any], doc: str) -> property:
         if d.get("_txn") is not None or d.get("_perturbed") is not None:
             raise RuntimeError(f"{name} cannot change while a SAM step is open: finish it (second_step() / "
                                "base_step()) or abandon it (restore()) first")
+        old = d.get(attr, _UNSET)
         d[attr] = value
+        if all("_opt_" + k in d for k in _FAMILY_KEYS):
+            try:
+                _check_family(self._options())
+            except ValueError:
+                if old is _UNSET:
+                    del d[attr]
+                else:
+                    d[attr] = old
+                raise
         if "_layouts" in d:
             d["_layouts"].clear()
             d["_fused_plans"].clear()
@@ -194,6 +216,30 @@ def _option(name: str, check: Callable[[Any], Any], doc: str) -> property:
 
 def _check_p(v: Any) -> float:
     return check_real("p", v, lo=1.0, lo_open=True, allow_inf=True, what="2 for SAM, math.inf for sign perturbations")
+
+
+def _check_aesam(v: Any) -> AESAMPolicy | None:
+    if v is not None and not isinstance(v, AESAMPolicy):
+        raise ValueError(f"aesam must be None or a fastsam.AESAMPolicy(total_steps=...), got {v!r}")
+    return v
+
+
+def _check_perturb_from(v: Any) -> str:
+    if v not in PERTURB_FROM:
+        raise ValueError(f"perturb_from must be one of {PERTURB_FROM}, got {v!r}")
+    return v
+
+
+def _check_family(o: dict[str, Any]) -> None:
+    """The cheap-family choices that do not compose (one choice per axis; see fastsam.optim._cheap)."""
+    if o["wsam_gamma"] is not None and o["gsam_alpha"] > 0:
+        raise ValueError("wsam_gamma and gsam_alpha are two ways to combine the gradients at w and w + e: set one")
+    if o["aesam"] is not None and o["sam_every"] > 1:
+        raise ValueError("aesam and sam_every > 1 are two rules for when to perturb: set one")
+    if o["perturb_from"] == "momentum" and (o["aesam"] is not None or o["sam_every"] > 1
+                                            or o["looksam_alpha"] is not None):
+        raise ValueError("perturb_from='momentum' (MSAM) perturbs every step with one pass and no gradient at w: "
+                         "it does not combine with sam_every, aesam or looksam_alpha")
 
 
 def _check_sigma(v: Any) -> float | None:
@@ -267,6 +313,16 @@ class SAM(torch.optim.Optimizer):
                                                         what="1 disables ESAM weight masks"),
                        "ESAM's keep probability beta (1: off).")
     seed = _option("seed", lambda v: check_int("seed", v, lo=0, hi=2**32 - 1), "ESAM's mask seed.")
+    sam_every = _option("sam_every", lambda v: check_int("sam_every", v, lo=1, what="1: every step perturbs"),
+                        "Interval SAM / LookSAM: a perturbing step when step_count % sam_every == 0.")
+    looksam_alpha = _option("looksam_alpha", lambda v: None if v is None else check_real(
+        "looksam_alpha", v, lo=0.0, what="None: non-perturbing steps use g"), "LookSAM's alpha (None: off).")
+    aesam = _option("aesam", lambda v: _check_aesam(v), "AE-SAM's policy (None: off).")
+    perturb_from = _option("perturb_from", lambda v: _check_perturb_from(v),
+                           "'gradient' (SAM) or 'momentum' (MSAM).")
+    wsam_gamma = _option("wsam_gamma", lambda v: None if v is None else check_real(
+        "wsam_gamma", v, lo=0.0, hi=1.0, hi_open=True, what="None: WSAM off"), "WSAM's gamma (None: off).")
+    wsam_decouple = _option("wsam_decouple", lambda v: check_bool("wsam_decouple", v), "WSAM's decoupled form.")
 
     def __init__(
         self,
@@ -282,6 +338,12 @@ class SAM(torch.optim.Optimizer):
         gsam_alpha: float = 0.0,
         swp_keep: float = 1.0,
         seed: int = 0,
+        sam_every: int = 1,
+        looksam_alpha: float | None = None,
+        aesam: AESAMPolicy | None = None,
+        perturb_from: str = "gradient",
+        wsam_gamma: float | None = None,
+        wsam_decouple: bool = True,
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
@@ -304,6 +366,13 @@ class SAM(torch.optim.Optimizer):
         self.gsam_alpha = gsam_alpha
         self.swp_keep = swp_keep
         self.seed = seed
+        self.sam_every = sam_every
+        self.looksam_alpha = looksam_alpha
+        self.aesam = aesam
+        self.perturb_from = perturb_from
+        self.wsam_gamma = wsam_gamma
+        self.wsam_decouple = wsam_decouple
+        _check_family(self._options())
         self.backend = backend
 
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
@@ -332,10 +401,30 @@ class SAM(torch.optim.Optimizer):
         self.__dict__.pop("_own_param_groups", None)
         self.defaults = {**base.defaults, **self.defaults}
         self._check_params()
+        if self.perturb_from == "momentum":
+            self._check_momentum_base()
+
+    def _check_momentum_base(self) -> None:
+        """MSAM needs a momentum to perturb along: torch's SGD with momentum > 0, or an Adam-family
+        base (its ``exp_avg``)."""
+        base = self.base_optimizer
+        if isinstance(base, torch.optim.SGD):
+            if any(g.get("momentum", 0.0) == 0 for g in base.param_groups):
+                raise ValueError("perturb_from='momentum' (MSAM) with torch.optim.SGD needs momentum > 0 in every "
+                                 "param group (it perturbs along the momentum buffer)")
+        elif not isinstance(base, (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+                                   torch.optim.Adamax)):
+            raise ValueError(f"perturb_from='momentum' (MSAM) needs a base optimizer with a momentum: torch's SGD "
+                             f"(momentum > 0), Adam, AdamW, NAdam, RAdam or Adamax (exp_avg); got "
+                             f"{type(base).__name__}")
 
     def _init_transient(self) -> None:
         """Everything that is not saved: buffers of the open step, caches, the open transaction."""
         self._sam_step = 0  # completed steps (base updates through SAM): the ESAM mask key
+        self._aesam_stats: tuple[float, float, int] = (0.0, 0.0, 0)  # AE-SAM's (mu, var, observations)
+        self._perturbing_steps = 0  # completed steps that perturbed (the cheap family's SAM-step count)
+        # this step's decision: (step_count, perturbs, AE-SAM statistics after it), made once per step
+        self._decision: tuple[int, bool, tuple[float, float, int] | None] | None = None
         self._perturbed: tuple[Tensor, ...] | None = None  # the tensors perturbed by the open first step
         self._layout: _Layout | None = None  # ... and their layout (saved w, ...)
         self._layouts: OrderedDict[tuple, _Layout] = OrderedDict()  # recent layouts (a few: P may vary)
@@ -526,7 +615,12 @@ class SAM(torch.optim.Optimizer):
     def _commit(self, txn: _Txn) -> None:
         self._txn = None
         if txn.updated:
+            d = self._decision
+            if d is not None and d[0] == self._sam_step and d[2] is not None:
+                self._aesam_stats = d[2]  # AE-SAM's statistics move with the step they decided
+            self._decision = None
             self._sam_step += 1
+            self._perturbing_steps += txn.perturbed
         for w, old in txn.ema_old.items():  # the replaced EMA buffers become the next step's spares
             if old is not None:
                 sc = self._scratch.setdefault(w, {})
@@ -567,6 +661,16 @@ class SAM(torch.optim.Optimizer):
         if extra > 0:  # entries the base optimizer's own step() added (dicts keep insertion order)
             for w in list(base_state)[-extra:]:
                 del base_state[w]
+        for w, old_gv in txn.gv_old.items():
+            st = self.state.get(w)
+            if st is not None:
+                if old_gv is None:
+                    st.pop("looksam_gv", None)
+                    if not st:
+                        self.state.pop(w, None)
+                else:
+                    st["looksam_gv"] = old_gv
+        self._decision = None  # a retry decides again from its own gradient (AE-SAM's statistics did not move)
         self._perturb_ok = None
 
     # ------------------------------------------------------------------ the step
@@ -664,8 +768,12 @@ class SAM(torch.optim.Optimizer):
             groups = self.param_groups
             for gi, group in enumerate(groups):  # a scheduler or user code may have written them
                 _check_group_options(group, str(gi))
-            lay = self._layout_for(params, grads)
-            pgrads = lay.pick(grads)
+            momentum = self.perturb_from == "momentum"
+            # MSAM perturbs along the base optimizer's momentum v (w~ = w - rho v / |v|): v is the
+            # direction and rho changes sign; nothing is perturbed while v does not exist yet
+            dirs = self._momentum(params) if momentum else grads
+            lay = self._layout_for(params, dirs)
+            pgrads = lay.pick(dirs)
             if lay.check_sparse and any(map(_is_sparse, pgrads)):
                 raise ValueError("SAM does not support sparse gradients (params: a parameter has one)")
             ema = ready = ema_out = ready_out = None
@@ -674,8 +782,11 @@ class SAM(torch.optim.Optimizer):
                 ema, ready, ema_out, ready_out, forked = self._fsam_lists(lay, txn)
             lay.trust(ptrs)
             try:
+                rho = lay.column(groups, "rho")
+                if momentum:
+                    rho = PerGroup(tuple(-r for r in rho.values), rho.group_of)
                 ok = F.sam_perturb_(
-                    lay.params, pgrads, lay.w_old, ema, ready, lay.g_old, lay.column(groups, "rho"),
+                    lay.params, pgrads, lay.w_old, ema, ready, lay.g_old, rho,
                     lay.column(groups, "eta"), lay.column(groups, "adaptive"), lay.offsets,
                     p=self.p, fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda,
                     swp_keep=self.swp_keep, seed=self.seed, step=self._sam_step,
@@ -685,6 +796,7 @@ class SAM(torch.optim.Optimizer):
                 lay.untrust()
             self._set_perturbed(lay)
             self._perturb_ok = ok
+            txn.perturbed = True
             for w in forked:  # the new EMA and flags become current; the replaced ones are kept
                 st, sc = self.state[w], self._scratch[w]
                 old = (st["fsam_ema"], st["fsam_ready"])
@@ -716,15 +828,19 @@ class SAM(torch.optim.Optimizer):
         ptrs = self._check_shapes_unchanged()  # before anything: the step stays open, w kept
         txn = self._begin()
         params = self._all_params()
-        grads = list(map(_grad_of, params))
         try:
             self._check_base_hyper()
-            if fused_second_step(self, self._layout, txn, params, grads, ptrs):
+            lay = self._layout
+            assert lay is not None
+            self._family_combine(lay, txn)
+            grads = list(map(_grad_of, params))
+            if fused_second_step(self, lay, txn, params, grads, ptrs):
                 self._set_perturbed(None)
             else:
                 self._restore_and_combine()
                 self.base_optimizer.step()
                 grads = None  # the base optimizer's step may have replaced them
+            self._wsam_correct(txn)
             txn.updated = True
         except BaseException:
             self._fail_call(txn)
@@ -733,6 +849,54 @@ class SAM(torch.optim.Optimizer):
         self._after_base_step(params, grads)
         if zero_grad:
             self.zero_grad()
+
+    def _looksam_store(self, lay: _Layout, txn: _Txn) -> None:
+        """LookSAM's SAM step: ``gv_hat`` from the gradients at w + e (``.grad``) and at w (``g_old``),
+        into new tensors (the previous ones are kept by the transaction)."""
+        assert lay.g_old is not None
+        idx = [i for i, w in enumerate(lay.params) if w.grad is not None]
+        ws = [lay.params[i] for i in idx]
+        outs = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
+        _cheap.looksam_project([w.grad for w in ws], [lay.g_old[i] for i in idx], outs)
+        for w, gv in zip(ws, outs):
+            st = self.state[w]
+            if w not in txn.gv_old:
+                txn.gv_old[w] = st.get("looksam_gv")
+            st["looksam_gv"] = gv
+
+    def _family_combine(self, lay: _Layout, txn: _Txn) -> None:
+        """Before a perturbing step's update, with ``gs`` in ``.grad`` and ``g`` in ``g_old``:
+        LookSAM keeps ``gv_hat``; WSAM writes the gradient the base optimizer steps with into
+        ``.grad`` (``a gs + (1 - a) g``; decoupled: ``g``, with ``gs - g`` kept for the correction
+        after the update). GSAM's combine is the fused update's own."""
+        if lay.g_old is None or not lay.params or txn.combined:
+            return
+        txn.combined = True
+        if self.looksam_alpha is not None:
+            self._looksam_store(lay, txn)
+        if self.wsam_gamma is None:
+            return
+        a = self.wsam_gamma / (1.0 - self.wsam_gamma)
+        ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
+        gs = [w.grad for w, _ in ws]
+        g = [go for _, go in ws]
+        if self.wsam_decouple:
+            d = [self._buffer(w, "wsam_d") for w, _ in ws]
+            _cheap.wsam_mix(gs, g, 1.0, d)  # gs (copied): the correction is computed after the update
+            for x, y in zip(gs, g):
+                x.copy_(y)
+            lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
+            txn.wsam_pending = ([w for w, _ in ws], d, g, [lr_of[id(w)] * a for w, _ in ws])
+        else:
+            _cheap.wsam_mix(gs, g, a, gs)
+
+    def _wsam_correct(self, txn: _Txn) -> None:
+        """Decoupled WSAM after the base update: ``w -= lr a (gs - g)``."""
+        pending = txn.wsam_pending
+        if pending is not None:
+            txn.wsam_pending = None
+            ws, gs, g, scales = pending
+            _cheap.wsam_decoupled(ws, gs, g, scales)
 
     def _restore_and_combine(self) -> None:
         """Weights back to ``w`` and, with GSAM, ``.grad`` replaced by the combined gradient."""
@@ -773,6 +937,9 @@ class SAM(torch.optim.Optimizer):
             return
         txn = self._begin()
         try:
+            lay = self._layout
+            assert lay is not None
+            self._family_combine(lay, txn)  # LookSAM / WSAM (decoupled WSAM corrects after base_step)
             self._restore_and_combine()
         except BaseException:
             self._fail_call(txn)
@@ -805,6 +972,17 @@ class SAM(torch.optim.Optimizer):
         txn = self._begin()
         try:
             lay = self._layout
+            if lay is not None and lay.params and lay.g_old is not None:
+                if self.looksam_alpha is not None or (self.wsam_gamma is not None and self.wsam_decouple):
+                    raise ValueError(
+                        "accumulate() after a perturbing step of LookSAM or decoupled WSAM: their update needs the "
+                        "two gradients of one batch (m-sharpness micro-batches and accumulated SAM steps are not "
+                        "supported with them); use micro_batch=None and update=True, or WSAM(decouple=False)")
+                if self.wsam_gamma is not None:  # WSAM per micro-batch: a gs + (1 - a) g, then summed
+                    a = self.wsam_gamma / (1.0 - self.wsam_gamma)
+                    ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
+                    gs = [w.grad for w, _ in ws]
+                    _cheap.wsam_mix(gs, [go for _, go in ws], a, gs)
             perturbed = {} if lay is None else {id(w): i for i, w in enumerate(lay.params)}
             live = self._acc_live
             params: list[Tensor] = []
@@ -916,6 +1094,110 @@ class SAM(torch.optim.Optimizer):
             self._check_base_hyper()
             if not fused_second_step(self, None, txn):
                 self.base_optimizer.step()
+            self._wsam_correct(txn)
+            txn.updated = True
+        except BaseException:
+            self._fail_call(txn)
+            raise
+        self._end_call(txn)
+        self._after_base_step()
+
+    def _needs_g_old(self) -> bool:
+        """The first step keeps the gradient at w (GSAM, LookSAM and WSAM combine it with gs)."""
+        return self.gsam_alpha > 0 or self.looksam_alpha is not None or self.wsam_gamma is not None
+
+    def _momentum(self, params: list[Tensor]) -> list[Tensor | None]:
+        """MSAM's direction per parameter: the base optimizer's momentum (SGD ``momentum_buffer``,
+        Adam/AdamW ``exp_avg``), None where it does not exist yet."""
+        state = self.base_optimizer.state
+        out: list[Tensor | None] = []
+        for w in params:
+            st = state.get(w)
+            v = None if not st else st.get("momentum_buffer", st.get("exp_avg"))
+            out.append(v if isinstance(v, Tensor) else None)
+        return out
+
+    @property
+    def perturbs_next_step(self) -> bool | None:
+        """Whether the next step perturbs (two passes), when that is known before its gradient:
+        True for SAM and MSAM (whose one pass is at the perturbed point),
+        ``step_count % sam_every == 0`` for interval SAM and LookSAM, None for AE-SAM until
+        :meth:`wants_perturbation` has seen the step's gradient."""
+        d = self._decision
+        if d is not None and d[0] == self._sam_step:
+            return d[1]
+        if self.aesam is not None:
+            return None
+        return self._sam_step % self.sam_every == 0
+
+    @no_grad
+    def wants_perturbation(self, sq_norm: float | Tensor | None = None) -> bool:
+        """Decide this step, after its first backward (``g`` in ``.grad``): True means a SAM step
+        (:meth:`first_step`, the second pass, :meth:`second_step`), False a one-pass step
+        (:meth:`plain_step`). Interval SAM / LookSAM decide from the step count; AE-SAM from
+        ``q = |g|^2`` over the perturbed parameters (one host sync; ``sq_norm`` gives it instead,
+        e.g. averaged over DDP ranks) and its statistics, which move when the step completes. The
+        answer is kept for the step (a second call returns it)."""
+        d = self._decision
+        if d is not None and d[0] == self._sam_step:
+            return d[1]
+        policy = self.aesam
+        if policy is None:
+            perturb = self._sam_step % self.sam_every == 0
+            self._decision = (self._sam_step, perturb, None)
+            return perturb
+        if sq_norm is None:
+            gs = [w.grad for g in self.param_groups if g["rho"] > 0 for w in g["params"] if w.grad is not None]
+            sq_norm = _cheap.sq_norm(gs)
+        q = float(sq_norm)
+        stats = policy.update(self._aesam_stats, q)
+        perturb = policy.perturbs(stats, q, self._sam_step)
+        self._decision = (self._sam_step, perturb, stats)
+        return perturb
+
+    @property
+    def perturbing_steps(self) -> int:
+        """Completed steps that perturbed (two passes; MSAM: every step). With
+        :attr:`step_count`, the fraction of SAM steps interval SAM / LookSAM / AE-SAM took."""
+        return self._perturbing_steps
+
+    @_eager
+    @no_grad
+    def plain_step(self) -> None:
+        """A non-perturbing step of interval SAM / LookSAM / AE-SAM: the base update with the
+        gradient at ``w`` in ``.grad`` (LookSAM: with ``g + alpha |g| gv_hat`` on the perturbed
+        parameters, ``|g|`` global over them). Counts as a step; on an exception nothing changes."""
+        self._own()
+        if self._perturbed is not None:
+            raise RuntimeError("plain_step() while the weights are perturbed: finish the SAM step with second_step()")
+        alpha = self.looksam_alpha
+        if alpha is None:
+            self.base_step()
+            return
+        txn = self._begin()
+        try:
+            params, gs, gvs, outs = [], [], [], []
+            for group in self.param_groups:
+                if group["rho"] <= 0:
+                    continue
+                for w in group["params"]:
+                    if w.grad is None:
+                        continue
+                    params.append(w)
+                    gs.append(w.grad)
+                    st = self.state.get(w)
+                    gvs.append(None if not st else st.get("looksam_gv"))
+                    outs.append(self._buffer(w, "looksam_d"))
+            _cheap.looksam_reuse(gs, gvs, alpha, outs)
+            for w, d in zip(params, outs):  # the reused gradient stands in for g during the update
+                w.grad = d
+            try:
+                self._check_base_hyper()
+                if not fused_second_step(self, None, txn):
+                    self.base_optimizer.step()
+            finally:
+                for w, g in zip(params, gs):
+                    w.grad = g
             txn.updated = True
         except BaseException:
             self._fail_call(txn)
@@ -1074,8 +1356,19 @@ class SAM(torch.optim.Optimizer):
             )
 
     def _options(self) -> dict[str, Any]:
+        d = self.__dict__
         return {"p": self.p, "fsam_sigma": self.fsam_sigma, "fsam_lambda": self.fsam_lambda,
-                "gsam_alpha": self.gsam_alpha, "swp_keep": self.swp_keep, "seed": self.seed}
+                "gsam_alpha": self.gsam_alpha, "swp_keep": self.swp_keep, "seed": self.seed,
+                "sam_every": d.get("_opt_sam_every", 1), "looksam_alpha": d.get("_opt_looksam_alpha"),
+                "aesam": d.get("_opt_aesam"), "perturb_from": d.get("_opt_perturb_from", "gradient"),
+                "wsam_gamma": d.get("_opt_wsam_gamma"), "wsam_decouple": d.get("_opt_wsam_decouple", True)}
+
+    def _saved_options(self) -> dict[str, Any]:
+        """:meth:`_options` as a checkpoint holds them (AE-SAM's policy as a plain dict)."""
+        o = self._options()
+        if o["aesam"] is not None:
+            o["aesam"] = o["aesam"].as_dict()
+        return o
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """``{"base_optimizer": <the base's own state_dict, loadable by plain torch>,
@@ -1093,11 +1386,14 @@ class SAM(torch.optim.Optimizer):
         return {
             "base_optimizer": self.base_optimizer.state_dict(),
             "sam": {
-                "version": 2,
+                "version": 3,
                 "step": self._sam_step,
                 "seed": self.seed,
                 "state": sam_state,
-                "options": self._options(),
+                "options": self._saved_options(),
+                # AE-SAM's statistics (mu, var, observations) and the perturbing steps so far
+                "aesam_stats": list(self._aesam_stats),
+                "perturbing_steps": self._perturbing_steps,
             },
         }
 
@@ -1126,7 +1422,8 @@ class SAM(torch.optim.Optimizer):
                     "the base optimizer with a fresh SAM state (step 0, no F-SAM EMA)"
                 )
             state_dict = {"base_optimizer": state_dict,
-                          "sam": {"version": 2, "step": 0, "seed": self.seed, "state": {}, "options": self._options()}}
+                          "sam": {"version": 3, "step": 0, "seed": self.seed, "state": {},
+                                  "options": self._saved_options()}}
         if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict or "sam" not in state_dict:
             raise ValueError(
                 "state_dict must come from fastsam.SAM.state_dict() (keys 'base_optimizer' and 'sam'), got "
@@ -1141,6 +1438,7 @@ class SAM(torch.optim.Optimizer):
                 {**{k: g[k] for k in (*_GROUP_KEYS, "initial_rho") if k in g}, **sg}
                 for sg, g in zip(base_sd["param_groups"], self.param_groups)]}
         sam_state, step, seed, keep = self._validate_sam_state(sam, params, strict)
+        family = self._validate_family_state(sam)
         # everything checked: load (torch's load_state_dict replaces groups and state as a whole). A
         # base optimizer can still refuse what no generic check sees (its own __setstate__ runs
         # after the replacement): then its previous state and groups are put back
@@ -1161,12 +1459,14 @@ class SAM(torch.optim.Optimizer):
             w = params[i]
             new = {}
             for k, v in st.items():
-                if k == "fsam_ema":
+                if k in ("fsam_ema", "looksam_gv"):
                     new[k] = v.to(device=w.device, dtype=w.dtype).clone()
                 else:
                     new[k] = v.to(device=w.device, dtype=torch.float32).clone()
             self.state[w] = new
         self._sam_step = step
+        self._aesam_stats, self._perturbing_steps = family
+        self._decision = None
         if not keep:
             self.seed = seed
         self._grad_marks = None
@@ -1176,6 +1476,18 @@ class SAM(torch.optim.Optimizer):
         for sc in self._scratch.values():
             for k in ("ema_spare", "ready_spare", "acc", "acc_spare"):
                 sc.pop(k, None)
+
+    @staticmethod
+    def _validate_family_state(sam: dict[str, Any]) -> tuple[tuple[float, float, int], int]:
+        """AE-SAM's statistics and the count of perturbing steps (absent before version 3)."""
+        stats = sam.get("aesam_stats", [0.0, 0.0, 0])
+        if not isinstance(stats, (list, tuple)) or len(stats) != 3:
+            raise ValueError(f"state_dict['sam']['aesam_stats'] must be [mu, var, observations], got {stats!r}")
+        mu = check_real("state_dict['sam']['aesam_stats'][0] (mu)", stats[0], allow_inf=True)
+        var = check_real("state_dict['sam']['aesam_stats'][1] (var)", stats[1], lo=0.0, allow_inf=True)
+        n = check_int("state_dict['sam']['aesam_stats'][2] (observations)", stats[2], lo=0)
+        perturbing = check_int("state_dict['sam']['perturbing_steps']", sam.get("perturbing_steps", 0), lo=0)
+        return (mu, var, n), perturbing
 
     def _validate_base_state(self, base_sd: Any, params: list[Tensor]) -> None:
         if not isinstance(base_sd, dict) or not isinstance(base_sd.get("state"), dict) or not isinstance(
@@ -1250,19 +1562,28 @@ class SAM(torch.optim.Optimizer):
             if not 0 <= idx < len(params):
                 raise ValueError(f"state_dict['sam']['state'] has parameter index {idx}, this optimizer has "
                                  f"{len(params)} parameters")
-            if not isinstance(st, dict) or set(st) - {"fsam_ema", "fsam_ready"}:
-                raise ValueError(f"state_dict['sam']['state'][{i!r}] must hold 'fsam_ema' and 'fsam_ready', got "
+            if not isinstance(st, dict) or set(st) - {"fsam_ema", "fsam_ready", "looksam_gv"} or (
+                    ("fsam_ema" in st) != ("fsam_ready" in st)):
+                raise ValueError(f"state_dict['sam']['state'][{i!r}] must hold 'fsam_ema' and 'fsam_ready' (F-SAM) "
+                                 "and/or 'looksam_gv' (LookSAM), got "
                                  f"{sorted(st) if isinstance(st, dict) else type(st).__name__}")
             w = params[idx]
-            m, r = st.get("fsam_ema"), st.get("fsam_ready")
-            if not isinstance(m, Tensor) or tuple(m.shape) != tuple(w.shape) or not m.is_floating_point():
-                raise ValueError(f"state_dict F-SAM EMA of parameter {idx} must be a float tensor of shape "
-                                 f"{tuple(w.shape)}, got {getattr(m, 'shape', m)!r}")
-            if not isinstance(r, Tensor) or r.numel() != 1 or r.is_complex():
-                raise ValueError(f"state_dict F-SAM flag of parameter {idx} must be a real one-element tensor")
+            if "fsam_ema" in st:
+                m, r = st.get("fsam_ema"), st.get("fsam_ready")
+                if not isinstance(m, Tensor) or tuple(m.shape) != tuple(w.shape) or not m.is_floating_point():
+                    raise ValueError(f"state_dict F-SAM EMA of parameter {idx} must be a float tensor of shape "
+                                     f"{tuple(w.shape)}, got {getattr(m, 'shape', m)!r}")
+                if not isinstance(r, Tensor) or r.numel() != 1 or r.is_complex():
+                    raise ValueError(f"state_dict F-SAM flag of parameter {idx} must be a real one-element tensor")
+            gv = st.get("looksam_gv", w)
+            if not isinstance(gv, Tensor) or tuple(gv.shape) != tuple(w.shape) or not gv.is_floating_point():
+                raise ValueError(f"state_dict LookSAM direction of parameter {idx} must be a float tensor of shape "
+                                 f"{tuple(w.shape)}, got {getattr(gv, 'shape', gv)!r}")
             state[idx] = st
         saved = sam.get("options")
-        mine = self._options()
+        mine = self._saved_options()
+        if isinstance(saved, dict) and sam.get("version", 1) == 2:  # before the cheap family: its defaults
+            saved = {**_V2_OPTIONS, **saved}
         if saved is None and sam.get("version", 1) >= 2:
             raise ValueError("state_dict['sam'] has no 'options' entry")
         if saved is not None and not isinstance(saved, dict):
@@ -1290,8 +1611,10 @@ class SAM(torch.optim.Optimizer):
                           "optimizer's options and seed, loading the step counter, F-SAM EMA and base optimizer "
                           "state", stacklevel=3)
             keep = True
-            if self.fsam_sigma is None:
-                state = {}
+            drop = ({"fsam_ema", "fsam_ready"} if self.fsam_sigma is None else set()) | (
+                {"looksam_gv"} if self.looksam_alpha is None else set())
+            state = {i: {k: v for k, v in st.items() if k not in drop} for i, st in state.items()}
+            state = {i: st for i, st in state.items() if st}
         return state, step, seed, keep
 
     # ------------------------------------------------------------------ copies
@@ -1305,7 +1628,7 @@ class SAM(torch.optim.Optimizer):
                          self._acc_live}
         d["_acc_live_params"] = [w for g in self.param_groups for w in g["params"] if id(w) in self._acc_live]
         for k in ("_acc_live", "_grad_marks", "_layout_key", "_perturb_ok", "_layouts", "_fused_plans", "_layout",
-                  "_perturbed"):
+                  "_perturbed", "_decision"):
             d.pop(k, None)
         # an LR scheduler wraps this instance's step (an attribute bound to this object): a copy
         # keeps the class's own (as torch.optim.Optimizer's copies do), or it would step the original
@@ -1323,6 +1646,7 @@ class SAM(torch.optim.Optimizer):
         self._fused_plans = OrderedDict()
         self._layout = None
         self._perturbed = None
+        self._decision = None
         self.__dict__.setdefault("_txn", None)
         # torch.optim.Optimizer keeps these; re-created as its own __setstate__ would
         self.__dict__.setdefault("_optimizer_step_pre_hooks", {})
