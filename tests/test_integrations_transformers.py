@@ -364,3 +364,26 @@ def test_samtrainer_ddp_is_per_rank_m_sharpness(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-worker"]:
     _ddp_worker(Path(sys.argv[2]))
+
+
+def test_readme_causal_lm_recipe_with_model_output():
+    """The README's Hugging Face recipe: a ModelOutput's .logits reach the loss functions, the
+    inputs go as a dict, next-token labels with padding ignored; BiSAM as the ascent loss."""
+    model = _gpt2()
+    opt = fastsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
+    mask = torch.ones_like(IDS)
+    mask[:, -2:] = 0  # padding, as a tokenizer's batch has
+    batch = {"input_ids": IDS, "attention_mask": mask}  # what tokenizer(texts, return_tensors="pt", padding=True) gives
+
+    def ce(out, tgt, reduction="mean"):
+        return F.cross_entropy(out.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction=reduction)
+
+    def ascent(out, tgt, reduction="mean"):
+        return fastsam.losses.bisam_loss(out.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction=reduction)
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    res = fastsam.sam_step(model, opt, dict(batch), targets, ce, ascent_loss_fn=ascent, keep_outputs=False)
+    assert not res.skipped and math.isfinite(res.loss) and res.outputs is None
+    assert any(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))

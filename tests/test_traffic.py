@@ -155,6 +155,8 @@ FLOOR_CASES = [
     ("adamw fsam", torch.optim.AdamW, {"lr": 1e-3}, {"fsam_sigma": 0.5}, 8, 7),  # m: K1, K2 read, K2 writes
     # K2 writes g_old; second step: KG reads gs, g_old; K3 reads g_old, writes the combined grad
     ("adamw gsam", torch.optim.AdamW, {"lr": 1e-3}, {"gsam_alpha": 0.1}, 6, 11),
+    # MSAM (#17): the fused first step with Adam's exp_avg as the direction: K1 reads m instead of g
+    ("adamw msam", torch.optim.AdamW, {"lr": 1e-3}, {"perturb_from": "momentum"}, 5, 7),
 ]
 
 

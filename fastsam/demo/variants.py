@@ -152,13 +152,15 @@ REGISTRY: tuple[Variant, ...] = (
             step={"ascent_loss": "bisam_loss", "ascent_loss_kwargs": {"phi": "log"}}, cost=2.4),
     Variant("msam", "m-SAM (m=32)", "Foret et al. 2021 s4.1: sam_step(micro_batch=32), 2 micro-batches",
             step={"micro_batch": 32}, cost=3.0),
-    # The cheaper variants of issue #17: skipped (with the reason) until fastsam has them.
+    # The cheaper variants of issue #17.
     Variant("looksam", "LookSAM (k=5)", "Liu et al. 2022: SAM gradient every k=5 steps, alpha=0.7", preset="LookSAM",
             options={"k": 5, "alpha": 0.7}, cost=1.3),
     Variant("sam-every5", "SAM every 5", "interval SAM: sam_every=5, plain steps in between",
             options={"sam_every": 5}, cost=1.3),
+    # AE-SAM's threshold moves from c_start to c_end over total_steps: the default run's 315 steps
+    # (21 batches x 15 epochs; --quick runs stop earlier, at a lower threshold)
     Variant("aesam", "AE-SAM", "Jiang et al. 2023: SAM only where the gradient norm is large", preset="AESAM",
-            cost=1.5),
+            options={"total_steps": 315}, cost=1.5),
     # MSAM's rho acts on the normalized momentum, not the gradient: a wider grid (Becker et al. use
     # larger values than SAM's)
     Variant("momentum-sam", "MSAM", "Becker et al. 2024: perturbation along the momentum, one pass", preset="MSAM",
