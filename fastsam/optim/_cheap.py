@@ -106,70 +106,67 @@ class AESAMPolicy:
         return {"total_steps": self.total_steps, "delta": self.delta, "c_start": self.c_start, "c_end": self.c_end}
 
 
-def _f(t: Tensor) -> Tensor:
-    """Element math in float32 for 16-bit tensors, else in the tensor's dtype."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-
-
 def sq_norm(ts: Sequence[Tensor]) -> Tensor:
-    """``sum |t|^2`` over the tensors as a float64 0-dim tensor (no host sync). Each tensor's sum
-    is scaled by its max-abs power of two first, so no finite tensor overflows the float64 sum."""
+    """``sum |t|^2`` over the tensors as a float64 0-dim tensor (no host sync): per-tensor norms
+    (one foreach op, in the tensors' dtype), squared and summed in float64."""
     if not ts:
         return torch.zeros((), dtype=torch.float64)
-    dev = ts[0].device
-    parts = []
-    for t in ts:
-        x = t.detach().to(torch.float64)
-        m = x.abs().amax() if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
-        e = torch.where(m > 0, torch.floor(torch.log2(m)), torch.zeros_like(m))
-        s = torch.ldexp(torch.ones((), dtype=torch.float64, device=x.device), -e)
-        parts.append((((x * s) ** 2).sum() * torch.ldexp(torch.ones_like(e), 2 * e)).to(dev))
-    return torch.stack(parts).sum()
+    norms = torch._foreach_norm([t.detach() for t in ts], 2)
+    return (torch.stack([n.to(torch.float64) for n in norms]) ** 2).sum()
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """``sum <a_i, b_i>`` as a float64 0-dim tensor."""
+    """``sum <a_i, b_i>`` as a float64 0-dim tensor (per-tensor sums of the products, then float64)."""
     if not a:
         return torch.zeros((), dtype=torch.float64)
-    return torch.stack([(x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)]).sum()
+    prods = torch._foreach_mul([x.detach() for x in a], [y.detach() for y in b])
+    return torch.stack([p.sum(dtype=torch.float64) for p in prods]).sum()
 
 
 @torch.no_grad()
 def looksam_project(gs: Sequence[Tensor], g: Sequence[Tensor], out: Sequence[Tensor]) -> None:
     """LookSAM's stored direction: ``out = gv / |gv|`` with ``gv = gs - (<gs, g> / |g|^2) g``
-    (zeros when ``|g|`` or ``|gv|`` is 0). ``|gv|^2`` is computed from gv itself (not as
-    ``|gs|^2 - <gs, g>^2 / |g|^2``, which cancels catastrophically when gs is nearly parallel to g)."""
+    (zeros when ``|g|`` or ``|gv|`` is 0). ``|gv|`` is computed from gv itself (not as
+    ``|gs|^2 - <gs, g>^2 / |g|^2``, which cancels catastrophically when gs is nearly parallel to g).
+    Runs on LookSAM's SAM steps only (every k-th)."""
     if not gs:
         return
+    gs, g, out = list(gs), list(g), list(out)
     gg = sq_norm(g)
     coef = torch.where(gg > 0, dot(gs, g) / gg, torch.zeros_like(gg))
-    gv = [x.double() - coef.to(x.device) * y.double() for x, y in zip(gs, g)]
-    n = sq_norm(gv).sqrt()
+    torch._foreach_copy_(out, gs)
+    torch._foreach_sub_(out, torch._foreach_mul(g, coef.to(torch.float32).to(g[0].device)))
+    n = sq_norm(out).sqrt()
     inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
-    for o, v in zip(out, gv):
-        o.copy_(v * inv.to(v.device))
+    torch._foreach_mul_(out, inv.to(torch.float32).to(out[0].device))
 
 
 @torch.no_grad()
 def looksam_reuse(g: Sequence[Tensor], gv_hat: Sequence[Tensor | None], alpha: float,
                   out: Sequence[Tensor]) -> None:
     """LookSAM's non-perturbing gradient: ``out = g + alpha |g| gv_hat`` (``|g|`` over all of
-    ``g``; ``out = g`` where no direction is stored)."""
+    ``g``; ``out = g`` where no direction is stored). Three foreach ops and one norm, no host sync."""
     if not g:
         return
-    n = sq_norm(g).sqrt()
-    for o, x, v in zip(out, g, gv_hat):
-        if v is None:
-            o.copy_(x)
-        else:
-            o.copy_((_f(x).double() + (alpha * n).to(x.device) * v.double()).to(o.dtype))
+    g, out = list(g), list(out)
+    torch._foreach_copy_(out, g)
+    has = [i for i, v in enumerate(gv_hat) if v is not None]
+    if not has:
+        return
+    scale = (alpha * sq_norm(g).sqrt()).to(torch.float32).to(g[0].device)
+    torch._foreach_add_([out[i] for i in has], torch._foreach_mul([gv_hat[i] for i in has], scale))
 
 
 @torch.no_grad()
 def wsam_mix(gs: Sequence[Tensor], g: Sequence[Tensor], a: float, out: Sequence[Tensor]) -> None:
-    """WSAM's gradient: ``out = a gs + (1 - a) g`` (element math in float32 / float64)."""
-    for o, x, y in zip(out, gs, g):
-        o.copy_((a * _f(x) + (1.0 - a) * _f(y)).to(o.dtype))
+    """WSAM's gradient: ``out = a gs + (1 - a) g`` (``out`` may be ``gs``)."""
+    if not gs:
+        return
+    out = list(out)
+    if out[0] is not gs[0]:
+        torch._foreach_copy_(out, list(gs))
+    torch._foreach_mul_(out, a)
+    torch._foreach_add_(out, list(g), alpha=1.0 - a)
 
 
 @torch.no_grad()
@@ -177,5 +174,8 @@ def wsam_decoupled(params: Sequence[Tensor], gs: Sequence[Tensor], g: Sequence[T
                    ) -> None:
     """WSAM's decoupled correction after the base step: ``w -= lr a (gs - g)`` (``scales`` =
     ``lr a`` per tensor)."""
-    for w, x, y, s in zip(params, gs, g, scales):
-        w.copy_((_f(w) - s * (_f(x) - _f(y))).to(w.dtype))
+    if not params:
+        return
+    d = torch._foreach_sub(list(gs), list(g))
+    torch._foreach_mul_(d, list(scales))
+    torch._foreach_sub_(list(params), d)

@@ -882,9 +882,8 @@ class SAM(torch.optim.Optimizer):
         g = [go for _, go in ws]
         if self.wsam_decouple:
             d = [self._buffer(w, "wsam_d") for w, _ in ws]
-            _cheap.wsam_mix(gs, g, 1.0, d)  # gs (copied): the correction is computed after the update
-            for x, y in zip(gs, g):
-                x.copy_(y)
+            torch._foreach_copy_(d, gs)  # gs kept: the correction is computed after the update
+            torch._foreach_copy_(gs, g)
             lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
             txn.wsam_pending = ([w for w, _ in ws], d, g, [lr_of[id(w)] * a for w, _ in ws])
         else:
