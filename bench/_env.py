@@ -1,4 +1,4 @@
-"""Environment header recorded with every benchmark result (DESIGN.md section 6)."""
+"""Environment header recorded with every benchmark result (bench/NOTES.md)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ can check the part of each target that does not depend on the achieved bandwidth
   on the timm ViT-B/16 tensor list (152 tensors) at 1/16 of the width (the passes do not depend
   on the width; the interpreter would need ~an hour for the full 86.6M parameters). torch's
   AdamW runs with ``foreach=True``, its default on CUDA. Passes = bytes / (parameters x itemsize);
-  the floor of DESIGN.md section 4 is 12. A second table: the triton step with each option.
+  the floor of docs/design.md section 4 is 12. A second table: the triton step with each option.
 * ``losses`` (issue 4): ``loss(logits, target).backward()`` with ``reduction="mean"`` for
   F.cross_entropy, the fused OBF / BiSAM losses and their eager PyTorch formula; passes = bytes /
   (B x C x itemsize), peak = most tensor memory alive at once during the step (the logits'
@@ -51,7 +51,7 @@ from bench.make_tables import render_traffic  # noqa: E402
 from bench.traffic import Counts, Meter  # noqa: E402
 
 OPTIM_METHODS = ["loop", "pytorch_optimizer", "fastsam_foreach", "fastsam_triton", "adamw_only"]
-# triton step with one option at a time (SAM options of DESIGN.md section 4 and their byte cost)
+# triton step with one option at a time (SAM options of docs/design.md section 4 and their byte cost)
 OPTIONS = {
     "plain": {},
     "asam": {"adaptive": True},

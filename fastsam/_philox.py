@@ -1,4 +1,4 @@
-"""Philox4x32-10 in plain PyTorch integer ops: the ESAM weight-mask function (DESIGN.md s3, item 4).
+"""Philox4x32-10 in plain PyTorch integer ops: the ESAM weight-mask function (docs/design.md section 2.5).
 
 Every backend (reference, foreach, Triton, C++/CUDA) must produce the *same* keep/drop mask bit
 for bit, so the mask is a pure function of (seed, step, global element index):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: BiSAM default mu per lower bound (DESIGN.md section 3; CIFAR settings of Xie et al.).
+#: BiSAM default mu per lower bound (docs/design.md section 2; CIFAR settings of Xie et al.).
 BISAM_DEFAULT_MU = {"log": 1.5, "tanh": 10.0}
 
 #: log(e - 1), the shift in eq. 18 that makes phi(0) = 0.

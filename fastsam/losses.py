@@ -7,7 +7,7 @@ training loss in SAM's first (ascent) pass::
     loss.backward(); opt.first_step(zero_grad=True)      # perturb along +grad of the ascent loss
     F.cross_entropy(model(x), y).backward(); opt.second_step(zero_grad=True)
 
-See DESIGN.md section 3 and :mod:`fastsam._reference_losses` for the formulas with paper
+See docs/design.md section 2 and :mod:`fastsam._reference_losses` for the formulas with paper
 equation numbers. Sign: both are the values whose gradient SAM *ascends* (Vani et al. Alg. A.1,
 Xie et al. Alg. 1 perturb along +grad), like the training loss; no sign flip is needed.
 
@@ -52,7 +52,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Why torch.library.custom_op and not a bare autograd.Function: dynamo traces *into* an
 # autograd.Function's forward, and the triton launcher inside it (an interpreter launch on
 # CPU, a JIT launch on GPU) is not something it can trace; `triton_op` would let it, but it
-# fails under the CPU interpreter (DESIGN.md section 4). A custom_op is opaque to dynamo: the
+# fails under the CPU interpreter (docs/design.md section 4). A custom_op is opaque to dynamo: the
 # fake kernel gives the output shapes, AOTAutograd puts the op in the forward graph, and the
 # backward (a broadcasted multiply) is plain torch that any backend can fuse.
 #

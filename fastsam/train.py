@@ -1,6 +1,6 @@
 """``fastsam.sam_step``: one whole SAM training step (both passes and the base update).
 
-What it gets right so a training loop does not have to (DESIGN.md s3, "Training step"):
+What it gets right so a training loop does not have to (docs/design.md section 5):
 
 - m-sharpness (``micro_batch=m``): every micro-batch is perturbed with its own gradient, the
   gradients at the perturbed points are averaged weighted by micro-batch size.
@@ -499,8 +499,8 @@ def sam_step(
             ``fastsam.losses.obf_loss`` or ``fastsam.losses.bisam_loss``.
         micro_batch: m-sharpness micro-batch size ``m`` (the last one may be smaller).
         sds_keep: ESAM data-selection ratio gamma in (0, 1]. ``round(gamma * B)`` examples go to
-            the second pass (ESAM's own code keeps one fewer; we keep exactly ``round(gamma * B)``
-            as DESIGN.md specifies). With micro-batches each selects from its own examples,
+            the second pass (ESAM's own code keeps one fewer; we keep exactly ``round(gamma * B)``,
+            docs/design.md section 6). With micro-batches each selects from its own examples,
             ``round(gamma * hi) - round(gamma * lo)`` of rows ``lo:hi`` (at least 1), so the total
             is still ``round(gamma * B)`` unless a micro-batch had to be raised to 1.
         scaler: ``torch.amp.GradScaler`` for fp16 AMP (its ``update()`` is called here).

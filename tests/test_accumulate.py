@@ -5,7 +5,7 @@ The op restores ``w <- w_old``, GSAM-combines the gradient (``.grad`` only read)
 ``acc <- scale * ((0 if reset else acc) + weight * g)``. Tables: dtypes fp32/fp64/bf16/fp16,
 odd and empty sizes, parameters without a gradient (restore only, or a live sum rescaled),
 unperturbed parameters (no ``w_old``), GSAM on and off, chains of 5 micro-batches with the reset
-flags a training step would pass. Tolerances (DESIGN.md s5): fp32 ~1e-6 relative, fp64 1e-12;
+flags a training step would pass. Tolerances: fp32 ~1e-6 relative, fp64 1e-12;
 bf16/fp16: error against a float64 chain within 2x that of the foreach backend (plain PyTorch in
 that dtype) plus one unit in the last place of the values' scale.
 """

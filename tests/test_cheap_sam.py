@@ -369,3 +369,34 @@ def test_msam_keeps_w_between_steps():
     ref_opt.step()
     for a, b in zip(m0.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant,calls,perturbing", [("interval", 7 + 3, 3), ("msam", 7, 7), ("looksam", 7 + 3, 3)])
+def test_step_closure_follows_the_when_choice(variant, calls, perturbing):
+    """step(closure) (Lightning's automatic optimization, SAMTrainer's path): one closure call on
+    non-perturbing steps and for MSAM, two on SAM steps; the same weights as sam_step."""
+    make, _ = PRESETS[variant]
+    m1, m2 = _model(), _model()
+    o1 = make(m1.parameters(), torch.optim.SGD, 0.1, backend="foreach", lr=0.1, momentum=0.9)
+    o2 = make(m2.parameters(), torch.optim.SGD, 0.1, backend="foreach", lr=0.1, momentum=0.9)
+    n = [0]
+    for x, y in _batches():
+        def closure(x=x, y=y):
+            n[0] += 1
+            o1.zero_grad()
+            loss = F.cross_entropy(m1(x), y)
+            loss.backward()
+            return loss
+
+        o1.step(closure)
+        fastsam.sam_step(m2, o2, x, y, F.cross_entropy)
+    assert n[0] == calls and o1.perturbing_steps == perturbing
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_perturb_from_set_later_is_checked_against_the_base():
+    opt = fastsam.SAM(_model().parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="momentum > 0"):
+        opt.perturb_from = "momentum"
+    assert opt.perturb_from == "gradient"

@@ -5,7 +5,7 @@ module-scoped fixture; if it cannot be built here every test of the module is sk
 reason. Tensors span several work items (the kernels cut tensors into 32768-element items and use
 OpenMP threads above 65536 elements in a call), so thread partitioning is exercised.
 
-Tolerances (DESIGN.md section 5): fp32 against the float64 reference at ~1e-6 relative
+Tolerances: fp32 against the float64 reference at ~1e-6 relative
 (functional ops) and 1e-5 over 5 optimizer steps (trajectories drift by a few ulp per step); fp64
 at 1e-12 / 1e-11; bf16/fp16 by the 2x rule: the error of the cpp run against a float64 run
 from the same low-precision start is within 2x the error of plain PyTorch in that dtype (the

@@ -1,4 +1,4 @@
-"""The ESAM mask function: Philox4x32-10 in plain PyTorch (DESIGN.md s3 item 4)."""
+"""The ESAM mask function: Philox4x32-10 in plain PyTorch (docs/design.md section 2.5)."""
 
 from __future__ import annotations
 

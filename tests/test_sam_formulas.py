@@ -12,7 +12,7 @@ from fastsam._philox import keep_mask
 
 BACKENDS = ["reference", "foreach"]
 f64 = torch.float64
-EPS = 1e-12  # added to N^(q-1) (DESIGN.md s3)
+EPS = 1e-12  # added to N^(q-1) (docs/design.md section 2)
 
 
 def _opt(params, backend, **kw):

@@ -1,10 +1,10 @@
 """Backend parity: foreach against reference over tables of cases, several steps, params and
-every state entry (DESIGN.md s5).
+every state entry.
 
 Gradients come from a fixed smooth function of the weights plus fresh noise per step, so the
 second-pass gradient depends on where the first step moved the weights.
 
-Tolerance (DESIGN.md s5): fp32/fp64 near 1e-6 relative; for bf16/fp16 the foreach error against
+Tolerance: fp32/fp64 near 1e-6 relative; for bf16/fp16 the foreach error against
 an fp64 run must be within 2x (plus a one-ulp floor) of the error that the reference backend run
 in the same dtype has against that fp64 run.
 """

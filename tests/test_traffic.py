@@ -1,5 +1,5 @@
 """bench.traffic (bytes, kernels and peak memory counted on CPU) and what it proves about the fused
-paths: the Triton SAM step moves the 12-pass floor of DESIGN.md section 4, and the fused losses
+paths: the Triton SAM step moves the 12-pass floor of docs/design.md section 4, and the fused losses
 move fewer bytes and hold less memory than F.cross_entropy (issue 4's memory target: the host code
 that allocates is the same on a GPU)."""
 
@@ -145,7 +145,7 @@ def _sam_passes(dtype, base, base_kw, **options) -> tuple[float, float, int, int
     return m1.counts.data_bytes / per_pass, m2.counts.data_bytes / per_pass, m1.counts.kernels, m2.counts.kernels
 
 
-# (base, kwargs, options, passes of first_step, passes of second_step): DESIGN.md section 4's
+# (base, kwargs, options, passes of first_step, passes of second_step): docs/design.md section 4's
 # byte count; the fused kernels' own small reads (norm partials, scalars) stay under 1 % here
 FLOOR_CASES = [
     ("adamw", torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.05}, {}, 5, 7),  # the 12-pass floor

@@ -1,4 +1,4 @@
-"""fastsam.sam_step against hand-written loops (DESIGN.md s3, "Training step")."""
+"""fastsam.sam_step against hand-written loops (docs/design.md section 5)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ On a machine without CUDA these run under the Triton interpreter on CPU tensors
 Blocks are made small (64 elements under the interpreter, 256 on the GPU) and programs few, so
 that small tensors still span several blocks and several programs.
 
-Tolerances (DESIGN.md section 5): fp32 and fp64 compared with the float64 reference at ~1e-6 /
+Tolerances: fp32 and fp64 compared with the float64 reference at ~1e-6 /
 1e-12 relative; bf16/fp16 by the 2x rule: the error of the triton result against a float64
 reference run must be within 2x the error of plain PyTorch in the same dtype (foreach backend +
 torch's base optimizer), plus one unit in the last place.

@@ -33,9 +33,10 @@ products global over the perturbed parameters P, summed in float64):
 - WSAM (Yue et al., KDD 2023): ``a = gamma / (1 - gamma)``; decoupled: a base step with ``g``,
   then ``w -= lr a (gs - g)``; otherwise a base step with ``a gs + (1 - a) g``.
 
-The ops here are plain PyTorch (float64 sums; float32 element math for 16-bit tensors), run on
-every backend; the existing fused ops do the rest of each step (MSAM's perturbation is the fused
-first step with the momentum as its direction).
+The ops here are torch foreach ops in the tensors' own dtype (per-tensor norms and dot products,
+summed over tensors in float64; a float32 tensor whose own norm exceeds ~3.4e38 reads as inf, and
+the step is then skipped as non-finite), run on every backend; the existing fused ops do the rest
+of each step (MSAM's perturbation is the fused first step with the momentum as its direction).
 """
 
 from __future__ import annotations

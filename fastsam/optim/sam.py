@@ -207,6 +207,12 @@ def _option(name: str, check: Callable[[Any], Any], doc: str) -> property:
                 else:
                     d[attr] = old
                 raise
+        if name == "perturb_from" and value == "momentum" and "base_optimizer" in d:
+            try:
+                self._check_momentum_base()
+            except ValueError:
+                d[attr] = old
+                raise
         if "_layouts" in d:
             d["_layouts"].clear()
             d["_fused_plans"].clear()
@@ -1326,9 +1332,17 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(problem)
         closure = torch.enable_grad()(closure)
         with self._step_scope():
+            if self.perturb_from == "momentum":  # MSAM: one closure call, at the point perturbed along the momentum
+                self.first_step(zero_grad=True)
+                loss = closure()
+                self.second_step()
+                return loss
             loss = None
             if not self._has_fresh_grads():
                 loss = closure()
+            if not self.wants_perturbation():  # interval SAM / LookSAM / AE-SAM: a one-pass step
+                self.plain_step()
+                return loss
             self.first_step(zero_grad=True)
             loss2 = closure()
             self.second_step()
