@@ -7,7 +7,7 @@
 // float64 partial per item and the op sums the partials in item order, so results do not
 // depend on the thread count or the schedule (no float atomics).
 //
-// Passes over parameter-sized memory, fp32 AdamW (DESIGN.md s4): K1 reads g (1); K2 reads w, g
+// Passes over parameter-sized memory, fp32 AdamW (docs/design.md section 4.2): K1 reads g (1); K2 reads w, g
 // and writes w, w_old (4); K3 reads w_old, g, m, v and writes w, m, v (7): 12 in all. A plain
 // store to a line that is not cached first reads it (write-allocate), so w_old in K2 and w in
 // K3 (written, never read) would cost 2 passes more; they are written with non-temporal
@@ -187,9 +187,126 @@ inline typename IO<Tag>::C u_at(const typename IO<Tag>::S* g, const typename IO<
   return u;
 }
 
-// Sum over [b, e) of |u|^q as (S, E) (kernels.h Scaled). float64 sums of float32 values cannot
-// overflow at q = 1, 2 (E = 0, the single-pass vectorized loop); float64 tensors and general q
-// first find max |u| (a second pass over the item, from cache) and sum |u * 2^-E|^q.
+// |u| in float64 for float32/bf16/fp16 data, as fastsam.reference forms it: T = |w| + eta and
+// d = g - sigma m in float64, u = T d (no overflow for any finite input: |u| < 3.4e38^2 (1 + |sigma|)).
+template <class Tag, bool FS, bool AD>
+inline double u64_at(const typename IO<Tag>::S* g, const typename IO<Tag>::S* m, const typename IO<Tag>::S* w,
+                     double sigma, double eta, int64_t i) {
+  using io = IO<Tag>;
+  double u = static_cast<double>(io::ld(g, i));
+  if constexpr (FS) u = u - sigma * static_cast<double>(io::ld(m, i));
+  if constexpr (AD) u = u * (std::fabs(static_cast<double>(io::ld(w, i))) + eta);
+  return u;
+}
+
+// u of float64 data split as |u| = mu * 2^ku (mu in [0.5, 1), 0 for u = 0; NaN / inf for non-finite
+// inputs), never overflowing: d = g - sigma m is taken as (g 2^-sh - (sigma 2^-sh) m) 2^sh where it
+// overflows, and T * d as the product of the mantissas with the exponents added.
+template <bool FS, bool AD>
+inline void split_at(const double* g, const double* m, const double* w, double sigma, double eta, int sh, int64_t i,
+                     double* mu, int* ku, double* sgn) {
+  double d = g[i];
+  int kd = 0;
+  if constexpr (FS) {
+    d = g[i] - sigma * m[i];
+    if (!std::isfinite(d) && std::isfinite(g[i]) && std::isfinite(m[i])) {
+      const double c = std::ldexp(1.0, -sh);
+      d = g[i] * c - (sigma * c) * m[i];
+      kd = sh;
+    }
+  }
+  *sgn = d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : d);  // +-0 keep their sign
+  int k1 = 0;
+  double md = std::frexp(std::fabs(d), &k1);
+  kd += k1;
+  if constexpr (AD) {
+    int kt = 0, k2 = 0;
+    const double mt = std::frexp(std::fabs(w[i]) + eta, &kt);
+    md = std::frexp(mt * md, &k2);  // in [0.25, 1): exact renormalization
+    kd += kt + k2;
+  }
+  *mu = md;
+  *ku = kd;
+}
+
+// One term of a general-q scaled sum: |u|^q / 2^(q F) = 2^(q (log2(x) - ff)), x = |u| 2^-floor(F),
+// ff = F - floor(F) (0 for x = 0; NaN / inf propagate).
+inline double q_term(double x, double q, double ff) { return x != 0.0 ? std::exp2(q * (std::log2(x) - ff)) : 0.0; }
+
+// Scaled sum over [b, e) of |u|^q with |u| = absu(i) a double: pass 1 finds the max (from cache
+// in pass 2), then the terms relative to it (kernels.h Scaled).
+template <int QM, class AbsU>
+Scaled scaled_sum(int64_t b, int64_t e, double q, AbsU absu) {
+  double mx = 0.0;
+  bool bad = false;
+  for (int64_t i = b; i < e; ++i) {
+    const double a = absu(i);
+    bad = bad || !std::isfinite(a);
+    mx = a > mx ? a : mx;
+  }
+  if (bad) return Scaled{NAN, 0.0};
+  if (mx == 0.0) return Scaled{0.0, -INFINITY};
+  double acc = 0.0;
+  if constexpr (QM == 0) {
+    const double F = log_scale(std::log2(mx)), fi = std::floor(F), ff = F - fi;
+    const Pow2Scale inv(fi);
+    for (int64_t i = b; i < e; ++i) acc += q_term(inv(absu(i)), q, ff);
+    return Scaled{acc, F};
+  } else {
+    int k = 0;
+    std::frexp(mx, &k);
+    k = std::max(k, -1000);
+    const double inv = std::ldexp(1.0, -k);  // k <= 1024: 2^-1024 is a (subnormal) double, exactly
+    for (int64_t i = b; i < e; ++i) {
+      const double a = absu(i) * inv;
+      acc += QM == 2 ? a * a : a;
+    }
+    return Scaled{acc, static_cast<double>(k)};
+  }
+}
+
+// The same for float64 data whose u overflowed: |u| = mu * 2^ku (split_at).
+template <int QM, bool FS, bool AD>
+Scaled split_sum(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
+  const double* g = static_cast<const double*>(r.g);
+  const double* m = static_cast<const double*>(r.ema);
+  const double* w = static_cast<const double*>(r.w);
+  const int sh = fsam_shift(s.sigma);
+  double mmax = 0.0, sg = 0.0;
+  int kmax = 0;
+  bool bad = false;
+  for (int64_t i = b; i < e; ++i) {
+    double mu = 0.0;
+    int ku = 0;
+    split_at<FS, AD>(g, m, w, s.sigma, r.eta, sh, i, &mu, &ku, &sg);
+    bad = bad || !std::isfinite(mu);
+    if (mu != 0.0 && (mmax == 0.0 || ku > kmax || (ku == kmax && mu > mmax))) {
+      mmax = mu;
+      kmax = ku;
+    }
+  }
+  if (bad) return Scaled{NAN, 0.0};
+  if (mmax == 0.0) return Scaled{0.0, -INFINITY};
+  const double F = QM == 0 ? log_scale(kmax + std::log2(mmax)) : static_cast<double>(kmax);
+  const double fi = std::floor(F), ff = F - fi;
+  double acc = 0.0;
+  for (int64_t i = b; i < e; ++i) {
+    double mu = 0.0;
+    int ku = 0;
+    split_at<FS, AD>(g, m, w, s.sigma, r.eta, sh, i, &mu, &ku, &sg);
+    const double x = std::ldexp(mu, ku - static_cast<int>(fi));
+    acc += QM == 0 ? q_term(x, s.q, ff) : (QM == 2 ? x * x : x);
+  }
+  return Scaled{acc, F};
+}
+
+// Sum over [b, e) of |u|^q as (S, E) (kernels.h Scaled).
+// * float32/bf16/fp16 data, q = 1, 2: float64 sums of float32 values (E = 0), the single-pass
+//   vectorized loop; where T * d or g - sigma m overflowed float32 (a non-finite sum from finite
+//   inputs), the item again with u in float64 (u64_at, scaled: E up to ~260).
+// * float32/bf16/fp16 data, general q: u in float64, scaled sum (a second pass over the item, from
+//   cache).
+// * float64 data: u in float64, scaled sum; where u overflowed, the item again split (split_sum).
 template <class Tag, int QM, bool FS, bool AD>
 Scaled norm_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s) {
   using io = IO<Tag>;
@@ -200,34 +317,21 @@ Scaled norm_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars
   const S* w = static_cast<const S*>(r.w);
   const C sigma = static_cast<C>(s.sigma);
   const C eta = static_cast<C>(r.eta);
-  constexpr bool kScaled = QM == 0 || std::is_same<Tag, double>::value;
-  double acc = 0.0;
-  if constexpr (kScaled) {
-    double mx = 0.0;
-    bool bad = false;
-    for (int64_t i = b; i < e; ++i) {
-      const double a = std::fabs(static_cast<double>(u_at<Tag, FS, AD>(g, m, w, sigma, eta, i)));
-      bad = bad || !std::isfinite(a);
-      mx = a > mx ? a : mx;
+  constexpr bool kF64 = std::is_same<Tag, double>::value;
+  if constexpr (kF64) {
+    const Scaled v = scaled_sum<QM>(b, e, s.q, [&](int64_t i) {
+      return std::fabs(u_at<Tag, FS, AD>(g, m, w, sigma, eta, i));
+    });
+    if constexpr (FS || AD) {
+      if (!std::isfinite(v.s)) return split_sum<QM, FS, AD>(r, b, e, s);  // overflow, or a real NaN / inf
     }
-    if (bad) return Scaled{NAN, 0.0};
-    if (mx == 0.0) return Scaled{0.0, -INFINITY};
-    int k = 0;
-    std::frexp(mx, &k);
-    k = std::max(k, -1000);
-    const double inv = std::ldexp(1.0, -k);
-    for (int64_t i = b; i < e; ++i) {
-      const double a = std::fabs(static_cast<double>(u_at<Tag, FS, AD>(g, m, w, sigma, eta, i))) * inv;
-      if constexpr (QM == 2) {
-        acc += a * a;
-      } else if constexpr (QM == 1) {
-        acc += a;
-      } else {
-        acc += a != 0.0 ? std::pow(a, s.q) : 0.0;
-      }
-    }
-    return Scaled{acc, static_cast<double>(k)};
+    return v;
+  } else if constexpr (QM == 0) {
+    return scaled_sum<QM>(b, e, s.q, [&](int64_t i) {
+      return std::fabs(u64_at<Tag, FS, AD>(g, m, w, s.sigma, r.eta, i));
+    });
   } else {
+    double acc = 0.0;
     // kStreams interleaved sub-ranges of the item: one core then has kStreams sequential read
     // streams in flight instead of one (a single stream of g alone is latency-bound)
     const int64_t len = e - b;
@@ -246,6 +350,13 @@ Scaled norm_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars
     }
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = b + kStreams * q; i < e; ++i) acc += val(i);
+    if constexpr (FS || AD) {
+      if (!std::isfinite(acc)) {  // overflow in float32 (or a real NaN / inf: it stays)
+        return scaled_sum<QM>(b, e, s.q, [&](int64_t i) {
+          return std::fabs(u64_at<Tag, FS, AD>(g, m, w, s.sigma, r.eta, i));
+        });
+      }
+    }
     return Scaled{acc, 0.0};
   }
 }
@@ -272,12 +383,16 @@ Scaled norm_dispatch(const PerturbRow& r, int64_t b, int64_t e, const PerturbSca
 // FS: 0 F-SAM off, 1 F-SAM on and the tensor's EMA not ready (d = g, m' = g), 2 ready
 // (d = g - sigma * m, m' = lam * m + (1 - lam) * g); m is read from ema, m' written to ema_out.
 // e = rho T sign(u) |u|^(q-1) / (N^(q-1) + 1e-12) from the scaled norm (kernels.h DualNorm):
-// q = 2: (rho / denom) * (u inv) * T; p = inf: rho fac sign(u) T; else rho fac sign(u) (|u inv| / n_hat)^(q-1) T.
+// q = 2: (rho / denom) * (u inv) * T; p = inf: rho fac sign(u) T;
+// general q: rho fac sign(u) 2^((q-1) (log2(|u| 2^-fi) - c0)) T, in float64 with u as fastsam.reference
+// forms it (float32 data: u64_at; float64 data: u, or split_at on a wide call);
+// q = 2 on a wide call (row_wide): rho T sign(u) (|u| 2^-e2w) / denom_w in float64 (u64_at / split_at).
 template <class Tag, int QM, int FS, bool SWP>
 void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars& s, const DualNorm& dn) {
   using io = IO<Tag>;
   using S = typename io::S;
   using C = typename io::C;
+  constexpr bool kF64 = std::is_same<Tag, double>::value;
   S* w = static_cast<S*>(r.w);
   const S* g = static_cast<const S*>(r.g);
   const S* m = static_cast<const S*>(r.ema);
@@ -292,8 +407,14 @@ void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars&
   const C lam = static_cast<C>(s.lam);
   const C one_m_lam = static_cast<C>(1.0 - s.lam);
   const C inv_beta = static_cast<C>(1.0 / s.beta);
-  const double qm1 = s.q - 1.0, inv_d = dn.inv, inv_nh = 1.0 / dn.n_hat;
+  const double qm1 = s.q - 1.0;
   const bool ad = r.adaptive != 0;
+  const bool wide = row_wide(dn, QM, kF64);
+  const int sh = fsam_shift(s.sigma);
+  // wide q = 2 / general q: the scale of |u| (2^-e2w / 2^-fi) and the float64 factor
+  const double wk = QM == 2 ? dn.e2w : dn.fi;
+  const double wfac = QM == 2 ? r.rho / dn.denom_w : r.rho * dn.fac;
+  const Pow2Scale winv(wk);
   alignas(64) uint8_t keep[kSub];
   for (int64_t sb = b; sb < e; sb += kSub) {
     const int64_t len = std::min(kSub, e - sb);
@@ -310,20 +431,39 @@ void apply_item(const PerturbRow& r, int64_t b, int64_t e, const PerturbScalars&
     const S* gp = g + sb;
     const S* mp = FS == 2 ? m + sb : nullptr;
     S* mop = FS ? mo + sb : nullptr;
-    if constexpr (QM == 0) {
-      // general q: float64 pow per element; not vectorized, rarely used
+    if (QM == 0 || (QM == 2 && wide)) {
+      // float64 per element; not vectorized (general q: pow; wide: rare)
       for (int64_t j = 0; j < len; ++j) {
         const C wv = io::ld(wp, j), gv = io::ld(gp, j);
-        C u = gv, mv = C(0);
-        if constexpr (FS == 2) {
-          mv = io::ld(mp, j);
-          u = gv - sigma * mv;
+        C mv = C(0);
+        if constexpr (FS == 2) mv = io::ld(mp, j);
+        const double T = ad ? std::fabs(static_cast<double>(wv)) + r.eta : 1.0;
+        double x = 0.0, sg = 0.0;  // |u| 2^-wk and sign(u)
+        bool split = false;
+        if constexpr (kF64) {
+          if (wide) {  // u may overflow float64: mantissa and exponent
+            double mu = 0.0;
+            int ku = 0;
+            if (ad) {
+              split_at<FS == 2, true>(gp, mp, wp, s.sigma, r.eta, sh, j, &mu, &ku, &sg);
+            } else {
+              split_at<FS == 2, false>(gp, mp, wp, s.sigma, r.eta, sh, j, &mu, &ku, &sg);
+            }
+            x = std::ldexp(mu, ku - static_cast<int>(wk));
+            split = true;
+          }
         }
-        const C T = ad ? std::fabs(wv) + eta : C(1);
-        u = u * T;
-        const double a = std::pow(std::fabs(static_cast<double>(u)) * inv_d * inv_nh, qm1);  // <= 1
-        const C mag = static_cast<C>(u < 0 ? -a : (u > 0 ? a : 0.0));
-        C ev = scale * mag * T;
+        if (!split) {  // u as u_at (float64 data) / u64_at (others) forms it
+          double d = static_cast<double>(gv);
+          if constexpr (FS == 2) {
+            d = kF64 ? static_cast<double>(gv - sigma * mv) : d - s.sigma * static_cast<double>(mv);
+          }
+          const double u = d * T;
+          sg = u > 0.0 ? 1.0 : (u < 0.0 ? -1.0 : u);  // +-0 keep their sign (w + -0.0 = w)
+          x = winv(std::fabs(u));
+        }
+        const double mag = QM == 0 ? (x != 0.0 ? std::exp2(qm1 * (std::log2(x) - dn.c0)) : 0.0) : x;  // <= 1
+        C ev = static_cast<C>(wfac * sg * mag * T);
         if constexpr (SWP) ev = keep[j] ? ev * inv_beta : C(0);
         io::st(wp, j, wv + ev);
         if constexpr (FS == 1) io::st(mop, j, gv);

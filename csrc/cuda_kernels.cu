@@ -171,24 +171,77 @@ struct RunningSum {
   }
 };
 
-// Block reduction of the threads' running sums to one partial (S, E).
-__device__ Scaled block_scaled(const RunningSum& r, double w) {
-  const double e = block_max(r.e);
-  double v = r.e == -INFINITY ? 0.0 : r.s * exp2(w * (r.e - e));
-  if (r.bad) v = NAN;
-  return Scaled{block_sum(v), e};
-}
-
 __device__ __forceinline__ void item_range(const Item& it, int64_t numel, int64_t* start, int64_t* end) {
   *start = static_cast<int64_t>(it.chunk) * kChunk;
   const int64_t e = *start + kChunk;
   *end = e < numel ? e : numel;
 }
 
+// ------------------------------------------------------------------------------ u = T * d
+// u in float64 for float32/bf16/fp16 data, as fastsam.reference forms it (T = |w| + eta and
+// d = g - sigma m in float64): no overflow for finite inputs. `m` / `w` are ignored when fs / ad is off.
+__device__ __forceinline__ double u64_of(double g, double m, double w, bool fs, bool ad, double sigma, double eta) {
+  double u = fs ? g - sigma * m : g;
+  return ad ? u * (fabs(w) + eta) : u;
+}
+
+// u of float64 data split as |u| = mu * 2^ku (mu in [0.5, 1), 0 for u = 0), never overflowing: where
+// d = g - sigma m overflows it is (g 2^-sh - (sigma 2^-sh) m) 2^sh, and T * d a product of mantissas.
+// Returns sign(d) (+-0 keep their sign).
+__device__ __forceinline__ double split_of(double g, double m, double w, bool fs, bool ad, double sigma, double eta,
+                                           int sh, double* mu, int* ku) {
+  double d = fs ? g - sigma * m : g;
+  int kd = 0;
+  if (fs && !finite_d(d) && finite_d(g) && finite_d(m)) {
+    const double c = ldexp(1.0, -sh);
+    d = g * c - (sigma * c) * m;
+    kd = sh;
+  }
+  const double sg = d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : d);
+  int k1 = 0;
+  double md = frexp(fabs(d), &k1);
+  kd += k1;
+  if (ad) {
+    int kt = 0, k2 = 0;
+    const double mt = frexp(fabs(w) + eta, &kt);
+    md = frexp(mt * md, &k2);  // in [0.25, 1): exact renormalization
+    kd += kt + k2;
+  }
+  *mu = md;
+  *ku = kd;
+  return sg;
+}
+
 // ------------------------------------------------------------------------------ K1: norm partials
+// One thread's running scaled sum of |u|^w (kernels.h Scaled): the sum is s * 2^(w e); q = 1, 2: e an
+// integer exponent (|u| 2^-e <= 1), general q: e = F, the max's log2 rounded down to 2^-15 (log_scale),
+// the terms 2^(q (log2(|u| 2^-floor(F)) - (F - floor(F)))) (the largest >= 1: no underflow for large q).
+template <int QM>
+struct PerturbSum {
+  double s = 0.0, e = -INFINITY;
+  double inv1 = 1.0, inv2 = 1.0;  // x -> x 2^-floor(e) = x inv1 inv2 (q = 1, 2: inv2 = 1 unused; 2^-e is 0 or exact)
+  bool bad = false;
+  __device__ __forceinline__ void raise(double e_new, double w) {
+    if (e_new > e) {
+      s = e == -INFINITY ? 0.0 : s * exp2(w * (e - e_new));
+      e = e_new;
+      if (QM == 0) {
+        const Pow2Scale p(floor(e));
+        inv1 = p.a;
+        inv2 = p.b;
+      } else {
+        inv1 = exp2(-e);
+      }
+    }
+  }
+  __device__ __forceinline__ double scaled(double x) const { return QM == 0 ? x * inv1 * inv2 : x * inv1; }
+};
+
 // Partial (S, E) of sum |u|^q per block: S in part[slot0 + block], E in part[nslots + slot0 + block]
-// (kernels.h Scaled). float64 sums of float32 values at q = 1, 2 cannot overflow: E = 0, no scaling;
-// float64 tensors and general q scale by a running power of two per thread.
+// (kernels.h Scaled). float32/bf16/fp16 data at q = 1, 2: float64 sums of |u| in the math type (E = 0,
+// no scaling), |u| in float64 where T * d or g - sigma m overflowed (|u| < 3.4e38^2: its square still a
+// double). float64 data and general q: scaled by a running power of two / F per thread; float32 data
+// at general q take u in float64, float64 data split it where it overflowed.
 template <class Tag, int QM>
 __global__ void __launch_bounds__(kThreads) perturb_norm_kernel(const PerturbRow* rows, const Item* items,
                                                                 int64_t count, PerturbScalars s, double* part,
@@ -197,9 +250,10 @@ __global__ void __launch_bounds__(kThreads) perturb_norm_kernel(const PerturbRow
   using S = typename io::S;
   using C = typename io::C;
   constexpr int N = Pack<S>::N;
-  constexpr bool kScaled = QM == 0 || sizeof(S) == 8;
+  constexpr bool kF64 = sizeof(S) == 8;
+  constexpr bool kScaled = QM == 0 || kF64;
   const double w = QM == 2 ? 2.0 : (QM == 1 ? 1.0 : s.q);
-  RunningSum rs;
+  PerturbSum<QM> rs;
   if (!kScaled) rs.e = 0.0;
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
     const Item it = items[k];
@@ -231,21 +285,85 @@ __global__ void __launch_bounds__(kThreads) perturb_norm_kernel(const PerturbRow
         ud[j] = fabs(static_cast<double>(u));  // zeros past the end add nothing
         if (kScaled) mx = (ud[j] > mx || !finite_d(ud[j])) ? ud[j] : mx;
       }
-      if (kScaled) rs.raise_to(mx, w);
+      if (!kScaled) {
+        double add = 0.0;
+#pragma unroll
+        for (int j = 0; j < N; ++j) add += QM == 2 ? ud[j] * ud[j] : ud[j];
+        if ((fs || ad) && !finite_d(add)) {
+          // T * d or g - sigma m overflowed the math type (or a real NaN / inf, which stays): the pack
+          // again, u in float64 (reloaded: nothing of the loop above stays live for this rare path)
+          add = 0.0;
+#pragma unroll 1
+          for (int64_t j = i; j < i + N && j < end; ++j) {
+            const double a = fabs(u64_of(io::cv(g[j]), fs ? io::cv(m[j]) : 0.0, ad ? io::cv(wt[j]) : 0.0, fs, ad,
+                                         s.sigma, r.eta));
+            add += QM == 2 ? a * a : a;
+          }
+        }
+        rs.s += add;
+        continue;
+      }
+      if (QM == 0 && !kF64) {  // general q, float32 data: u in float64
+        mx = 0.0;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          ud[j] = fabs(u64_of(io::cv(gp.v[j]), io::cv(mp.v[j]), io::cv(wp.v[j]), fs, ad, s.sigma, r.eta));
+          mx = (ud[j] > mx || !finite_d(ud[j])) ? ud[j] : mx;
+        }
+      }
+      if (kF64 && (fs || ad) && !finite_d(mx)) {
+        // u overflowed float64 (or a real NaN / inf): the pack again split, |u| = mu 2^ku (reloaded
+        // element by element: nothing of the loop above stays live for this rare path)
+        const int sh = fsam_shift(s.sigma);
+        const int64_t stop = i + N < end ? i + N : end;
+        double lmx = -INFINITY, mu = 0.0;
+        int ku = 0;
+#pragma unroll 1
+        for (int64_t j = i; j < stop; ++j) {
+          split_of(static_cast<double>(io::cv(g[j])), fs ? static_cast<double>(io::cv(m[j])) : 0.0,
+                   ad ? static_cast<double>(io::cv(wt[j])) : 0.0, fs, ad, s.sigma, r.eta, sh, &mu, &ku);
+          rs.bad = rs.bad || !finite_d(mu);
+          if (mu != 0.0) lmx = fmax(lmx, QM == 0 ? ku + log2(mu) : static_cast<double>(ku));
+        }
+        if (rs.bad) continue;
+        if (lmx > -INFINITY) rs.raise(QM == 0 ? log_scale(lmx) : lmx, w);
+        const double fi = floor(rs.e), ff = rs.e - fi;
+#pragma unroll 1
+        for (int64_t j = i; j < stop; ++j) {
+          split_of(static_cast<double>(io::cv(g[j])), fs ? static_cast<double>(io::cv(m[j])) : 0.0,
+                   ad ? static_cast<double>(io::cv(wt[j])) : 0.0, fs, ad, s.sigma, r.eta, sh, &mu, &ku);
+          const double x = ldexp(mu, ku - static_cast<int>(fi));
+          rs.s += QM == 2 ? x * x : (QM == 1 ? x : (x != 0.0 ? exp2(s.q * (log2(x) - ff)) : 0.0));
+        }
+        continue;
+      }
+      if (!finite_d(mx)) {
+        rs.bad = true;
+        continue;
+      }
+      if (mx > 0.0) {
+        int e2 = 0;
+        frexp(mx, &e2);
+        rs.raise(QM == 0 ? log_scale(log2(mx)) : fmax(static_cast<double>(e2), -1000.0), w);
+      }
+      const double ff = rs.e - floor(rs.e);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const double a = kScaled ? ud[j] * rs.inv : ud[j];
+        const double x = rs.scaled(ud[j]);
         if (QM == 2) {
-          rs.s += a * a;
+          rs.s += x * x;
         } else if (QM == 1) {
-          rs.s += a;
+          rs.s += x;
         } else {
-          rs.s += a != 0.0 ? pow(a, s.q) : 0.0;
+          rs.s += x != 0.0 ? exp2(s.q * (log2(x) - ff)) : 0.0;
         }
       }
     }
   }
-  const Scaled tot = block_scaled(rs, w);
+  const double e = block_max(rs.e);
+  double v = rs.e == -INFINITY ? 0.0 : rs.s * exp2(w * (rs.e - e));
+  if (rs.bad) v = NAN;
+  const Scaled tot{block_sum(v), e};
   if (threadIdx.x == 0) {
     part[slot0 + blockIdx.x] = tot.s;
     part[nslots + slot0 + blockIdx.x] = tot.e;
@@ -254,8 +372,10 @@ __global__ void __launch_bounds__(kThreads) perturb_norm_kernel(const PerturbRow
 
 // ------------------------------------------------------------------------------ K2: perturbation
 // e from the scaled global norm (kernels.h DualNorm): q = 2: rho T (u inv) / denom; p = inf:
-// rho fac sign(u) T; else rho fac sign(u) (|u inv| / n_hat)^(q-1) T. F-SAM reads m from ema and
-// writes m' to ema_out (the same tensor when in place); the flag goes to ready_out.
+// rho fac sign(u) T; general q: rho fac sign(u) 2^((q-1) (log2(|u| 2^-fi) - c0)) T with u as K1 forms it
+// (float64 for float32 data; split for float64 data on a wide call); q = 2 on a wide call (row_wide):
+// rho T sign(u) (|u| 2^-e2w) / denom_w in float64. F-SAM reads m from ema and writes m' to ema_out (the
+// same tensor when in place); the flag goes to ready_out.
 template <class Tag, int QM>
 __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRow* rows, const Item* items,
                                                                  int64_t count, PerturbScalars s,
@@ -265,13 +385,18 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
   using S = typename io::S;
   using C = typename io::C;
   constexpr int N = Pack<S>::N;
+  constexpr bool kF64 = sizeof(S) == 8;
   const double wq = QM == 2 ? 2.0 : (QM == 1 ? 1.0 : s.q);
   const Scaled sum = sum_scaled_partials(part, nslots, wq);
   const DualNorm dn = sizeof(C) == 8 ? dual_norm_scaled(sum, s.q, QM, -1000, 1000)
                                      : dual_norm_scaled(sum, s.q, QM, -100, 127);
   const bool finite = dn.finite != 0;
   if (blockIdx.x == 0 && threadIdx.x == 0) *ok = finite;
-  const double qm1 = s.q - 1.0, inv_nh = 1.0 / dn.n_hat;
+  const bool wide = row_wide(dn, QM, kF64);
+  const double qm1 = s.q - 1.0;
+  const int sh = fsam_shift(s.sigma);
+  const double wk = QM == 2 ? dn.e2w : dn.fi;  // general q / wide q = 2: |u| 2^-wk
+  const Pow2Scale winv(wk);
   const C inv = static_cast<C>(dn.inv);  // a power of two: u * inv is exact
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
     const Item it = items[k];
@@ -287,8 +412,51 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
     S* mo = static_cast<S*>(r.ema_out);
     S* go = static_cast<S*>(r.g_old);
     const C scale = static_cast<C>(QM == 2 ? r.rho / dn.denom : r.rho * dn.fac), eta = static_cast<C>(r.eta);
+    const double wfac = QM == 2 ? r.rho / dn.denom_w : r.rho * dn.fac;  // general q / wide q = 2, float64
     const C sigma = static_cast<C>(s.sigma), lam = static_cast<C>(s.lam), one_m_lam = static_cast<C>(1.0 - s.lam);
     const C inv_beta = static_cast<C>(1.0 / s.beta);
+    // e of one element from u as K1 forms it, in float64 (general q; q = 2 on a wide call)
+    auto e64 = [&](C wv, C gv, C mv) -> C {
+      const double T = ad ? fabs(static_cast<double>(wv)) + r.eta : 1.0;
+      double x, sg;
+      if (kF64 && wide) {
+        double mu = 0.0;
+        int ku = 0;
+        sg = split_of(static_cast<double>(gv), static_cast<double>(mv), static_cast<double>(wv), fsm == 2, ad,
+                      s.sigma, r.eta, sh, &mu, &ku);
+        x = ldexp(mu, ku - static_cast<int>(wk));
+      } else {
+        const double d = kF64 ? static_cast<double>(fsm == 2 ? gv - sigma * mv : gv)
+                              : (fsm == 2 ? static_cast<double>(gv) - s.sigma * static_cast<double>(mv)
+                                          : static_cast<double>(gv));
+        const double u = d * T;
+        sg = u > 0.0 ? 1.0 : (u < 0.0 ? -1.0 : u);  // +-0 keep their sign (w + -0.0 = w)
+        x = winv(fabs(u));
+      }
+      const double mag = QM == 0 ? (x != 0.0 ? exp2(qm1 * (log2(x) - dn.c0)) : 0.0) : x;  // <= 1
+      return static_cast<C>(wfac * sg * mag * T);
+    };
+    if (QM == 2 && wide && finite) {
+      // a wide call (some |u| beyond the math type): element by element, out of the vectorized loop
+      // below (its registers stay out of that loop's budget; rare)
+#pragma unroll 1
+      for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
+        const S ws = w[i], gs = g[i];
+        wo[i] = ws;
+        if (go != nullptr) go[i] = gs;
+        const C wv = io::cv(ws), gv = io::cv(gs);
+        const C mv = fsm == 2 ? io::cv(m[i]) : C(0);
+        C ev = e64(wv, gv, mv);
+        if (s.swp) {
+          ev = esam_keep(static_cast<uint64_t>(r.offset + i), s.seed, s.step, s.threshold) ? ev * inv_beta : C(0);
+        }
+        w[i] = io::to(wv + ev);
+        if (fsm == 1) mo[i] = gs;
+        if (fsm == 2) mo[i] = io::to(lam * mv + one_m_lam * gv);
+      }
+      if (fsm != 0 && it.chunk == 0 && threadIdx.x == 0) *r.ready_out = 1.0f;
+      continue;
+    }
     for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * N; i < end; i += static_cast<int64_t>(kThreads) * N) {
       Pack<S> wp = ldp(w, i, end, vec);
       const Pack<S> gp = ldp(g, i, end, vec);
@@ -306,23 +474,19 @@ __global__ void __launch_bounds__(kThreads) perturb_apply_kernel(const PerturbRo
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const C wv = io::cv(wp.v[j]), gv = io::cv(gp.v[j]);
-        C u = gv, mv = C(0);
-        if (fsm == 2) {
-          mv = io::cv(mp.v[j]);
-          u = gv - sigma * mv;
-        }
-        const C T = ad ? fabs(wv) + eta : C(1);
-        u = u * T;
-        C mag;
-        if (QM == 2) {
-          mag = u * inv;
-        } else if (QM == 1) {
-          mag = u > 0 ? C(1) : (u < 0 ? C(-1) : C(0));
+        C mv = C(0);
+        if (fsm == 2) mv = io::cv(mp.v[j]);
+        C ev;
+        if (QM == 0) {
+          ev = e64(wv, gv, mv);
         } else {
-          const double a = pow(fabs(static_cast<double>(u)) * dn.inv * inv_nh, qm1);  // <= 1
-          mag = static_cast<C>(u < 0 ? -a : (u > 0 ? a : 0.0));
+          C u = gv;
+          if (fsm == 2) u = gv - sigma * mv;
+          const C T = ad ? fabs(wv) + eta : C(1);
+          u = u * T;
+          const C mag = QM == 2 ? u * inv : (u > 0 ? C(1) : (u < 0 ? C(-1) : C(0)));
+          ev = scale * mag * T;
         }
-        C ev = scale * mag * T;
         if (s.swp) {
           const uint64_t gi = static_cast<uint64_t>(r.offset + i + j);
           ev = esam_keep(gi, s.seed, s.step, s.threshold) ? ev * inv_beta : C(0);

@@ -5,7 +5,7 @@
 //
 // * storage conversions: bfloat16 / float16 <-> float32, round to nearest even on the way down,
 //   written branch-free (selects only) so that gcc vectorizes loops that call them;
-// * Philox4x32-10 (Salmon et al., SC'11), the ESAM mask function of DESIGN.md s3 item 4:
+// * Philox4x32-10 (Salmon et al., SC'11), the ESAM mask function of docs/design.md section 2.5:
 //     r = Philox(counter = (i mod 2^32, i div 2^32, 0, 0), key = (seed mod 2^32, step mod 2^32))[0]
 //     keep iff r < floor(beta * 2^32)   (unsigned compare)
 //   identical to fastsam/_philox.py and to Triton's tl.randint(step * 2^32 + seed, i).

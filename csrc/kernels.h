@@ -52,14 +52,48 @@ struct PerturbScalars {
   int32_t pad_;
 };
 
-// Scaled norms. A sum of |u|^q overflows long before the norm does (float64: |u|^21 > 1.8e308 at
-// p = 1.05; |u|^2 at |u| > 1.3e154), so reductions return (S, E) with the sum = S * 2^(q E): the
-// terms are |u * 2^-E|^q, 2^E a power of two just above the max (exact scaling). float32-stored
-// tensors at q = 1 or 2 need no scaling in float64 sums (|u| <= 3.4e38) and use E = 0.
+// Scaled norms (see fastsam/reference.py "Scaled norms"). A sum of |u|^q overflows long before the
+// norm does (float64: |u|^21 > 1.8e308 at p = 1.05; |u|^2 at |u| > 1.3e154), so reductions return
+// (S, E) with the sum = S * 2^(q E):
+// * q = 1, 2: the terms are |u * 2^-E|^2 or |u * 2^-E|, 2^E a power of two just above the max (exact
+//   scaling). float32-stored tensors need no scaling in float64 sums (|u| <= 3.4e38) and use E = 0.
+// * general q: E = F is the max's log2 rounded down to a multiple of 2^-15 (log_scale), so the
+//   largest term 2^(q (log2 max - F)) is in [1, 2^(q / 32768)): with a power of two just above the max
+//   it would be in [2^-q, 1), which underflows once q = p / (p - 1) is large (p -> 1). F is exact in
+//   float32 (|F| < 512 for float32 data), as Triton's partials store it.
+// u = T * d itself can overflow the math type (ASAM (|w| + eta) g, F-SAM g - sigma m) for finite
+// inputs: the kernels then take u in float64 (float32 data, exact products) or split into mantissa
+// and exponent (float64 data), and E goes beyond the math type's range ("wide", see row_wide).
 struct Scaled {
   double s;
-  double e;  // an integer; -inf for an empty partial
+  double e;  // -inf for an empty partial
 };
+
+constexpr double kLogRes = 32768.0;  // general-q scales are multiples of 1 / kLogRes
+
+// F = floor(log2(m) * 2^15) / 2^15 for log2m = log2 of a max > 0.
+FASTSAM_HD double log_scale(double log2m) { return floor(log2m * kLogRes) / kLogRes; }
+
+// x -> x * 2^-k for an integer-valued k in [-2100, 2100], as two multiplies by normal powers of two
+// (2^-k alone may not be a double); exact while the result is normal, and for k in [-1000, 1000] the
+// bits of x * 2^-k (the second factor is 1).
+struct Pow2Scale {
+  double a, b;
+  FASTSAM_HD explicit Pow2Scale(double k) {
+    const double k1 = k < -1000.0 ? -1000.0 : (k > 1000.0 ? 1000.0 : k);
+    a = exp2(-k1);
+    b = exp2(k1 - k);
+  }
+  FASTSAM_HD double operator()(double x) const { return x * a * b; }
+};
+
+// F-SAM: s with 1 + |sigma| < 2^s, so g 2^-s - (sigma 2^-s) m is finite for finite g, m
+// (fastsam.reference.fsam_shift).
+FASTSAM_HD int fsam_shift(double sigma) {
+  int k = 0;
+  frexp(1.0 + fabs(sigma), &k);
+  return k;
+}
 
 // (S, E) + (S', E') at the larger exponent; `w` = q (the power the exponents are weighted by).
 // isfinite without <cmath>'s host/device overload questions: x - x is 0 for finite x, NaN else.
@@ -76,41 +110,66 @@ FASTSAM_HD Scaled scaled_add(Scaled a, Scaled b, double w) {
 }
 
 // What K2 needs from the global sum (S, E) of |u|^q:
-//   N = 2^E2 * n_hat with n_hat in [0.5, 1) (E2 clamped so 2^-E2 is finite in the math type),
-//   inv = 2^-E2 (|u| * inv <= n_hat <= 1: no overflow in |u * inv|^(q-1)),
-//   q = 2:  denom = n_hat + 1e-12 * inv        (e = rho T (u inv) / denom = rho T u / (N + 1e-12))
-//   else:   fac = 1 / (1 + 1e-12 N^-(q-1))      (e = rho T sign(u) (|u inv| / n_hat)^(q-1) fac)
+//   q = 2: N = 2^E2 * n_hat with n_hat in [0.5, 1) (E2 clamped so 2^-E2 is finite in the math type),
+//          inv = 2^-E2 (|u| * inv <= n_hat <= 1), denom = n_hat + 1e-12 * inv
+//          (e = rho T (u inv) / denom = rho T u / (N + 1e-12));
+//          rows whose u may overflow (row_wide): the same unclamped, N = n_hat_w * 2^e2w, in float64;
+//   q = 1: fac = 1 / (1 + 1e-12);
+//   else:  log2 N = E + log2(S) / q, fac = 1 / (1 + 1e-12 N^-(q-1)), and with fi = floor(E),
+//          c0 = (E - fi) + log2(S) / q: (|u| / N)^(q-1) = 2^((q-1) (log2(|u| 2^-fi) - c0)).
 struct DualNorm {
   double inv, n_hat, denom, fac;
+  double e_top;                  // E of the sum (general q: decides row_wide)
+  double e2w, n_hat_w, denom_w;  // q = 2, wide rows
+  double fi, c0;                 // general q
   int finite;
 };
 
 FASTSAM_HD DualNorm dual_norm_scaled(Scaled sum, double q, int32_t qmode, int e_min, int e_max) {
-  DualNorm d{1.0, 0.0, 1.0, 1.0, 1};
+  DualNorm d{1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1};
   d.finite = finite_d(sum.s) ? 1 : 0;
   if (!d.finite) return d;
+  const double se = sum.e == -INFINITY ? 0.0 : sum.e;
+  d.e_top = se;
   if (qmode == 1) {
     d.fac = 1.0 / (1.0 + 1e-12);
     return d;
   }
-  const double nh = qmode == 2 ? sqrt(sum.s) : pow(sum.s, 1.0 / q);  // N = nh * 2^E
-  if (nh == 0.0) {  // every u is 0: e = 0 (n_hat = 1 keeps |u inv| / n_hat = 0, not 0 / 0)
+  if (sum.s == 0.0) {  // every u is 0: e = 0 (n_hat = 1 keeps |u inv| / n_hat = 0, not 0 / 0)
     d.n_hat = 1.0;
     d.denom = 1.0;
     d.fac = 0.0;
     return d;
   }
+  if (qmode == 0) {
+    const double lq = log2(sum.s) / q;  // S >= 1: the largest term is >= 1
+    d.fac = 1.0 / (1.0 + 1e-12 * exp2(-(q - 1.0) * (se + lq)));
+    d.fi = floor(se);
+    d.c0 = (se - d.fi) + lq;
+    return d;
+  }
+  const double nh = sqrt(sum.s);  // N = nh * 2^E
   int k = 0;
   const double f = frexp(nh, &k);  // nh = f * 2^k, f in [0.5, 1)
-  double e2 = (sum.e == -INFINITY ? 0.0 : sum.e) + k;
+  d.e2w = se + k;
+  d.n_hat_w = f;
+  d.denom_w = f + 1e-12 * exp2(-d.e2w);
+  double e2 = d.e2w;
   e2 = e2 < e_min ? e_min : (e2 > e_max ? e_max : e2);
   // n_hat = N * 2^-E2 exactly (a power-of-two rescale of f unless clamped)
-  const double shift = (sum.e == -INFINITY ? 0.0 : sum.e) + k - e2;
-  d.n_hat = ldexp(f, static_cast<int>(shift));
+  d.n_hat = ldexp(f, static_cast<int>(se + k - e2));
   d.inv = exp2(-e2);
   d.denom = d.n_hat + 1e-12 * d.inv;
-  if (qmode == 0) d.fac = 1.0 / (1.0 + 1e-12 * exp2(-(q - 1.0) * (e2 + log2(d.n_hat))));
   return d;
+}
+
+// K2 of a row must not form u in its math type: some |u| of the call may exceed it (q = 2: N >= max|u|
+// reaches 2^127 (float32 math) / 2^1023 (float64); general q: the scale F of float64 rows from 2^1023,
+// float32 rows always take u in float64). q = 1 needs only sign(u), which an overflow keeps.
+FASTSAM_HD bool row_wide(const DualNorm& d, int32_t qmode, bool f64) {
+  if (qmode == 2) return d.e2w >= (f64 ? 1024.0 : 128.0);
+  if (qmode == 0) return f64 && d.e_top >= 1023.0;
+  return false;
 }
 
 // ---------------------------------------------------------------------------------- second step

@@ -8,7 +8,9 @@ float32 ``dtype=`` argument. Here:
 - finiteness comes from ``max |g|`` (the inf-norm: exact in any dtype, NaN-propagating, never
   overflows);
 - the 2-norm for clipping sums float32/bf16/fp16 squares in float64 (no finite value overflows
-  them) and scales float64 gradients by a power of two before squaring.
+  them) and scales float64 gradients by a power of two before squaring; it stays scaled
+  (``n * 2^E``) up to the clipping factor, which is formed from ``n`` and ``E`` (a float64 norm
+  above 1.3e154 would overflow its square, and one above 1.8e308 float64 itself).
 
 Both stay on the device: the training step reads one flag per step (its one host sync).
 """
@@ -45,34 +47,58 @@ def nonfinite(grads: list[Tensor]) -> Tensor:
     return ~torch.isfinite(torch.stack(_on(dev, norms)).max())
 
 
-def total_norm(grads: list[Tensor]) -> Tensor:
-    """0-dim float64 ``||g||_2`` over the list, finite for every finite gradient."""
+def _scaled_norm(grads: list[Tensor]) -> tuple[Tensor, Tensor, torch.device]:
+    """``(n, E)`` with ``||g||_2 = n * 2^E`` over the non-empty gradients (``n`` float64, NaN/inf
+    when some gradient is; ``E`` int32), never forming a square or a norm that could overflow:
+    float32/bf16/fp16 norms are summed in float64 (no finite value overflows their squares),
+    float64 gradients are scaled by ``2^-e``, ``2^e`` just above their max (exact), and the groups
+    are combined at the largest exponent."""
     gs = [g for g in grads if g.numel()]
-    if not gs:
-        return torch.zeros((), dtype=torch.float64)
-    dev = gs[0].device
-    sq: list[Tensor] = []
+    dev = gs[0].device if gs else torch.device("cpu")
+    f64 = torch.float64
+    parts: list[tuple[Tensor, Tensor]] = []  # (n_k, e_k): the group's norm is n_k * 2^e_k
     for grp in _by_dtype(gs):
-        if grp[0].dtype != torch.float64:
-            sq += [n.square() for n in _on(dev, torch._foreach_norm(grp, 2, dtype=torch.float64))]
+        if grp[0].dtype != f64:
+            n = torch.linalg.vector_norm(torch.stack(_on(dev, torch._foreach_norm(grp, 2, dtype=f64))))
+            parts.append((n, torch.zeros((), dtype=torch.int32, device=dev)))
             continue
-        # float64 squares overflow at |g| > 1.3e154: scale by 2^-E, 2^E just above max |g| (exact)
         mx = torch.stack(_on(dev, torch._foreach_norm(grp, _INF))).max()
         e = torch.frexp(torch.where(torch.isfinite(mx) & (mx > 0), mx, torch.ones_like(mx)))[1].clamp(-1000, 1000)
-        scaled = torch._foreach_mul(grp, torch.ldexp(torch.ones((), dtype=torch.float64, device=dev), -e).to(
-            grp[0].device))
+        scaled = torch._foreach_mul(grp, torch.ldexp(torch.ones((), dtype=f64, device=dev), -e).to(grp[0].device))
         n = torch.linalg.vector_norm(torch.stack(_on(dev, torch._foreach_norm(scaled, 2))))
-        sq.append(torch.where(torch.isfinite(mx), (n * torch.ldexp(torch.ones_like(n), e)).square(), mx))
-    return torch.stack(sq).sum().sqrt()
+        parts.append((torch.where(torch.isfinite(mx), n, mx), e))  # NaN / inf: the max says so
+    if not parts:
+        return torch.zeros((), dtype=f64), torch.zeros((), dtype=torch.int32), dev
+    e_max = torch.stack([e for _, e in parts]).max()
+    n = torch.stack([x * torch.ldexp(torch.ones((), dtype=f64, device=dev), e - e_max) for x, e in parts])
+    return torch.linalg.vector_norm(n), e_max, dev
+
+
+def _value(n: Tensor, e: Tensor) -> Tensor:
+    """``n * 2^e`` clamped to float64's largest number (NaN and inf stay)."""
+    v = (n * torch.ldexp(torch.ones_like(n), e)).clamp(max=torch.finfo(torch.float64).max)
+    return torch.where(torch.isfinite(n), v, n)
+
+
+def total_norm(grads: list[Tensor]) -> Tensor:
+    """0-dim float64 ``||g||_2`` over the list, finite for every finite gradient (a norm beyond
+    float64's range, from float64 gradients near its largest value, is reported as that value)."""
+    n, e, _ = _scaled_norm(grads)
+    return _value(n, e)
 
 
 def clip_(grads: list[Tensor], max_norm: float) -> Tensor:
     """Scale the gradients in place so that their 2-norm is at most ``max_norm`` (torch's rule:
-    ``g *= min(1, max_norm / (||g|| + 1e-6))``); returns the norm before clipping (float64)."""
-    total = total_norm(grads)
+    ``g *= min(1, max_norm / (||g|| + 1e-6))``); returns the norm before clipping (float64, see
+    :func:`total_norm`). The factor comes from the scaled norm ``||g|| = n 2^E`` as
+    ``max_norm 2^-E / (n + 1e-6 2^-E)``: no norm or square is formed, so float64 gradients of any
+    finite size are clipped, never reported non-finite."""
+    n, e, _ = _scaled_norm(grads)
+    total = _value(n, e)
     if not grads:
         return total
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    inv = torch.ldexp(torch.ones_like(n), -e)  # e in [-1000, 1000]: a normal float64
+    coef = torch.clamp((max_norm * inv) / (n + 1e-6 * inv), max=1.0)
     for grp in _by_dtype(grads):
         torch._foreach_mul_(grp, coef.to(device=grp[0].device, dtype=torch.float32 if grp[0].dtype != torch.float64
                                           else torch.float64))

@@ -5,7 +5,7 @@ dtype on write. Slow on purpose: one Python iteration and several ops per tensor
 backend (foreach, Triton, C++/CUDA) exposes the same functions with the same signatures and is
 tested against this module.
 
-Notation (DESIGN.md section 3): ``g`` gradient, ``w`` weight, ``P`` the tensors handed to the op
+Notation (docs/design.md section 2): ``g`` gradient, ``w`` weight, ``P`` the tensors handed to the op
 (parameters with a gradient in groups with rho > 0). Per tensor ``i``: ``rho_i``, ``adaptive_i``,
 ``eta_i`` (from its param group) and ``offset_i`` (global index of its first element, counting
 the elements of every parameter of every group in order, with or without a gradient).
@@ -29,7 +29,7 @@ from ._reference_losses import (  # noqa: F401
     obf_loss_reference,
 )
 
-PERTURB_EPS = 1e-12  # added to N^(q-1) and to gradient norms (DESIGN.md s3), as in the papers' code
+PERTURB_EPS = 1e-12  # added to N^(q-1) and to gradient norms (docs/design.md section 2.2), as in the papers' code
 
 
 def dual_exponent(p: float) -> float:
@@ -41,12 +41,20 @@ def dual_exponent(p: float) -> float:
 
 # Scaled norms (DESIGN: "robust norms"). A sum of |u|^q overflows long before the norm does
 # (fp32: |u| > 1.8e19 at q = 2; float64: |u|^21 > 1.8e308 at p = 1.05) and underflows for tiny
-# gradients, so every backend sums |u / 2^E|^q with 2^E the power of two just above max|u| (the
-# max-abs scaling of LAPACK's nrm2, with a power of two so that the scaling is exact) and never
-# forms N^(q-1) itself:
-#     e = rho * T * sign(u) * (|u| / N)^(q-1) / (1 + 1e-12 * N^-(q-1)),   N = 2^E * (sum |u/2^E|^q)^(1/q)
-# which is the perturbation rho * T * sign(u) |u|^(q-1) / (N^(q-1) + 1e-12) of Foret et al.,
-# finite for every finite gradient.
+# gradients; and u = T * d itself overflows (ASAM: (|w| + eta) * g; F-SAM: g - sigma * m) for
+# finite inputs. So the first step never forms u, |u|^q or N^(q-1) as plain numbers:
+#
+# - u is kept split, |u| = mu * 2^ku with mu in [0.5, 1) (:func:`_split_direction`): a product
+#   of mantissas and a sum of exponents, finite for every finite w, g, m;
+# - the sum is taken relative to the exact max M = max|u|: r = |u| / M in [0, 1] with max r = 1,
+#   S = sum r^q in [1, n], N = M * S^(1/q). The largest term is 1 for every q (a power of two just
+#   above M instead would leave it in [2^-q, 1), which underflows once q = p / (p - 1) is large:
+#   p -> 1). q = 2 keeps that power of two (terms >= 1/4 there): N = 2^K ||u 2^-K||_2;
+# - e = rho * T * sign(u) * r^(q-1) * S^(-(q-1)/q) / (1 + 1e-12 * N^-(q-1)), the last factor from
+#   log2 N = log2 M + log2(S) / q:
+#     e = rho * T * sign(u) (|u| / N)^(q-1) / (1 + 1e-12 * N^-(q-1))
+#       = rho * T * sign(u) |u|^(q-1) / (N^(q-1) + 1e-12)            (Foret et al.)
+#   finite for every finite gradient, every p in (1, inf].
 E_MIN_F64 = -1000  # 2^-E must stay finite: exponents are clamped below at this (tiny gradients)
 
 
@@ -67,13 +75,47 @@ def scale_exponent(m: float, lo: int = E_MIN_F64) -> int:
     return max(math.frexp(m)[1], lo)
 
 
-def perturb_factor(q: float, E: int, n_hat: float) -> float:
-    """``1 / (1 + 1e-12 * N^-(q-1))`` for ``N = 2^E * n_hat`` without forming ``N^(q-1)``
-    (0 when ``N^(q-1)`` is far below 1e-12)."""
+def perturb_factor(q: float, log2_n: float) -> float:
+    """``1 / (1 + 1e-12 * N^-(q-1))`` from ``log2 N`` without forming ``N^(q-1)`` (0 when
+    ``N^(q-1)`` is far below 1e-12)."""
     if q == 1.0:
         return 1.0 / (1.0 + PERTURB_EPS)
-    t = -(q - 1.0) * (E + math.log2(n_hat))
-    return 1.0 / (1.0 + PERTURB_EPS * exp2(t))
+    return 1.0 / (1.0 + PERTURB_EPS * exp2(-(q - 1.0) * log2_n))
+
+
+def fsam_shift(sigma: float) -> int:
+    """``s`` with ``1 + |sigma| < 2^s``: ``g 2^-s - (sigma 2^-s) m`` is finite for every finite
+    ``g``, ``m`` (the F-SAM direction ``d = g - sigma m`` itself may overflow)."""
+    return math.frexp(1.0 + abs(sigma))[1]
+
+
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x = m * 2^k`` elementwise with ``|m|`` in [0.5, 1) (0, inf, NaN: ``m = x``), k int64."""
+    m, k = torch.frexp(x)
+    return m, k.to(torch.int64)
+
+
+def _split_direction(w64: Tensor, g64: Tensor, m64: Tensor | None, sigma: float, T: Tensor | None
+                     ) -> tuple[Tensor, Tensor]:
+    """``u = T * d`` (``d = g - sigma * m`` if ``m`` is given, else ``g``) as ``(mu, ku)``,
+    ``u = mu * 2^ku``, ``|mu|`` in [0.5, 1) (0 for u = 0; inf/NaN for non-finite inputs), without
+    overflow for finite inputs: where ``d`` overflows it is taken as ``(g 2^-s - (sigma 2^-s) m)
+    2^s`` (:func:`fsam_shift`), and the product is one of mantissas, its exponents added."""
+    if m64 is None:
+        md, kd = _split(g64)
+    else:
+        d = g64 - sigma * m64
+        s = fsam_shift(sigma)
+        c = 2.0 ** -s
+        md, kd = _split(d)
+        md_s, kd_s = _split(g64 * c - (sigma * c) * m64)
+        big = ~torch.isfinite(d) & torch.isfinite(md_s)
+        md, kd = torch.where(big, md_s, md), torch.where(big, kd_s + s, kd)
+    if T is None:
+        return md, kd
+    mt, kt = _split(T)
+    mu, k2 = _split(mt * md)  # |mt * md| in [0.25, 1): exact renormalization
+    return mu, kt + kd + k2
 
 
 def _max_abs(ts: list[Tensor]) -> float:
@@ -115,14 +157,15 @@ def sam_perturb_(
        ``m' = lam * m + (1 - lam) * g`` if r else ``m' = g``; ``r' = 1``.
     2. ``T = |w| + eta`` if adaptive else 1, ``u = T * d``.
     3. ``N = (sum_P |u|^q)^(1/q)``, ``q = p / (p - 1)``;
-       ``e = rho * T * sign(u) * |u|^(q-1) / (N^(q-1) + 1e-12)``, computed with scaled sums
-       (see :func:`perturb_factor`): finite for every finite gradient.
+       ``e = rho * T * sign(u) * |u|^(q-1) / (N^(q-1) + 1e-12)``, computed from the split
+       ``u`` and the sum relative to ``max|u|`` (see "Scaled norms" above): finite for every
+       finite ``w``, ``g``, ``m`` and every p in (1, inf].
     4. ESAM (``swp_keep = beta < 1``): ``e <- e * keep / beta`` with the Philox keep-mask of
        the global element indices (see ``fastsam._philox``), key (seed, step).
     5. ``w_old <- w``; ``w <- w + e``; GSAM (``g_old`` given): ``g_old <- g``.
     6. ``m'`` and ``r'`` go to ``ema_out`` / ``ready_out`` (default: ``ema`` / ``ema_ready``,
        in place); out-of-place outputs let the caller keep ``m`` and ``r`` for a rollback.
-    7. Non-finite N (a NaN or inf in some ``u``): nothing is perturbed and no state changes
+    7. Non-finite N (a NaN or inf in some ``g``, ``m`` or ``T``): nothing is perturbed and no state changes
        (``w_old`` still gets ``w``, ``g_old`` gets zeros so a later GSAM combine is a no-op,
        ``ema_out``/``ready_out`` get copies of ``m``/``r``).
 
@@ -138,45 +181,52 @@ def sam_perturb_(
         ema_out = ema if ema_out is None else ema_out
         ready_out = ema_ready if ready_out is None else ready_out
 
-    dirs: list[Tensor] = []
+    splits: list[tuple[Tensor, Tensor]] = []  # u = mu * 2^ku per tensor (see _split_direction)
     geos: list[Tensor | None] = []
     new_ema: list[Tensor | None] = []
     for i, (w, g) in enumerate(zip(params, grads)):
         g64 = g.to(f64)
-        d = g64
+        m64 = None
         if fsam:
             r = float(ema_ready[i])  # type: ignore[index]
-            m64 = ema[i].to(f64)  # type: ignore[index]
+            m_old = ema[i].to(f64)  # type: ignore[index]
             if r:
-                d = g64 - fsam_sigma * m64
-                new_ema.append(fsam_lambda * m64 + (1.0 - fsam_lambda) * g64)
+                m64 = m_old
+                new_ema.append(fsam_lambda * m_old + (1.0 - fsam_lambda) * g64)
             else:
                 new_ema.append(g64.clone())
         T = (w.to(f64).abs() + etas[i]) if adaptive[i] else None
-        dirs.append(d * T if T is not None else d)
+        splits.append(_split_direction(w.to(f64), g64, m64, fsam_sigma if fsam else 0.0, T))
         geos.append(T)
 
-    M = _max_abs(dirs)
-    finite = math.isfinite(M)
+    finite = all(bool(torch.isfinite(mu).all()) for mu, _ in splits)
+    nz = [(mu != 0) for mu, _ in splits]
+    ks = [int(ku[z].max()) for (_, ku), z in zip(splits, nz) if bool(z.any())]
     new_w: list[Tensor | None] = [None] * len(params)
-    if finite and M > 0:
-        E = scale_exponent(M)
-        inv = exp2(-E)  # exact power of two: |u| * inv in [0, 1)
+    if finite and ks:
+        K = max(ks)
+        # v = |u| / 2^K in [0, 1) with 2^K just above max|u| (exact but where it underflows: terms
+        # below 2^-1074 of the max); general q: r = |u| / M with M = Mh * 2^K the exact max, max r = 1
+        vs = [torch.ldexp(mu.abs(), ku - K) for mu, ku in splits]
         if q == 2.0:
-            s_hat = sum(float((u * inv).square().sum()) for u in dirs)
-        elif q == 1.0:
-            s_hat = sum(float((u * inv).abs().sum()) for u in dirs)
+            n_hat = math.sqrt(sum(float(v.square().sum()) for v in vs))
+            log2_n = K + math.log2(n_hat)
+            rs, shrink = vs, 1.0
         else:
-            s_hat = sum(float((u * inv).abs().pow(q).sum()) for u in dirs)
-        n_hat = s_hat ** (1.0 / q)
-        fac = perturb_factor(q, E, n_hat)
-        for i, (w, u) in enumerate(zip(params, dirs)):
+            Mh = max(float(v.max()) for v in vs if v.numel())
+            rs = [v / Mh for v in vs]
+            S = sum(float(r.sum() if q == 1.0 else r.pow(q).sum()) for r in rs)  # in [1, n]
+            log2_n = K + math.log2(Mh) + math.log2(S) / q
+            shrink = 2.0 ** (-(q - 1.0) / q * math.log2(S))  # S^(-(q-1)/q), in (0, 1]
+        fac = perturb_factor(q, log2_n)
+        for i, (w, r) in enumerate(zip(params, rs)):
+            sgn = torch.sign(splits[i][0])
             if q == 1.0:
-                mag = torch.sign(u)
+                mag = sgn
             elif q == 2.0:
-                mag = (u * inv) / n_hat
+                mag = (sgn * r) / n_hat  # = (u 2^-K) / n_hat: the bits of the unsplit formula
             else:
-                mag = torch.sign(u) * ((u * inv).abs() / n_hat).pow(q - 1.0)
+                mag = sgn * r.pow(q - 1.0) * shrink
             e = rhos[i] * fac * mag
             if geos[i] is not None:
                 e = e * geos[i]

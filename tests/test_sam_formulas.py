@@ -66,6 +66,26 @@ def test_p3_dual_norm(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_p_near_one_puts_rho_on_the_largest_entry(backend):
+    # p = 1.0001 -> q = 10001: e_i = rho sign(g_i) (|g_i| / N)^(q-1), N = (3^q + 4^q)^(1/q) = 4 (1 + 0.75^q)^(1/q);
+    # 0.75^10000 ~ 1e-1250: e = (0, -rho) in float64 (the sum's largest term must not underflow: |g|^q
+    # scaled by a power of two just above 4 is 0.5^q = 0)
+    w, opt, _ = _perturb([0.0, 0.0], [3.0, -4.0], backend, rho=0.2, p=1.0001)
+    assert not opt.perturbation_skipped
+    torch.testing.assert_close(w, torch.tensor([0.0, -0.2], dtype=f64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_asam_product_beyond_float64(backend):
+    # u = (|w| + eta) g = (1e320, 2e320) overflows float64 although w and g are finite:
+    # N = sqrt(5) 1e320, e_i = rho T_i u_i / N = rho (1e160, 2e160) (1, 2) / sqrt(5)
+    w, opt, _ = _perturb([1e160, -1e160], [1e160, 2e160], backend, rho=0.5, adaptive=True, eta=0.5)
+    assert not opt.perturbation_skipped
+    exp = torch.tensor([1e160 + 0.5 * 1e160 / math.sqrt(5.0), -1e160 + 0.5 * 1e160 * 2.0 / math.sqrt(5.0)], dtype=f64)
+    torch.testing.assert_close(w, exp, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fsam_two_steps(backend):
     p = torch.nn.Parameter(torch.tensor([0.0, 0.0], dtype=f64))
     opt = _opt([p], backend, rho=1.0, fsam_sigma=0.5, fsam_lambda=0.9)

@@ -99,15 +99,6 @@ def _bf16_rne(x):
     return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit
-def _abs_pow(a, q):
-    """``a ** q`` for ``a >= 0`` (NaN and inf propagate, 0 gives 0) in float64: exp2/log2 of
-    float32 would cost ~5e-6 relative error."""
-    a64 = a.to(tl.float64)
-    nz = a64 != 0
-    return tl.where(nz, tl.exp2(q * tl.log2(tl.where(nz, a64, 1.0))), 0.0)
-
-
 # Scaled sums (see fastsam.reference: "scaled norms"). A sum of |u|^q overflows long before the
 # norm (float32: u^2 at |u| > 1.8e19), so each program sums |u * 2^-E|^q with 2^E its running max's
 # power of two, rescaling its lanes (exactly: powers of two) when a block brings a larger max. Up to
@@ -158,41 +149,188 @@ def _e_hi(CT: tl.constexpr):
 
 
 @triton.jit
-def _sum_scaled(part, npart, part_stride, pl, q, QMODE: tl.constexpr, PT: tl.constexpr):
-    """(S, E) of all scaled partials (S in ``part[k]``, E in ``part[part_stride + k]``): the sum
-    ``S * 2^(qE)`` of |u|^q, with E the largest exponent (a fixed order: the same bits in every
-    program)."""
-    pm = pl < npart
-    sp = tl.load(part + pl, mask=pm, other=0.0)
-    ep = tl.load(part + part_stride + pl, mask=pm, other=-2000.0).to(tl.int32)
-    emax = tl.max(ep, 0)
-    if QMODE == 0:
-        f = tl.exp2(q * (ep - emax).to(tl.float64)).to(PT)
+def _frexp_raw(m, CT: tl.constexpr):
+    """``E`` with ``m = f * 2^E``, ``f`` in [0.5, 1), for a normal CT ``m > 0`` (no clamp)."""
+    if CT == tl.float64:
+        return ((m.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022
     else:
-        f = _pow2(QMODE * (ep - emax), PT)
-    return tl.sum(tl.where(pm, sp * f, 0.0), 0), emax
+        return ((m.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
 
 
 @triton.jit
-def _k1_block(row, hrow, ntab, offs, inb, sigma, DT: tl.constexpr, CT: tl.constexpr,
+def _expo(x, CT: tl.constexpr):
+    """An int32 ``e`` with ``|x| < 2^e`` from the exponent bits (exact for normal ``x``: frexp's
+    exponent; subnormals and 0 get the smallest normal's; inf / NaN a value above every finite)."""
+    if CT == tl.float64:
+        return ((x.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022
+    else:
+        return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+
+
+@triton.jit
+def _times_pow2(x, k, CT: tl.constexpr):
+    """``x * 2^k`` for an int32 ``k`` in [-2 emax, 2 emax] as two multiplies by normal powers of two
+    (exact while the result is normal; a power of two alone may not be a CT number)."""
+    if CT == tl.float64:
+        kc = tl.minimum(k, 2046)
+    else:
+        kc = tl.minimum(k, 254)
+    k1 = kc >> 1
+    return (x * _pow2(k1, CT)) * _pow2(kc - k1, CT)
+
+
+@triton.jit
+def _direction(g, m, w, ad, eta, sigma, sh, CT: tl.constexpr, FSAM: tl.constexpr, ADAPTIVE: tl.constexpr):
+    """``u = T * d`` (``d = g - sigma m`` with F-SAM, ``T = |w| + eta`` on adaptive tensors) as
+    ``(dv, mt, k)`` with ``u = mt * dv * 2^k`` exactly, never overflowing for finite inputs (see
+    fastsam.reference "Scaled norms"): ``dv`` is ``d``, with F-SAM ``g 2^-sh - (sigma 2^-sh) m``
+    (``k`` then includes ``sh``; finite where ``d`` itself overflows CT); ``mt = T 2^-kt`` in
+    [0, 4) (kt: T's exponent, at most CT's largest normal one), ``2^k`` holds ``2^kt`` (``mt = 1``,
+    ``kt = 0`` without ASAM; float64: ``mt = T``, ``kt = 0``), and ``eu``: ``|u| < 2^eu`` (-100000
+    where u = 0: callers select 0 there, as ``dv 2^(k - s)`` may overflow when T = 0). For any ``s``,
+    ``mt * (dv * 2^(k - s))`` is ``fl(T * d) * 2^-s``, the CT product's bits shifted, while
+    normal (powers of two commute with rounding)."""
+    dv = g
+    k = 0
+    if FSAM:
+        c = _pow2(-sh, CT)
+        dv = g * c - (sigma * c) * m  # = (g - sigma m) 2^-sh exactly unless g 2^-sh is subnormal
+        k = sh
+    mt = 1.0
+    nz = dv != 0
+    eu = k + _expo(dv, CT)
+    if ADAPTIVE:
+        T = tl.where(ad, tl.abs(w) + eta, 1.0).to(CT)
+        if CT == tl.float64:
+            # float64: mt = T itself, k stays a scalar (64-bit lanes are expensive in registers); then
+            # dv 2^(k - s) may be subnormal where T is within 4x of float64's largest number
+            mt = T
+            eu = eu + _expo(T, CT)
+        else:
+            kt = tl.minimum(_expo(T, CT), _e_hi(CT))
+            mt = T * _pow2(-kt, CT)  # exact: 2^-kt is a normal number
+            k = k + kt
+            eu = eu + kt + 2
+        nz = nz & (mt != 0)
+    return dv, mt, k, tl.where(nz, eu, -100000)
+
+
+@triton.jit
+def _sum_scaled(part, npart, part_stride, pl, q, QMODE: tl.constexpr, PT: tl.constexpr):
+    """(S, E) of all scaled partials (S in ``part[k]``, E in ``part[part_stride + k]``): the sum
+    ``S * 2^(qE)`` of |u|^q, with E the largest exponent (a fixed order: the same bits in every
+    program). QMODE 0: E is the fractional scale F (a multiple of 2^-15, float64)."""
+    pm = pl < npart
+    sp = tl.load(part + pl, mask=pm, other=0.0)
+    if QMODE == 0:
+        ep = tl.load(part + part_stride + pl, mask=pm, other=-8192.0).to(tl.float64)
+        emax = tl.max(ep, 0)
+        f = tl.exp2(q * (ep - emax))
+        return tl.sum(tl.where(pm, sp.to(tl.float64) * f, 0.0), 0), emax
+    else:
+        ep = tl.load(part + part_stride + pl, mask=pm, other=-2000.0).to(tl.int32)
+        emax = tl.max(ep, 0)
+        f = _pow2(QMODE * (ep - emax), PT)
+        return tl.sum(tl.where(pm, sp * f, 0.0), 0), emax
+
+
+@triton.jit
+def _q_term(x, q, ff):
+    """``2^(q (log2(x) - ff))`` for ``x >= 0`` in float64 (0 gives 0, NaN and inf propagate)."""
+    nz = x != 0
+    return tl.where(nz, tl.exp2(q * (tl.log2(tl.where(nz, x, 1.0)) - ff)), 0.0)
+
+
+@triton.jit
+def _scale_f64(x, fi):
+    """``x * 2^-fi`` in float64 for an integer-valued float64 ``fi`` in [-2100, 2100] (two scalings
+    by normal powers of two)."""
+    f1 = tl.minimum(tl.maximum(fi, -1000.0), 1000.0)
+    f2 = tl.minimum(tl.maximum(fi - f1, -1000.0), 1000.0)
+    return x * _pow2(-f1.to(tl.int32), tl.float64) * _pow2(-f2.to(tl.int32), tl.float64)
+
+
+@triton.jit
+def _u64(g_raw, m_raw, w_raw, ad, eta, sigma, FSAM: tl.constexpr, ADAPTIVE: tl.constexpr):
+    """u in float64 from float32/bf16/fp16 data, as fastsam.reference forms it (``sigma``, ``eta``
+    are the CT values of the tables): no overflow for finite inputs."""
+    u = g_raw.to(tl.float64)
+    if FSAM:
+        u = u - sigma.to(tl.float64) * m_raw.to(tl.float64)
+    if ADAPTIVE:
+        u = u * tl.where(ad, tl.abs(w_raw.to(tl.float64)) + eta.to(tl.float64), 1.0)
+    return u
+
+
+LOG_RES = tl.constexpr(32768.0)  # general-q scales F are multiples of 1 / LOG_RES (see _k1_block)
+
+
+@triton.jit
+def _k1_block(row, hrow, ntab, offs, inb, sigma, sh, ep, q, DT: tl.constexpr, CT: tl.constexpr,
               QMODE: tl.constexpr, FSAM: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr):
-    """K1 work of one block: the block's ``|u|`` (a BLOCK vector, in float64 for general q).
-    ``inb``: the lanes in bounds (the others are 0)."""
-    u = tl.load(_ptr(tl.load(row + P_G * ntab), DT, ALIGNED) + offs, mask=inb, other=0.0).to(CT)
+    """K1 work of one block (``inb``: the lanes in bounds, the others 0): ``(terms, en)``, the
+    block's terms of the scaled sum and the new running scale ``en >= ep`` (the caller rescales
+    its accumulator from ``ep`` to ``en``).
+
+    QMODE 1, 2: terms ``|u 2^-en|`` / ``|u 2^-en|^2`` in CT, ``en`` an int32 exponent; with F-SAM
+    or ASAM, u is split (:func:`_direction`) so that no finite input overflows, and en may exceed the
+    CT range (a "wide" call, see K2). QMODE 0 (general q): terms ``2^(q (log2|u| - en))`` in
+    float64 with ``en`` = F, the running max's log2 rounded down to a multiple of 2^-15 (the
+    largest term is then >= 1: a power of two just above the max would leave it in [2^-q, 1),
+    which underflows for large q = p / (p - 1)); u in float64 (float32 data) or split (float64
+    data with F-SAM / ASAM)."""
+    g_raw = tl.load(_ptr(tl.load(row + P_G * ntab), DT, ALIGNED) + offs, mask=inb, other=0.0)
+    u = g_raw.to(CT)
+    m_raw = g_raw
+    w_raw = g_raw
+    ad = False
+    eta = 0.0
     if FSAM:
         r = tl.load(tl.load(row + P_READY * ntab).to(tl.pointer_type(tl.float32)))
         pm = _ptr(tl.load(row + P_EMA * ntab), DT, ALIGNED)
-        m = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0).to(CT)
-        u = u - sigma * m  # m = 0 exactly when not ready: d = g bit for bit
+        m_raw = tl.load(pm + offs, mask=tl.where(r != 0, inb, False), other=0.0)  # m = 0 when not ready
     if ADAPTIVE:
         ad = tl.load(hrow + P_ADAPTIVE) != 0
+        eta = tl.load(hrow + P_ETA)
         pw = _ptr(tl.load(row + P_W * ntab), DT, ALIGNED)
-        w = tl.load(pw + offs, mask=tl.where(ad, inb, False), other=0.0).to(CT)
-        u = tl.where(ad, u * (tl.abs(w) + tl.load(hrow + P_ETA)), u)
+        w_raw = tl.load(pw + offs, mask=tl.where(ad, inb, False), other=0.0)
     if QMODE == 0:
-        return tl.abs(u).to(tl.float64)
+        if CT == tl.float64 and (FSAM or ADAPTIVE):
+            dv, mt, k, eu = _direction(u, m_raw.to(CT), w_raw.to(CT), ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
+            c = tl.max(eu, 0)  # |u| < 2^c
+            # |u| 2^-c, in [0, 1) (0 where u = 0: T = 0 may meet a d too large to scale)
+            y = tl.where(eu > -100000, mt * tl.abs(_times_pow2(dv, k - c, CT)), 0.0)
+            my = tl.max(y, 0)
+            fb = tl.floor((c.to(tl.float64) + tl.log2(tl.where(my > 0, my, 1.0))) * LOG_RES) / LOG_RES
+            en = tl.where(my > 0, tl.maximum(ep, fb), ep)
+            fi = tl.floor(en)
+            x = _times_pow2(y, c - fi.to(tl.int32), CT)
+        else:
+            if CT == tl.float64:
+                a = tl.abs(u)
+            else:
+                a = tl.abs(_u64(g_raw, m_raw, w_raw, ad, eta, sigma, FSAM, ADAPTIVE))
+            mx = tl.max(a, 0)
+            en = tl.maximum(ep, tl.floor(tl.log2(tl.where(mx > 0, mx, 1e-300)) * LOG_RES) / LOG_RES)
+            en = tl.where(mx > 0, en, ep)
+            fi = tl.floor(en)
+            x = _scale_f64(a, fi)
+        return _q_term(x, q, en - fi), en
     else:
-        return tl.abs(u)
+        if FSAM or ADAPTIVE:
+            dv, mt, k, eu = _direction(u, m_raw.to(CT), w_raw.to(CT), ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
+            en = tl.maximum(ep, tl.max(eu, 0))
+            x = mt * tl.abs(_times_pow2(dv, k - en, CT))  # |u| 2^-en: the bits of |u_CT| 2^-en if normal
+            if CT == tl.float64 and ADAPTIVE:
+                x = tl.where(eu > -100000, x, 0.0)  # T = 0 (dv 2^(k - en) may be inf there)
+        else:
+            a = tl.abs(u)
+            en = tl.maximum(ep, _frexp_exp(tl.max(a, 0), CT))
+            x = a * _pow2(-en, CT)
+        if QMODE == 2:
+            return x * x, en
+        else:
+            return x, en
 
 
 @triton.jit
@@ -206,19 +344,20 @@ def perturb_partials_kernel(
 
     ``u = T * d``: ``d = g - sigma * m`` when the tensor's EMA is ready (flag r != 0), else ``g``;
     ``T = |w| + eta`` on adaptive tensors, else 1 (``w`` is not read for the others).
-    QMODE 2: q = 2; 1: q = 1 (p = inf); 0: general q (float64 pow). Every block's ``|u|`` is
-    scaled by ``2^-E`` with E the running max's exponent (:func:`_frexp_exp`), the lanes rescaled
-    when E grows. F-SAM: also snapshots each tensor's ``fsam_ready`` flag into ``snap[t]`` (K2
-    writes the flags, possibly in place: it reads the snapshot).
+    QMODE 2: q = 2; 1: q = 1 (p = inf); 0: general q (float64 pow). Every block's terms are scaled
+    by the running scale (:func:`_k1_block`), the lanes rescaled when it grows. F-SAM: also
+    snapshots each tensor's ``fsam_ready`` flag into ``snap[t]`` (K2 writes the flags, possibly in
+    place: it reads the snapshot).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
     q = tl.load(scal + 0).to(tl.float64) + tl.load(scal + 1).to(tl.float64)
     sigma = tl.load(scal + 2)
+    sh = _frexp_raw(1.0 + tl.abs(sigma.to(tl.float64)), tl.float64)  # fsam_shift: 1 + |sigma| < 2^sh
     if QMODE == 0:
         acc = tl.zeros([BLOCK], dtype=tl.float64)
-        ep = _e_lo(tl.float64)
+        ep = q * 0.0 - 4096.0  # float64; below every scale (|F| < 2200), exact in a float32 partial
     else:
         acc = tl.zeros([BLOCK], dtype=CT)
         ep = _e_lo(CT)
@@ -233,21 +372,15 @@ def perturb_partials_kernel(
         # SPLIT: full blocks get their own copy of the body with an all-true mask (the compiler
         # then knows 16-byte groups are all in or all out and vectorizes); the tail is masked
         if SPLIT and start + BLOCK <= numel:
-            a = _k1_block(row, hrow, ntab, offs, lanes < BLOCK, sigma, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
+            terms, en = _k1_block(row, hrow, ntab, offs, lanes < BLOCK, sigma, sh, ep, q, DT, CT, QMODE, FSAM,
+                                  ADAPTIVE, ALIGNED)
         else:
-            a = _k1_block(row, hrow, ntab, offs, offs < numel, sigma, DT, CT, QMODE, FSAM, ADAPTIVE, ALIGNED)
+            terms, en = _k1_block(row, hrow, ntab, offs, offs < numel, sigma, sh, ep, q, DT, CT, QMODE, FSAM,
+                                  ADAPTIVE, ALIGNED)
         if QMODE == 0:
-            en = tl.maximum(ep, _frexp_exp(tl.max(a, 0), tl.float64))
-            acc = acc * tl.exp2(q * (ep - en).to(tl.float64))
-            acc += _abs_pow(a * _pow2(-en, tl.float64), q)
+            acc = acc * tl.exp2(q * (ep - en)) + terms
         else:
-            en = tl.maximum(ep, _frexp_exp(tl.max(a, 0), CT))
-            acc = acc * _pow2(QMODE * (ep - en), CT)
-            x = a * _pow2(-en, CT)
-            if QMODE == 2:
-                acc += x * x
-            else:
-                acc += x
+            acc = acc * _pow2(QMODE * (ep - en), CT) + terms
         ep = en
         if FSAM:
             # after the block's loads: a conditional store ahead of them stops triton 3.9 from
@@ -259,13 +392,14 @@ def perturb_partials_kernel(
 
 
 @triton.jit
-def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta, q, denom, inv, n_hat, seed64,
-              thr, DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
+def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, sh, lam, one_m_lam, beta, q, denom, inv, e2, fi, c0,
+              seed64, thr, DT: tl.constexpr, CT: tl.constexpr, QMODE: tl.constexpr, FSAM: tl.constexpr,
               ADAPTIVE: tl.constexpr, GSAM: tl.constexpr, SWP: tl.constexpr, RNE_BF16: tl.constexpr,
               ALIGNED: tl.constexpr):
     """K2 work of one block (``inb``: the lanes in bounds; ``r``: the tensor's F-SAM flag snapshot).
-    ``e = rho * mag / denom * T`` with ``mag = u * inv`` (q = 2), ``sign(u)`` (q = 1),
-    ``sign(u) (|u| inv / n_hat)^(q-1)`` (general q); see :func:`perturb_apply_kernel`."""
+    ``e = rho * mag / denom * T`` with ``mag = u * inv`` (q = 2; with F-SAM / ASAM from the split
+    u, ``sgn * mu * 2^(ku - e2)``), ``sign(u)`` (q = 1), ``sign(u) 2^((q-1) (log2(|u| 2^-fi) - c0))``
+    (general q); see :func:`perturb_apply_kernel`."""
     inb_ok = tl.where(finite, inb, False)
     pw = _ptr(tl.load(row + P_W * ntab), DT, ALIGNED)
     w_raw = tl.load(pw + offs, mask=inb, other=0.0)
@@ -274,24 +408,54 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, lam, one_m_lam, beta
     g = g_raw.to(CT)
     u = g
     m = g
+    m_raw = g_raw
     if FSAM:
         pm = _ptr(tl.load(row + P_EMA * ntab), DT, ALIGNED)
         # read where the EMA is ready, and everywhere when N is not finite (it is then copied to
         # ema_out as it is); a not-ready EMA is not read on a finite step: m = 0, d = g bit for bit
-        m = tl.load(pm + offs, mask=tl.where(tl.where(finite, r != 0, True), inb, False), other=0.0).to(CT)
+        m_raw = tl.load(pm + offs, mask=tl.where(tl.where(finite, r != 0, True), inb, False), other=0.0)
+        m = m_raw.to(CT)
         u = g - sigma * m
     T = 1.0
+    ad = False
+    eta = 0.0
     if ADAPTIVE:
         ad = tl.load(hrow + P_ADAPTIVE) != 0
-        T = tl.where(ad, tl.abs(w) + tl.load(hrow + P_ETA), 1.0)
-        u = u * T
+        eta = tl.load(hrow + P_ETA)
+        T = tl.where(ad, tl.abs(w) + eta, 1.0)
+    mr = tl.where(r != 0, m, 0.0)  # the m of the direction (0 when not ready)
     if QMODE == 2:
-        mag = u * inv  # a power of two: exact
+        if FSAM or ADAPTIVE:
+            dv, mt, k, eu = _direction(g, mr, w, ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
+            mag = mt * _times_pow2(dv, k - e2, CT)  # = u * inv in the normal range, bit for bit
+            if CT == tl.float64 and ADAPTIVE:
+                mag = tl.where(eu > -100000, mag, dv * 0.0)  # T = 0: u = +-0 (dv 2^(k - e2) may be inf)
+        else:
+            mag = u * inv  # a power of two: exact
     elif QMODE == 1:
+        if ADAPTIVE:
+            u = u * T
         mag = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(CT)
     else:
-        mag = tl.where(u < 0, -1.0, 1.0).to(CT) * _abs_pow(tl.abs(u).to(tl.float64) * inv / n_hat, q - 1.0).to(CT)
-    e = tl.load(hrow + P_RHO) * mag / denom
+        if CT == tl.float64:
+            if FSAM or ADAPTIVE:
+                dv, mt, k, eu = _direction(g, mr, w, ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
+                sg = tl.where(dv > 0, 1.0, tl.where(dv < 0, -1.0, dv))
+                x = tl.where(eu > -100000, mt * tl.abs(_times_pow2(dv, k - fi.to(tl.int32), CT)), 0.0)
+            else:
+                sg = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u))
+                x = _scale_f64(tl.abs(u), fi)
+        else:
+            u64 = _u64(g_raw, tl.where(r != 0, m_raw, 0.0), w_raw, ad, eta, sigma, FSAM, ADAPTIVE)
+            sg = tl.where(u64 > 0, 1.0, tl.where(u64 < 0, -1.0, u64))
+            x = _scale_f64(tl.abs(u64), fi)
+        mag = (sg * _q_term(x, q - 1.0, c0)).to(CT)  # |mag| <= 1
+    if QMODE == 1:
+        e = tl.load(hrow + P_RHO) * mag
+        if CT == tl.float64:
+            e = e * inv  # 1 / (1 + 1e-12), see perturb_apply_kernel (1 in float32)
+    else:
+        e = tl.load(hrow + P_RHO) * mag / denom
     if ADAPTIVE:
         e = e * T
     if SWP:
@@ -332,11 +496,15 @@ def perturb_apply_kernel(
     keep / beta), F-SAM EMA and flag into their out columns, GSAM ``g_old = g`` (zeros when N is
     not finite; then the EMA and flag outputs get the inputs' values).
 
-    Scaled: with ``N = 2^E2 * n_hat`` (``2^E2`` N's power of two, clamped to CT's range),
-    ``inv = 2^-E2`` and ``e = rho * mag / denom * T``: q = 2 ``mag = u * inv``,
-    ``denom = n_hat + 1e-12 * inv`` (= (N + 1e-12) * inv exactly); q = 1 ``mag = sign(u)``,
-    ``denom = 1 + 1e-12``; general q ``mag = sign(u) (|u| inv / n_hat)^(q-1)`` (<= 1),
-    ``denom = 1 + 1e-12 * N^-(q-1)``. Finite for every finite u.
+    Scaled: ``e = rho * mag / denom * T``.
+    q = 2: with ``N = 2^E2 * n_hat`` (``2^E2`` N's power of two, clamped to CT's range; with F-SAM
+    or ASAM not clamped above: the split u may exceed CT), ``inv = 2^-E2``, ``mag = u * inv``
+    (F-SAM / ASAM: ``sgn * mu * 2^(ku - E2)``, the same bits in the normal range),
+    ``denom = n_hat + 1e-12 * inv`` (= (N + 1e-12) * inv exactly);
+    q = 1: ``e = rho * sign(u) * T / (1 + 1e-12)``;
+    general q: from the partials' (S, F), ``log2 N = F + log2(S) / q``, ``fi = floor(F)``,
+    ``c0 = F - fi + log2(S) / q``: ``mag = sign(u) 2^((q-1) (log2(|u| 2^-fi) - c0))`` (<= 1, u in
+    float64 / split as in K1), ``denom = 1 + 1e-12 * N^-(q-1)``. Finite for every finite u.
 
     Program 0 writes ``ok = isfinite(N)`` (uint8). ESAM keep bit of global element ``i``:
     ``philox(seed64 = step * 2^32 + seed, counter = (i mod 2^32, i div 2^32, 0, 0))[0] < keep_thr``,
@@ -351,29 +519,39 @@ def perturb_apply_kernel(
     lam = tl.load(scal + 3)
     beta = tl.load(scal + 4)
     one_m_lam = tl.load(scal + 5)
+    sh = _frexp_raw(1.0 + tl.abs(sigma.to(tl.float64)), tl.float64)  # fsam_shift: 1 + |sigma| < 2^sh
     tot, emax = _sum_scaled(part, npart, part_stride, pl, q, QMODE, PT)
+    e2 = 0
+    fi = 0.0
+    c0 = 0.0
+    inv = 1.0
     if QMODE == 2:
         nh = _sqrt(tot.to(CT), CT)
-    elif QMODE == 1:
-        nh = tot.to(CT)
-    else:
-        nh = _abs_pow(tot.to(tl.float64), 1.0 / q)
-    finite = nh * 0 == 0  # False for inf and NaN
-    # N = nh * 2^emax; E2 = its exponent, clamped; n_hat = N * 2^-E2 (a power-of-two rescale)
-    e2 = tl.minimum(tl.maximum(emax + _frexp_exp(nh.to(CT), CT), _e_lo(CT)), _e_hi(CT))
-    inv = _pow2(-e2, CT)
-    if QMODE == 2:
+        finite = nh * 0 == 0  # False for inf and NaN
+        # N = nh * 2^emax; E2 = its exponent, clamped (above only without the split u);
+        # n_hat = N * 2^-E2 (a power-of-two rescale)
+        e2 = emax + _frexp_exp(nh.to(CT), CT)
+        if FSAM or ADAPTIVE:
+            e2 = tl.maximum(e2, _e_lo(CT))
+        else:
+            e2 = tl.minimum(tl.maximum(e2, _e_lo(CT)), _e_hi(CT))
+        inv = _pow2(-tl.minimum(e2, _e_hi(CT) + 1), CT)  # 2^-E2 (0 beyond CT's normal range)
         n_hat = nh * _pow2(emax - e2, CT)
         denom = n_hat + 1e-12 * inv
     elif QMODE == 1:
-        n_hat = nh
-        denom = 1.0 + 1e-12  # N^(q-1) = N^0 = 1
+        finite = tot * 0 == 0
+        # N^(q-1) = N^0 = 1: e = rho * sign(u) * T * inv with inv = 1 / (1 + 1e-12), formed in float64
+        # once (a Python constant 1.000000000001 would become a float32 constant, i.e. 1.0): a multiply
+        # per element, not a float64 divide
+        denom = 1.0
+        inv = (1.0 / ((q * 0.0 + 1.0) + 1e-12)).to(CT)
     else:
-        n_hat = nh * tl.exp2((emax - e2).to(tl.float64))
-        ok_n = n_hat > 0
-        lg = tl.log2(tl.where(ok_n, n_hat, 1.0))
-        denom = tl.where(ok_n, 1.0 + 1e-12 * tl.exp2(-(q - 1.0) * (e2.to(tl.float64) + lg)), float("inf")).to(CT)
-        n_hat = tl.where(ok_n, n_hat, 1.0)  # every u = 0: mag = 0 / 1, e = 0 / inf
+        finite = (tot * 0 == 0) & (emax * 0 == 0)
+        ok_n = tot > 0
+        lq = tl.log2(tl.where(ok_n, tot, 1.0)) / q  # S >= 1 when some u != 0
+        fi = tl.floor(emax)
+        c0 = (emax - fi) + lq
+        denom = tl.where(ok_n, 1.0 + 1e-12 * tl.exp2(-(q - 1.0) * (emax + lq)), float("inf")).to(CT)
     if pid == 0:
         tl.store(ok, finite.to(tl.uint8))
     seed64 = (step_key.to(tl.uint64) << 32) | seed_key.to(tl.uint64)
@@ -390,11 +568,11 @@ def perturb_apply_kernel(
         if FSAM:
             r = tl.load(snap + t)
         if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)
-            _k2_block(row, hrow, ntab, offs, lanes < BLOCK, finite, r, sigma, lam, one_m_lam, beta, q, denom, inv,
-                      n_hat, seed64, thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
+            _k2_block(row, hrow, ntab, offs, lanes < BLOCK, finite, r, sigma, sh, lam, one_m_lam, beta, q, denom, inv,
+                      e2, fi, c0, seed64, thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
         else:
-            _k2_block(row, hrow, ntab, offs, offs < numel, finite, r, sigma, lam, one_m_lam, beta, q, denom, inv,
-                      n_hat, seed64, thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
+            _k2_block(row, hrow, ntab, offs, offs < numel, finite, r, sigma, sh, lam, one_m_lam, beta, q, denom, inv,
+                      e2, fi, c0, seed64, thr, DT, CT, QMODE, FSAM, ADAPTIVE, GSAM, SWP, RNE_BF16, ALIGNED)
         if FSAM:
             if start == 0:  # after the block's loads (see K1)
                 # unmasked: the flag keeps its snapshot r when N is not finite (a scalar store

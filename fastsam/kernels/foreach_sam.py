@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._philox import keep_mask
-from ..reference import PERTURB_EPS, check_accumulate_args, dual_exponent
+from ..reference import PERTURB_EPS, check_accumulate_args, dual_exponent, fsam_shift
 
 _INT_VIEW = {
     torch.float32: torch.int32,
@@ -182,8 +182,12 @@ def sam_perturb_(
 
     Math in the parameter dtype for fp32/fp64 and in float32 for bf16/fp16 parameters, rounded
     once into the parameter; the sums are scaled by ``2^-E`` (``2^E`` just above ``max|u|``,
-    exact), so no finite gradient overflows them. The parameters are written by one
-    multi-tensor add, last: an exception before it leaves them unchanged.
+    exact), so no finite gradient overflows them, and for p != 2, inf taken relative to ``max|u|``
+    itself (the largest term is 1 however large q is). ``u = T * d`` never overflows: F-SAM's
+    ``d`` is kept as ``d 2^-s`` and ASAM's ``d`` scaled by ``2^-a`` where ``T * d`` could overflow
+    (steps 1, 2 below); both are exact shifts, so in the normal range the bits are those of the
+    unscaled formula. The parameters are written by one multi-tensor add, last: an exception
+    before it leaves them unchanged.
     """
     if not params:
         return torch.ones((), dtype=torch.bool)
@@ -193,38 +197,71 @@ def sam_perturb_(
     g_c = _in_math_dtype(grads)
     acc = _acc_dtype(g_c)
 
-    # 1. direction d (F-SAM: d = g - sigma * r * m, r the per-tensor "EMA ready" flag)
+    # 1. direction d (F-SAM: d = g - sigma * r * m, r the per-tensor "EMA ready" flag), kept as
+    #    d * 2^-s (s = fsam_shift(sigma)): g 2^-s - (sigma 2^-s) m cannot overflow, and in the normal
+    #    range it is the unscaled value's bits shifted (powers of two commute with rounding)
+    s = 0
     if fsam:
         assert ema is not None and ema_ready is not None
         ema_out = ema if ema_out is None else ema_out
         ready_out = ema_ready if ready_out is None else ready_out
         m_c = _in_math_dtype(ema)
+        s = fsam_shift(fsam_sigma)  # type: ignore[arg-type]
         d = torch._foreach_mul(m_c, ema_ready)  # 0-dim flags broadcast per tensor
-        torch._foreach_mul_(d, -fsam_sigma)
-        torch._foreach_add_(d, g_c)
+        torch._foreach_mul_(d, -fsam_sigma * 2.0 ** -s)  # type: ignore[operator]
+        torch._foreach_add_(d, g_c, alpha=2.0 ** -s)
     else:
         d = list(g_c)
 
-    # 2. geometry T = |w| + eta on adaptive tensors; u = T * d
+    # 2. geometry T = |w| + eta on adaptive tensors; u = T * d. Where the product could overflow
+    #    (max T * max |d| >= 2^emax of the math dtype: a bound from the two maxima, no host sync), d is
+    #    first scaled by 2^-a, 2^a just above max T (|T 2^-a| < 1: no overflow); a = 0 otherwise, so
+    #    in the normal range u has today's bits. Units: u holds u_true * 2^-(s + a) on adaptive
+    #    tensors, u_true * 2^-s on the others.
     ia = [i for i, a in enumerate(adaptive) if a]
     T: list[Tensor] = []
     u = list(d)
+    one = torch.ones((), dtype=acc, device=dev)
+    a_exp = torch.zeros((), dtype=torch.int32, device=dev)
     if ia:
         T = list(torch._foreach_abs(_in_math_dtype([params[i] for i in ia])))
         torch._foreach_add_(T, [etas[i] for i in ia])
-        for i, ui in zip(ia, torch._foreach_mul([d[i] for i in ia], T)):
+        d_ia = [d[i] for i in ia]
+        k_t = torch.frexp(_max_abs(T, acc, dev))[1]
+        k_d = torch.frexp(_max_abs(d_ia, acc, dev))[1]
+        big = k_t + k_d >= (1024 if acc == torch.float64 else 128)
+        a_exp = torch.where(big, k_t, torch.zeros_like(k_t))
+        d_ia = torch._foreach_mul(d_ia, torch.ldexp(one, -a_exp))
+        for i, ui in zip(ia, torch._foreach_mul(d_ia, T)):
             u[i] = ui
 
-    # 3. scaled dual norm: u_hat = u * 2^-E, N_hat = ||u_hat||_q, N = 2^E N_hat; then
-    #    e = rho * T * sign(u) (|u_hat| / N_hat)^(q-1) / (1 + 1e-12 * N^-(q-1))
-    M = _max_abs(u, acc, dev)
+    # 3. scaled dual norm: e = u * 2^-E in the units of the adaptive tensors (E from the max over
+    #    both kinds, clamped: see _scale_exponent), so max |e| = M_hat in [0.5, 1); then
+    #    q = 2: N_hat = ||e||_2, e / N_hat;  q = 1: sign(e);
+    #    general q: r = e / M_hat (max |r| = 1 exactly, so sum |r|^q in [1, n] cannot underflow
+    #    however large q = p / (p - 1) is), N_hat = ||r||_q, sign(r) (|r| / N_hat)^(q-1);
+    #    fac = 1 / (1 + 1e-12 * N^-(q-1)) from log2 N = s + a + E + log2(M_hat) + log2(N_hat).
+    na = [i for i in range(len(u)) if not adaptive[i]]
+    m_a = _max_abs([u[i] for i in ia], acc, dev)
+    m_n = _max_abs([u[i] for i in na], acc, dev)
+    M = torch.maximum(m_a, m_n * torch.ldexp(one, -a_exp)) if ia else m_n
     ok = torch.isfinite(M)
     E = _scale_exponent(M)
-    e = list(torch._foreach_mul(u, torch.ldexp(torch.ones((), dtype=acc, device=dev), -E)))
+    if ia:
+        f_a, f_n = torch.ldexp(one, -E), torch.ldexp(torch.ldexp(one, -E), -a_exp)
+        e = list(torch._foreach_mul(u, [f_a if adaptive[i] else f_n for i in range(len(u))]))
+    else:
+        e = list(torch._foreach_mul(u, torch.ldexp(one, -E)))
+    log_n = (E + a_exp).to(acc) + float(s)
     if q == 1.0:
         torch._foreach_sign_(e)
         fac = torch.full((), 1.0 / (1.0 + PERTURB_EPS), dtype=acc, device=dev)
     else:
+        if q != 2.0:
+            m_hat = M * torch.ldexp(one, -E)
+            m_hat = torch.where(m_hat > 0, m_hat, one)  # every u = 0: r = 0
+            torch._foreach_div_(e, m_hat)
+            log_n = log_n + torch.log2(m_hat)
         n_hat = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e, q, dtype=acc)), q)
         n_hat = torch.where(n_hat > 0, n_hat, torch.ones_like(n_hat))  # every u = 0: e = 0 / 1
         if q == 2.0:
@@ -235,7 +272,7 @@ def sam_perturb_(
             torch._foreach_pow_(mag, q - 1.0)
             torch._foreach_sign_(e)
             torch._foreach_mul_(e, mag)
-        log_n = E.to(acc) + torch.log2(n_hat)
+        log_n = log_n + torch.log2(n_hat)
         fac = 1.0 / (1.0 + PERTURB_EPS * torch.exp2(-(q - 1.0) * log_n))  # 0 when N^(q-1) << 1e-12
     torch._foreach_mul_(e, fac)
     if ia:
