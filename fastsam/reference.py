@@ -39,7 +39,7 @@ def dual_exponent(p: float) -> float:
     return p / (p - 1.0)
 
 
-# Scaled norms (DESIGN: "robust norms"). A sum of |u|^q overflows long before the norm does
+# Scaled norms (docs/design.md section 2.2). A sum of |u|^q overflows long before the norm does
 # (fp32: |u| > 1.8e19 at q = 2; float64: |u|^21 > 1.8e308 at p = 1.05) and underflows for tiny
 # gradients; and u = T * d itself overflows (ASAM: (|w| + eta) * g; F-SAM: g - sigma * m) for
 # finite inputs. So the first step never forms u, |u|^q or N^(q-1) as plain numbers:
