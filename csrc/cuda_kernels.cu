@@ -758,14 +758,79 @@ struct LaunchNorm {
   }
 };
 
+// Blocks of kThreads that one SM holds at once for `kernel` (registers and shared memory
+// decide: the Adam step (94 registers) and the general-p apply kernel (98) fit 2 blocks of 256
+// threads per SM, not kBlocksPerSM = 8), capped at kBlocksPerSM. Asked once per kernel
+// instantiation (one device architecture per process assumed); 1 if the query fails.
+template <class K>
+int resident_blocks(K kernel) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the non-sticky error: the next launch must not report it
+    n = 1;
+  }
+  return n < 1 ? 1 : (n > kBlocksPerSM ? kBlocksPerSM : n);
+}
+
+// Grid of a kernel that only consumes partials (apply, second step): one resident wave, each
+// block looping over items, so its size never changes a result (partial slots are fixed by the
+// producers' grid_of). A grid larger than what is resident would run in waves and leave the
+// last one mostly idle.
+inline int64_t resident_grid(int64_t count, int sms, int per_sm) {
+  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
+  return count < cap ? (count > 0 ? count : 1) : cap;
+}
+
+template <class Tag, int Q>
+int64_t apply_grid(int64_t count, int sms) {
+  static const int per_sm = resident_blocks(perturb_apply_kernel<Tag, Q>);
+  return resident_grid(count, sms, per_sm);
+}
+
+// Resident blocks per SM of the partial-writing kernels of a step, the smallest over the dtypes
+// (groups of one step may differ in dtype; one per-SM count keeps the slot formula simple).
+template <int Q>
+int norm_per_sm() {
+  static const int n = [] {
+    int m = resident_blocks(perturb_norm_kernel<float, Q>);
+    const int b = resident_blocks(perturb_norm_kernel<double, Q>);
+    const int c = resident_blocks(perturb_norm_kernel<bf16_t, Q>);
+    const int d = resident_blocks(perturb_norm_kernel<f16_t, Q>);
+    m = b < m ? b : m;
+    m = c < m ? c : m;
+    return d < m ? d : m;
+  }();
+  return n;
+}
+int norm_per_sm_q(int qmode) { return qmode == 2 ? norm_per_sm<2>() : qmode == 1 ? norm_per_sm<1>() : norm_per_sm<0>(); }
+int gsam_per_sm() {
+  static const int n = [] {
+    int m = resident_blocks(gsam_sums_kernel<float>);
+    const int b = resident_blocks(gsam_sums_kernel<double>);
+    const int c = resident_blocks(gsam_sums_kernel<bf16_t>);
+    const int d = resident_blocks(gsam_sums_kernel<f16_t>);
+    m = b < m ? b : m;
+    m = c < m ? c : m;
+    return d < m ? d : m;
+  }();
+  return n;
+}
+
 template <class Tag>
 struct LaunchApply {
-  static void run(int64_t grid, cudaStream_t st, const PerturbRow* rows, const Item* items, int64_t count,
+  static void run(int sms, cudaStream_t st, const PerturbRow* rows, const Item* items, int64_t count,
                   const PerturbScalars& s, const double* part, int64_t nslots, const int32_t* snap, bool* ok) {
-    const dim3 g(static_cast<unsigned>(grid)), b(kThreads);
-    if (s.qmode == 2) perturb_apply_kernel<Tag, 2><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, snap, ok);
-    else if (s.qmode == 1) perturb_apply_kernel<Tag, 1><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, snap, ok);
-    else perturb_apply_kernel<Tag, 0><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, snap, ok);
+    const dim3 b(kThreads);
+    if (s.qmode == 2) {
+      const dim3 g(static_cast<unsigned>(apply_grid<Tag, 2>(count, sms)));
+      perturb_apply_kernel<Tag, 2><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, snap, ok);
+    } else if (s.qmode == 1) {
+      const dim3 g(static_cast<unsigned>(apply_grid<Tag, 1>(count, sms)));
+      perturb_apply_kernel<Tag, 1><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, snap, ok);
+    } else {
+      const dim3 g(static_cast<unsigned>(apply_grid<Tag, 0>(count, sms)));
+      perturb_apply_kernel<Tag, 0><<<g, b, 0, st>>>(rows, items, count, s, part, nslots, snap, ok);
+    }
   }
 };
 
@@ -778,41 +843,59 @@ struct LaunchGsam {
   }
 };
 
+template <class Tag, int M>
+void launch_step(int sms, cudaStream_t st, const StepRow* rows, const Item* items, int64_t count,
+                 const StepScalars& s, const double* part, int64_t nslots) {
+  static const int per_sm = resident_blocks(second_step_kernel<Tag, M>);
+  const dim3 g(static_cast<unsigned>(resident_grid(count, sms, per_sm))), b(kThreads);
+  second_step_kernel<Tag, M><<<g, b, 0, st>>>(rows, items, count, s, part, nslots);
+}
+
 template <class Tag>
 struct LaunchStep {
-  static void run(int64_t grid, cudaStream_t st, const StepRow* rows, const Item* items, int64_t count,
+  static void run(int sms, cudaStream_t st, const StepRow* rows, const Item* items, int64_t count,
                   const StepScalars& s, const double* part, int64_t nslots) {
-    const dim3 g(static_cast<unsigned>(grid)), b(kThreads);
     switch (s.mode) {
-      case kModeSGD: second_step_kernel<Tag, kModeSGD><<<g, b, 0, st>>>(rows, items, count, s, part, nslots); break;
-      case kModeAdam: second_step_kernel<Tag, kModeAdam><<<g, b, 0, st>>>(rows, items, count, s, part, nslots); break;
-      case kModeCombine:
-        second_step_kernel<Tag, kModeCombine><<<g, b, 0, st>>>(rows, items, count, s, part, nslots);
-        break;
-      case kModeAccum:
-        second_step_kernel<Tag, kModeAccum><<<g, b, 0, st>>>(rows, items, count, s, part, nslots);
-        break;
-      default: second_step_kernel<Tag, kModeRestore><<<g, b, 0, st>>>(rows, items, count, s, part, nslots); break;
+      case kModeSGD: launch_step<Tag, kModeSGD>(sms, st, rows, items, count, s, part, nslots); break;
+      case kModeAdam: launch_step<Tag, kModeAdam>(sms, st, rows, items, count, s, part, nslots); break;
+      case kModeCombine: launch_step<Tag, kModeCombine>(sms, st, rows, items, count, s, part, nslots); break;
+      case kModeAccum: launch_step<Tag, kModeAccum>(sms, st, rows, items, count, s, part, nslots); break;
+      default: launch_step<Tag, kModeRestore>(sms, st, rows, items, count, s, part, nslots); break;
     }
   }
 };
 
 }  // namespace
 
+int64_t perturb_slots(const Group* groups, int ngroups, int sms, int qmode) {
+  const int per_sm = norm_per_sm_q(qmode);
+  int64_t t = 0;
+  for (int k = 0; k < ngroups; ++k) t += grid_of(groups[k].count, sms, per_sm);
+  return t;
+}
+
+int64_t gsam_slots(const Group* groups, int ngroups, int sms) {
+  const int per_sm = gsam_per_sm();
+  int64_t t = 0;
+  for (int k = 0; k < ngroups; ++k) t += grid_of(groups[k].count, sms, per_sm);
+  return t;
+}
+
 void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups, const PerturbScalars& s,
              double* part, int32_t* snap, bool* ok, int sms, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int64_t nslots = partial_slots(groups, ngroups, sms);
+  const int per_sm = norm_per_sm_q(s.qmode);
+  const int64_t nslots = perturb_slots(groups, ngroups, sms, s.qmode);
   int64_t slot = 0;
   for (int k = 0; k < ngroups; ++k) {
     const Group& gr = groups[k];
-    const int64_t grid = grid_of(gr.count, sms);
+    const int64_t grid = grid_of(gr.count, sms, per_sm);
     by_dtype<LaunchNorm>(gr.dtype, grid, st, rows, items + gr.begin, gr.count, s, part, nslots, slot, snap);
     slot += grid;
   }
   for (int k = 0; k < ngroups; ++k) {
     const Group& gr = groups[k];
-    by_dtype<LaunchApply>(gr.dtype, grid_of(gr.count, sms), st, rows, items + gr.begin, gr.count, s,
+    by_dtype<LaunchApply>(gr.dtype, sms, st, rows, items + gr.begin, gr.count, s,
                           static_cast<const double*>(part), nslots, static_cast<const int32_t*>(snap), ok);
   }
 }
@@ -820,19 +903,20 @@ void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int
 void second_step(const StepRow* rows, const Item* items, const Group* groups, int ngroups, const StepScalars& s,
                  double* part, int sms, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int64_t nslots = partial_slots(groups, ngroups, sms);
+  const int64_t nslots = s.gsam ? gsam_slots(groups, ngroups, sms) : 1;
   if (s.gsam) {
+    const int per_sm = gsam_per_sm();
     int64_t slot = 0;
     for (int k = 0; k < ngroups; ++k) {
       const Group& gr = groups[k];
-      const int64_t grid = grid_of(gr.count, sms);
+      const int64_t grid = grid_of(gr.count, sms, per_sm);
       by_dtype<LaunchGsam>(gr.dtype, grid, st, rows, items + gr.begin, gr.count, part, nslots, slot);
       slot += grid;
     }
   }
   for (int k = 0; k < ngroups; ++k) {
     const Group& gr = groups[k];
-    by_dtype<LaunchStep>(gr.dtype, grid_of(gr.count, sms), st, rows, items + gr.begin, gr.count, s,
+    by_dtype<LaunchStep>(gr.dtype, sms, st, rows, items + gr.begin, gr.count, s,
                          static_cast<const double*>(part), nslots);
   }
 }

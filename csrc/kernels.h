@@ -269,20 +269,22 @@ constexpr int64_t kChunk = 16384;
 constexpr int kThreads = 256;
 // 8 blocks of 256 threads per SM: the 2048-thread occupancy limit of sm_80/sm_90, so each SM
 // keeps ~2048 x 16 B = 32 KiB per stream in flight (an H100 needs ~3.3 TB/s x ~1 us / 132 SMs
-// ~ 25 KiB per SM to cover DRAM latency).
+// ~ 25 KiB per SM to cover DRAM latency). Only a cap: every grid is sized from its kernel's
+// occupancy (cuda_kernels.cu, resident_blocks), as registers allow fewer blocks (sm_90, 256
+// threads: 40 registers -> 6 blocks, 64 -> 4, 94 -> 2).
 constexpr int kBlocksPerSM = 8;
 
-// Grid of one group's launch (same formula on host and device sides).
-inline int64_t grid_of(int64_t count, int sms) {
-  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSM;
+// Grid of one launch: one block per item up to `per_sm` resident blocks per SM.
+inline int64_t grid_of(int64_t count, int sms, int per_sm = kBlocksPerSM) {
+  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
   return count < cap ? (count > 0 ? count : 1) : cap;
 }
-// Partial slots (per reduced quantity) for a set of groups: the sum of their grids.
-inline int64_t partial_slots(const Group* groups, int ngroups, int sms) {
-  int64_t t = 0;
-  for (int k = 0; k < ngroups; ++k) t += grid_of(groups[k].count, sms);
-  return t;
-}
+// Partial slots (per reduced quantity) that the first step's K1 (`qmode`: 2, 1 or 0 for general
+// q) and the second step's GSAM sums write for these groups: the sum of their launches' grids,
+// each sized from its kernel's occupancy (cuda_kernels.cu). The host allocates the partial buffer
+// from these, so they must be the launches' own grids.
+int64_t perturb_slots(const Group* groups, int ngroups, int sms, int qmode);
+int64_t gsam_slots(const Group* groups, int ngroups, int sms);
 
 // First step: K1 (scaled partials of sum |u|^q: S in part[0..slots), E in part[slots..2 slots); F-SAM
 // flag snapshot into snap[row]) then K2 (every block reduces all partials, block 0 writes

@@ -107,7 +107,7 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
     return ok;
   }
   const int sms = sm_count(dev);
-  const int64_t nslots = cuda::partial_slots(groups.data(), static_cast<int>(groups.size()), sms);
+  const int64_t nslots = cuda::perturb_slots(groups.data(), static_cast<int>(groups.size()), sms, a.s.qmode);
   at::Tensor part = at::empty({2 * nslots}, at::TensorOptions().dtype(at::kDouble).device(dev));  // (S, E) pairs
   at::Tensor snap = at::empty({static_cast<int64_t>(a.rows.size())}, at::TensorOptions().dtype(at::kInt).device(dev));
   const PerturbRow* d_rows = nullptr;
@@ -141,7 +141,7 @@ void sam_second_step_cuda(int64_t mode, at::TensorList params, at::TensorList gr
   make_items(a.rows, &items, &groups);
   if (groups.empty()) return;
   const int sms = sm_count(dev);
-  const int64_t nslots = cuda::partial_slots(groups.data(), static_cast<int>(groups.size()), sms);
+  const int64_t nslots = a.s.gsam ? cuda::gsam_slots(groups.data(), static_cast<int>(groups.size()), sms) : 1;
   at::Tensor part = at::empty({a.s.gsam ? 5 * nslots : 1}, at::TensorOptions().dtype(at::kDouble).device(dev));
   const StepRow* d_rows = nullptr;
   const cuda::Item* d_items = nullptr;
