@@ -171,6 +171,52 @@ def test_fused_sam_step_moves_the_floor(label, base, base_kw, options, first, se
     assert (k1, k2) == (2, 2 if "gsam_alpha" in options else 1)
 
 
+# The cheaper family's steps with AdamW (#17), in parameter-sized passes, as they are today: interval
+# SAM's plain step is the fused base update (7); LookSAM's reuse combine and projection and WSAM's
+# mix / decoupled correction are foreach ops around the fused kernels, not folded in yet (a fused
+# LookSAM plain step would be 9: + a norm read of g, + a read of gv_hat; see bench/NOTES.md). Pinned
+# so that a change in what these steps move is seen; (label, options, first_step, second_step,
+# plain_step) in steady state (steps 2 and 3 of a k=2 schedule; None: the variant has no such step)
+CHEAP_CASES = [
+    ("interval", {"sam_every": 2}, 5, 7, 7),
+    ("looksam", {"sam_every": 2, "looksam_alpha": 0.7}, 6, 22, 15),  # K2 writes g_old for the projection
+    ("wsam", {"wsam_gamma": 0.9, "wsam_decouple": False}, 6, 12, None),
+    ("wsam decoupled", {"wsam_gamma": 0.9}, 6, 19, None),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("label,options,first,second,plain", CHEAP_CASES, ids=[c[0] for c in CHEAP_CASES])
+def test_cheap_family_passes(label, options, first, second, plain, dtype):
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SAM_SHAPES]
+    opt = fastsam.SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-3, backend="triton", **options)
+    per_pass = sum(p.numel() for p in params) * params[0].element_size()
+    seen = {}
+    for step in range(4):  # steps 0, 1 warm up state and caches; 2 (SAM) and 3 (plain if any) measured
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        if opt.wants_perturbation():
+            with Meter() as m1:
+                opt.first_step()
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            with Meter() as m2:
+                opt.second_step()
+            if step >= 2:
+                seen["first"], seen["second"] = m1.counts.data_bytes / per_pass, m2.counts.data_bytes / per_pass
+        else:
+            with Meter() as m:
+                opt.plain_step()
+            if step >= 2:
+                seen["plain"] = m.counts.data_bytes / per_pass
+    want = {"first": first, "second": second} | ({} if plain is None else {"plain": plain})
+    assert set(seen) == set(want), seen
+    for k, v in want.items():
+        assert v <= seen[k] < v * 1.01, (k, seen[k])
+
+
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [1000, 21843])
