@@ -423,10 +423,26 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, sh, lam, one_m_lam, 
         ad = tl.load(hrow + P_ADAPTIVE) != 0
         eta = tl.load(hrow + P_ETA)
         T = tl.where(ad, tl.abs(w) + eta, 1.0)
-    mr = tl.where(r != 0, m, 0.0)  # the m of the direction (0 when not ready)
+    # the direction's m is m itself: on a finite step a not-ready EMA was not read (m = 0, as the
+    # formula's r * m), and on a non-finite one e is never stored
+    # the outputs that do not depend on e first: g_raw and m can then die before e is formed
+    # (float64 F-SAM at p = 2 spilled 8 B at ptxas's 128-register cap with them stored last)
+    tl.store(_ptr(tl.load(row + P_WOLD * ntab), DT, ALIGNED) + offs, w_raw, mask=inb)
+    if GSAM:
+        pgo = _ptr(tl.load(row + P_GOLD * ntab), DT, ALIGNED)
+        tl.store(pgo + offs, tl.where(finite, g_raw, 0.0).to(DT), mask=inb)
+    if FSAM:
+        # m' when N is finite, else m itself (ema_out may be another buffer than ema: it must hold
+        # the EMA either way; m is in registers already when ema_out is ema)
+        m_new = tl.where(finite, tl.where(r != 0, lam * m + one_m_lam * g, g), m)
+        pmo = _ptr(tl.load(row + P_EMA_OUT * ntab), DT, ALIGNED)
+        if RNE_BF16:
+            tl.store(pmo + offs, _bf16_rne(m_new), mask=inb)
+        else:
+            tl.store(pmo + offs, m_new.to(DT), mask=inb)
     if QMODE == 2:
         if FSAM or ADAPTIVE:
-            dv, mt, k, eu = _direction(g, mr, w, ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
+            dv, mt, k, eu = _direction(g, m, w, ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
             mag = mt * _times_pow2(dv, k - e2, CT)  # = u * inv in the normal range, bit for bit
             if CT == tl.float64 and ADAPTIVE:
                 mag = tl.where(eu > -100000, mag, dv * 0.0)  # T = 0: u = +-0 (dv 2^(k - e2) may be inf)
@@ -439,14 +455,14 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, sh, lam, one_m_lam, 
     else:
         if CT == tl.float64:
             if FSAM or ADAPTIVE:
-                dv, mt, k, eu = _direction(g, mr, w, ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
+                dv, mt, k, eu = _direction(g, m, w, ad, eta, sigma, sh, CT, FSAM, ADAPTIVE)
                 sg = tl.where(dv > 0, 1.0, tl.where(dv < 0, -1.0, dv))
                 x = tl.where(eu > -100000, mt * tl.abs(_times_pow2(dv, k - fi.to(tl.int32), CT)), 0.0)
             else:
                 sg = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u))
                 x = _scale_f64(tl.abs(u), fi)
         else:
-            u64 = _u64(g_raw, tl.where(r != 0, m_raw, 0.0), w_raw, ad, eta, sigma, FSAM, ADAPTIVE)
+            u64 = _u64(g_raw, m_raw, w_raw, ad, eta, sigma, FSAM, ADAPTIVE)
             sg = tl.where(u64 > 0, 1.0, tl.where(u64 < 0, -1.0, u64))
             x = _scale_f64(tl.abs(u64), fi)
         mag = (sg * _q_term(x, q - 1.0, c0)).to(CT)  # |mag| <= 1
@@ -463,23 +479,10 @@ def _k2_block(row, hrow, ntab, offs, inb, finite, r, sigma, sh, lam, one_m_lam, 
         zero = gidx.to(tl.uint32) * 0
         rnd, _r1, _r2, _r3 = tl.philox(seed64, gidx.to(tl.uint32), (gidx >> 32).to(tl.uint32), zero, zero)
         e = tl.where(rnd < thr, e / beta, 0.0)
-    tl.store(_ptr(tl.load(row + P_WOLD * ntab), DT, ALIGNED) + offs, w_raw, mask=inb)
     if RNE_BF16:
         tl.store(pw + offs, _bf16_rne(w + e), mask=inb_ok)
     else:
         tl.store(pw + offs, (w + e).to(DT), mask=inb_ok)
-    if GSAM:
-        pgo = _ptr(tl.load(row + P_GOLD * ntab), DT, ALIGNED)
-        tl.store(pgo + offs, tl.where(finite, g_raw, 0.0).to(DT), mask=inb)
-    if FSAM:
-        # m' when N is finite, else m itself (ema_out may be another buffer than ema: it must hold
-        # the EMA either way)
-        m_new = tl.where(finite, tl.where(r != 0, lam * m + one_m_lam * g, g), m)
-        pmo = _ptr(tl.load(row + P_EMA_OUT * ntab), DT, ALIGNED)
-        if RNE_BF16:
-            tl.store(pmo + offs, _bf16_rne(m_new), mask=inb)
-        else:
-            tl.store(pmo + offs, m_new.to(DT), mask=inb)
 
 
 # seed/step keys change every step: no value specialization (a step of 1 or a multiple of 16
