@@ -252,7 +252,10 @@ def sam_perturb_(
         e = list(torch._foreach_mul(u, [f_a if adaptive[i] else f_n for i in range(len(u))]))
     else:
         e = list(torch._foreach_mul(u, torch.ldexp(one, -E)))
-    log_n = (E + a_exp).to(acc) + float(s)
+    # log2 N and the factor in float64 (0-dim): in float32, 2^((q-1) |log2 N|) overflows once it
+    # passes 2^128 (p -> 1 with a small N), which made fac 0 where the exact one (~1e-29 for
+    # q = 19, |g| ~ 1e-2) is a float32 number
+    log_n = (E + a_exp).to(torch.float64) + float(s)
     if q == 1.0:
         torch._foreach_sign_(e)
         fac = torch.full((), 1.0 / (1.0 + PERTURB_EPS), dtype=acc, device=dev)
@@ -261,7 +264,7 @@ def sam_perturb_(
             m_hat = M * torch.ldexp(one, -E)
             m_hat = torch.where(m_hat > 0, m_hat, one)  # every u = 0: r = 0
             torch._foreach_div_(e, m_hat)
-            log_n = log_n + torch.log2(m_hat)
+            log_n = log_n + torch.log2(m_hat.to(torch.float64))
         n_hat = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e, q, dtype=acc)), q)
         n_hat = torch.where(n_hat > 0, n_hat, torch.ones_like(n_hat))  # every u = 0: e = 0 / 1
         if q == 2.0:
@@ -272,8 +275,8 @@ def sam_perturb_(
             torch._foreach_pow_(mag, q - 1.0)
             torch._foreach_sign_(e)
             torch._foreach_mul_(e, mag)
-        log_n = log_n + torch.log2(n_hat)
-        fac = 1.0 / (1.0 + PERTURB_EPS * torch.exp2(-(q - 1.0) * log_n))  # 0 when N^(q-1) << 1e-12
+        log_n = log_n + torch.log2(n_hat.to(torch.float64))
+        fac = (1.0 / (1.0 + PERTURB_EPS * torch.exp2(-(q - 1.0) * log_n))).to(acc)  # 0 when N^(q-1) << 1e-12
     torch._foreach_mul_(e, fac)
     if ia:
         et = torch._foreach_mul([e[i] for i in ia], T)
