@@ -76,6 +76,22 @@ def test_p_near_one_puts_rho_on_the_largest_entry(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_p_near_one_small_norm_float32(backend):
+    # p = 1.0546875 (q = 19.29), one float32 element g = 2^-8: N^(q-1) = 2^-146.3 is far below the
+    # 1e-12 term, e = rho N^(q-1) / (N^(q-1) + 1e-12) ~ 5.6e-34, a float32 number; the factor
+    # 1 / (1 + 1e-12 N^-(q-1)) must not be formed as 2^146.3 in float32 (overflow: e was 0)
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32))
+    opt = _opt([p], backend, rho=0.05, p=1.0546875)
+    p.grad = torch.full((1,), 2.0**-8, dtype=torch.float32)
+    opt.first_step()
+    q = 1.0546875 / 0.0546875
+    a = (2.0**-8) ** (q - 1.0)
+    want = 0.05 * a / (a + EPS)
+    assert not opt.perturbation_skipped
+    assert abs(float(p.detach()[0]) - want) <= 1e-5 * want, (float(p.detach()[0]), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_asam_product_beyond_float64(backend):
     # u = (|w| + eta) g = (1e320, 2e320) overflows float64 although w and g are finite:
     # N = sqrt(5) 1e320, e_i = rho T_i u_i / N = rho (1e160, 2e160) (1, 2) / sqrt(5)
