@@ -172,16 +172,17 @@ def test_fused_sam_step_moves_the_floor(label, base, base_kw, options, first, se
 
 
 # The cheaper family's steps with AdamW (#17), in parameter-sized passes, as they are today: interval
-# SAM's plain step is the fused base update (7); LookSAM's reuse combine and projection and WSAM's
-# mix / decoupled correction are foreach ops around the fused kernels, not folded in yet (a fused
-# LookSAM plain step would be 9: + a norm read of g, + a read of gv_hat; see bench/NOTES.md). Pinned
+# SAM's plain step is the fused base update (7); LookSAM's reuse (a norm, a scale, an add: 6) and
+# projection (11) and WSAM's mix / decoupled correction are foreach ops around the fused kernels,
+# not folded in yet (a fused LookSAM plain step would be 9: + a norm read of g, + a read of gv_hat;
+# see bench/NOTES.md). Pinned
 # so that a change in what these steps move is seen; (label, options, first_step, second_step,
 # plain_step) in steady state (steps 2 and 3 of a k=2 schedule; None: the variant has no such step)
 CHEAP_CASES = [
     ("interval", {"sam_every": 2}, 5, 7, 7),
-    ("looksam", {"sam_every": 2, "looksam_alpha": 0.7}, 6, 22, 15),  # K2 writes g_old for the projection
-    ("wsam", {"wsam_gamma": 0.9, "wsam_decouple": False}, 6, 12, None),
-    ("wsam decoupled", {"wsam_gamma": 0.9}, 6, 19, None),
+    ("looksam", {"sam_every": 2, "looksam_alpha": 0.7}, 6, 20, 13),  # K2 writes g_old for the projection
+    ("wsam", {"wsam_gamma": 0.9, "wsam_decouple": False}, 6, 10, None),  # the mix: one lerp (3)
+    ("wsam decoupled", {"wsam_gamma": 0.9}, 6, 15, None),  # gs - g (3), g into .grad (2), w -= c d (3)
 ]
 
 

@@ -125,58 +125,65 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def looksam_project(gs: Sequence[Tensor], g: Sequence[Tensor], out: Sequence[Tensor]) -> None:
-    """LookSAM's stored direction: ``out = gv / |gv|`` with ``gv = gs - (<gs, g> / |g|^2) g``
+def looksam_project(gs: Sequence[Tensor], g: Sequence[Tensor]) -> list[Tensor]:
+    """LookSAM's stored direction, new tensors: ``gv / |gv|`` with ``gv = gs - (<gs, g> / |g|^2) g``
     (zeros when ``|g|`` or ``|gv|`` is 0). ``|gv|`` is computed from gv itself (not as
     ``|gs|^2 - <gs, g>^2 / |g|^2``, which cancels catastrophically when gs is nearly parallel to g).
-    Runs on LookSAM's SAM steps only (every k-th)."""
+    Runs on LookSAM's SAM steps only (every k-th); 11 parameter-sized passes (two norms and a dot,
+    a scale, a subtraction, the normalization)."""
     if not gs:
-        return
-    gs, g, out = list(gs), list(g), list(out)
+        return []
+    gs, g = list(gs), list(g)
     gg = sq_norm(g)
     coef = torch.where(gg > 0, dot(gs, g) / gg, torch.zeros_like(gg))
-    torch._foreach_copy_(out, gs)
-    torch._foreach_sub_(out, torch._foreach_mul(g, coef.to(torch.float32).to(g[0].device)))
+    out = torch._foreach_sub(gs, torch._foreach_mul(g, coef.to(torch.float32).to(g[0].device)))
     n = sq_norm(out).sqrt()
     inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
     torch._foreach_mul_(out, inv.to(torch.float32).to(out[0].device))
+    return out
 
 
 @torch.no_grad()
-def looksam_reuse(g: Sequence[Tensor], gv_hat: Sequence[Tensor | None], alpha: float,
-                  out: Sequence[Tensor]) -> None:
-    """LookSAM's non-perturbing gradient: ``out = g + alpha |g| gv_hat`` (``|g|`` over all of
-    ``g``; ``out = g`` where no direction is stored). Three foreach ops and one norm, no host sync."""
-    if not g:
-        return
-    g, out = list(g), list(out)
-    torch._foreach_copy_(out, g)
+def looksam_reuse(g: Sequence[Tensor], gv_hat: Sequence[Tensor | None], alpha: float) -> list[Tensor]:
+    """LookSAM's non-perturbing gradient: ``g + alpha |g| gv_hat`` (``|g|`` over all of ``g``; ``g``
+    itself, not a copy, where no direction is stored). One norm, a scale and an add (6 passes where
+    every tensor has a direction), no host sync."""
+    g = list(g)
     has = [i for i, v in enumerate(gv_hat) if v is not None]
     if not has:
-        return
+        return g
     scale = (alpha * sq_norm(g).sqrt()).to(torch.float32).to(g[0].device)
-    torch._foreach_add_([out[i] for i in has], torch._foreach_mul([gv_hat[i] for i in has], scale))
+    sums = torch._foreach_add([g[i] for i in has], torch._foreach_mul([gv_hat[i] for i in has], scale))
+    out = list(g)
+    for i, x in zip(has, sums):
+        out[i] = x
+    return out
 
 
 @torch.no_grad()
 def wsam_mix(gs: Sequence[Tensor], g: Sequence[Tensor], a: float, out: Sequence[Tensor]) -> None:
-    """WSAM's gradient: ``out = a gs + (1 - a) g`` (``out`` may be ``gs``)."""
+    """WSAM's gradient: ``out = a gs + (1 - a) g`` (``out`` may be ``gs``), as one lerp
+    ``gs + (1 - a)(g - gs)``: reads gs and g, writes out (3 passes, not 5 for a scale and an
+    add; computed in float32 for bf16/fp16 and rounded once)."""
     if not gs:
         return
     out = list(out)
     if out[0] is not gs[0]:
         torch._foreach_copy_(out, list(gs))
-    torch._foreach_mul_(out, a)
-    torch._foreach_add_(out, list(g), alpha=1.0 - a)
+    torch._foreach_lerp_(out, list(g), 1.0 - a)
 
 
 @torch.no_grad()
-def wsam_decoupled(params: Sequence[Tensor], gs: Sequence[Tensor], g: Sequence[Tensor], scales: Sequence[float]
-                   ) -> None:
-    """WSAM's decoupled correction after the base step: ``w -= lr a (gs - g)`` (``scales`` =
-    ``lr a`` per tensor)."""
+def wsam_decoupled(params: Sequence[Tensor], d: Sequence[Tensor], scales: Sequence[float]) -> None:
+    """WSAM's decoupled correction after the base step: ``w -= lr a d`` with ``d = gs - g``
+    (``scales`` = ``lr a`` per tensor): one multi-tensor add per distinct scale (one per param
+    group), reading w and d and writing w."""
     if not params:
         return
-    d = torch._foreach_sub(list(gs), list(g))
-    torch._foreach_mul_(d, list(scales))
-    torch._foreach_sub_(list(params), d)
+    by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+    for w, x, c in zip(params, d, scales):
+        ws, ds = by_scale.setdefault(float(c), ([], []))
+        ws.append(w)
+        ds.append(x)
+    for c, (ws, ds) in by_scale.items():
+        torch._foreach_add_(ws, ds, alpha=-c)

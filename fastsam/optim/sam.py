@@ -862,8 +862,7 @@ class SAM(torch.optim.Optimizer):
         assert lay.g_old is not None
         idx = [i for i, w in enumerate(lay.params) if w.grad is not None]
         ws = [lay.params[i] for i in idx]
-        outs = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
-        _cheap.looksam_project([w.grad for w in ws], [lay.g_old[i] for i in idx], outs)
+        outs = _cheap.looksam_project([w.grad for w in ws], [lay.g_old[i] for i in idx])
         for w, gv in zip(ws, outs):
             st = self.state[w]
             if w not in txn.gv_old:
@@ -887,11 +886,10 @@ class SAM(torch.optim.Optimizer):
         gs = [w.grad for w, _ in ws]
         g = [go for _, go in ws]
         if self.wsam_decouple:
-            d = [self._buffer(w, "wsam_d") for w, _ in ws]
-            torch._foreach_copy_(d, gs)  # gs kept: the correction is computed after the update
+            d = torch._foreach_sub(gs, g)  # gs - g, for the correction after the update
             torch._foreach_copy_(gs, g)
             lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
-            txn.wsam_pending = ([w for w, _ in ws], d, g, [lr_of[id(w)] * a for w, _ in ws])
+            txn.wsam_pending = ([w for w, _ in ws], d, [lr_of[id(w)] * a for w, _ in ws])
         else:
             _cheap.wsam_mix(gs, g, a, gs)
 
@@ -900,8 +898,8 @@ class SAM(torch.optim.Optimizer):
         pending = txn.wsam_pending
         if pending is not None:
             txn.wsam_pending = None
-            ws, gs, g, scales = pending
-            _cheap.wsam_decoupled(ws, gs, g, scales)
+            ws, d, scales = pending
+            _cheap.wsam_decoupled(ws, d, scales)
 
     def _restore_and_combine(self) -> None:
         """Weights back to ``w`` and, with GSAM, ``.grad`` replaced by the combined gradient."""
@@ -1181,7 +1179,7 @@ class SAM(torch.optim.Optimizer):
             return
         txn = self._begin()
         try:
-            params, gs, gvs, outs = [], [], [], []
+            params, gs, gvs = [], [], []
             for group in self.param_groups:
                 if group["rho"] <= 0:
                     continue
@@ -1192,8 +1190,7 @@ class SAM(torch.optim.Optimizer):
                     gs.append(w.grad)
                     st = self.state.get(w)
                     gvs.append(None if not st else st.get("looksam_gv"))
-                    outs.append(self._buffer(w, "looksam_d"))
-            _cheap.looksam_reuse(gs, gvs, alpha, outs)
+            outs = _cheap.looksam_reuse(gs, gvs, alpha)
             for w, d in zip(params, outs):  # the reused gradient stands in for g during the update
                 w.grad = d
             try:
