@@ -79,6 +79,59 @@ def _run(model: torch.nn.Module, opt: fastsam.SAM, x: torch.Tensor, y: torch.Ten
     return out
 
 
+# sam_step (deliverable 2): micro-batches, accumulation over calls, clipping, bf16 autocast.
+# Rank r's rows of the global batch are _local_rows(...)[r]; the single process runs the
+# global batch reordered so that its micro-batches / calls are the union of the ranks' ones.
+STEP_CASES = {"plain": {}, "micro": dict(micro_batch=2), "clip": dict(max_grad_norm=0.05),
+              "accum": {}, "bf16": dict(amp_dtype=torch.bfloat16)}
+
+
+def _local_rows(world: int, rank: int, name: str) -> list[int]:
+    per = BATCH // world
+    return list(range(rank * per, (rank + 1) * per))
+
+
+def _global_order(world: int, name: str) -> list[int]:
+    """Global rows in the order whose consecutive chunks are the ranks' micro-batches / calls."""
+    per = BATCH // world
+    chunk = 2 if name == "micro" else per // 2 if name == "accum" else per
+    return [r * per + c * chunk + j for c in range(per // chunk) for r in range(world) for j in range(chunk)]
+
+
+def _sam_steps(model: torch.nn.Module, opt: fastsam.SAM, name: str, rows: list[list[int]], full,
+               world: int = 1) -> list[list]:
+    """STEPS sam_step calls on the rows (one rank's, or the global batch reordered: ``world``
+    chunks per micro-batch / call)."""
+    x, y = _data()
+    kw = dict(STEP_CASES[name])
+    out = []
+    idx = rows[0]
+    for s in range(STEPS):
+        xs, ys = x[s][idx], y[s][idx]
+        if name == "micro":
+            kw["micro_batch"] = 2 * world
+        if name == "accum":
+            h = len(idx) // 2
+            r = fastsam.sam_step(model, opt, xs[:h], ys[:h], torch.nn.functional.mse_loss, update=False)
+            r = fastsam.sam_step(model, opt, xs[h:], ys[h:], torch.nn.functional.mse_loss)
+        else:
+            r = fastsam.sam_step(model, opt, xs, ys, torch.nn.functional.mse_loss, **kw)
+        assert r.updated and not r.skipped
+        out.append([full(p).detach().clone() for p in model.parameters()])
+    return out
+
+
+def _bn_frozen() -> list[float]:
+    """A BatchNorm model under FSDP2: pass 2 (at w + e) leaves the running statistics alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 1))
+    _shard(model)
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = _data()
+    fastsam.sam_step(model, opt, x[0], y[0], torch.nn.functional.mse_loss)
+    return [float(model[1].num_batches_tracked)]
+
+
 def _single(case: dict, backend: str) -> list[list]:
     model = _model()
     x, y = _data()
@@ -95,7 +148,7 @@ def _shard(model: torch.nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for m in model:
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d)):
             fully_shard(m)
     fully_shard(model)
 
@@ -121,6 +174,14 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
                 result[(name, backend)] = _run(model, opt, xs, ys, full)
                 del model, opt
         result["collectives"] = _count_collectives(rank, world, xs, ys)
+        if world == 2:
+            for name in STEP_CASES:
+                model = _model()
+                _shard(model)
+                opt = _optimizer(model, CASES["fsam"], "auto")
+                result[("sam_step", name)] = _sam_steps(model, opt, name, [_local_rows(world, rank, name)], full)
+                del model, opt
+            result["bn"] = _bn_frozen()
         result["errors"] = _errors(world)
     except BaseException:
         result["error"] = traceback.format_exc()
@@ -288,6 +349,25 @@ def test_one_collective_per_first_step(world):
             assert hook_calls == 1
             # GSAM's dot product and norms: one more, in the second step; plain SAM: none
             assert second_calls == (["all_gather_into_tensor"] if "gsam_alpha" in opts else []), (opts, second_calls)
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_sam_step_fsdp2_equals_single_process(name):
+    """sam_step under FSDP2 (2 ranks, F-SAM on) == one process on the global batch: micro-batches
+    (global micro-batch k = every rank's k-th), accumulation over update=False calls, clipping
+    with the global norm; bf16 autocast within bf16 rounding (sums over other batches)."""
+    res = _results(2)
+    model = _model()
+    opt = _optimizer(model, CASES["fsam"], "auto")
+    ref = _sam_steps(model, opt, name, [_global_order(2, name)], lambda p: p, world=2)
+    tol = 3e-2 if name == "bf16" else RTOL
+    for s in range(STEPS):
+        for i, (a, b) in enumerate(zip(res[("sam_step", name)][s], ref[s])):
+            assert _close(a, b) <= tol, f"{name} step {s} param {i}: {_close(a, b):.3g}"
+
+
+def test_sam_step_fsdp2_freezes_batchnorm_in_pass_2():
+    assert _results(2)["bn"] == [1.0]
 
 
 def test_clear_errors():
