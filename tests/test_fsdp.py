@@ -153,6 +153,44 @@ def _shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def _dcp_resume(full, ckpt: str) -> dict:
+    """3 sam_steps, DCP save, 2 more; a fresh model + optimizer (other initial weights) loaded
+    from the checkpoint runs the same 2 steps: the weights must be bit-identical. ESAM (keyed by
+    the step counter), F-SAM's EMA, ASAM and AdamW's moments all have to come back."""
+    import torch.distributed.checkpoint as dcp
+
+    x, y = _data()
+    opts = dict(adaptive=True, eta=0.01, fsam_sigma=0.5, swp_keep=0.7, seed=3)
+    mse = torch.nn.functional.mse_loss
+
+    def build(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+        _shard(m)
+        return m, fastsam.SAM(m.parameters(), torch.optim.AdamW, lr=0.01, weight_decay=0.1, **opts)
+
+    model, opt = build(0)
+    for s in range(3):
+        fastsam.sam_step(model, opt, x[s], y[s], mse)
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=ckpt)
+    for s in range(3, 5):
+        fastsam.sam_step(model, opt, x[s], y[s], mse)
+    want = [full(p).detach().clone() for p in model.parameters()]
+    model2, opt2 = build(1)
+    before = [full(p).detach().clone() for p in model2.parameters()]
+    sd = {"model": model2.state_dict(), "optim": fastsam.checkpoint.load_target(opt2)}
+    untouched = all(torch.equal(a, full(p)) for a, p in zip(before, model2.parameters()))
+    dcp.load(sd, checkpoint_id=ckpt)
+    model2.load_state_dict(sd["model"])
+    opt2.load_state_dict(sd["optim"])
+    step = opt2.step_count
+    for s in range(3, 5):
+        fastsam.sam_step(model2, opt2, x[s], y[s], mse)
+    got = [full(p).detach().clone() for p in model2.parameters()]
+    return {"equal": [torch.equal(a, b) for a, b in zip(got, want)], "untouched": untouched, "step": step,
+            "differs_from_fresh": any(not torch.equal(a, b) for a, b in zip(before, want))}
+
+
 def _worker(rank: int, world: int, init: str, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -182,6 +220,7 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
                 result[("sam_step", name)] = _sam_steps(model, opt, name, [_local_rows(world, rank, name)], full)
                 del model, opt
             result["bn"] = _bn_frozen()
+            result["dcp"] = _dcp_resume(full, os.path.join(os.path.dirname(out_path), "ckpt"))
         result["errors"] = _errors(world)
     except BaseException:
         result["error"] = traceback.format_exc()
@@ -368,6 +407,13 @@ def test_sam_step_fsdp2_equals_single_process(name):
 
 def test_sam_step_fsdp2_freezes_batchnorm_in_pass_2():
     assert _results(2)["bn"] == [1.0]
+
+
+def test_dcp_resume_is_bit_identical():
+    r = _results(2)["dcp"]
+    assert r["untouched"], "load_target moved a weight"
+    assert r["step"] == 3 and r["differs_from_fresh"]
+    assert all(r["equal"]), r
 
 
 def test_clear_errors():
