@@ -194,22 +194,26 @@ def _impl(backend: str) -> ModuleType:
     return mod
 
 
+SHARDED_BACKENDS = ("cpp", "foreach", "reference")  # the backends whose ops take reduce= (fastsam._shard)
+
+
 def _sharded_impl(backend: str, dev: torch.device | None, reduce: object) -> ModuleType:
     """The module of ``backend`` for an op that may get a ``reduce`` hook (sharded parameters:
-    their norms are global, see :mod:`fastsam._shard`). With a hook, ``"auto"`` picks foreach (the
-    fused kernels compute the norm and apply it in one launch plan that has no cross-rank step
-    yet), and an explicit backend without ``SHARDED`` support is a NotImplementedError, never a
+    their norms are global, see :mod:`fastsam._shard`). With a hook, ``"auto"`` keeps its choice
+    when that backend supports sharding (``SHARDED``: cpp, foreach, reference) and otherwise
+    picks foreach (triton and cuda compute the norm and apply it in one launch plan with no
+    cross-rank step yet); an explicit backend without it is a NotImplementedError, never a
     silent fallback."""
-    if reduce is None:
-        return _impl(resolve_backend(backend, dev))
-    name = "foreach" if backend == "auto" else resolve_backend(backend, dev)
+    name = resolve_backend(backend, dev)
     mod = _impl(name)
-    if not getattr(mod, "SHARDED", False):
-        raise NotImplementedError(
-            f"backend={name!r} does not support sharded (DTensor / FSDP2) parameters yet: their norms are reduced "
-            "across ranks, which backends 'foreach' and 'reference' implement; use backend='foreach' (or 'auto', "
-            "which picks it for sharded parameters)")
-    return mod
+    if reduce is None or getattr(mod, "SHARDED", False):
+        return mod
+    if backend == "auto":
+        return _impl("foreach")
+    raise NotImplementedError(
+        f"backend={name!r} does not support sharded (DTensor / FSDP2) parameters yet: their norms are reduced "
+        f"across ranks, which backends {SHARDED_BACKENDS} implement; use one of them (or 'auto', which picks "
+        "one for sharded parameters)")
 
 
 def _cols(mod: ModuleType, *cols: object) -> tuple:

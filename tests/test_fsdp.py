@@ -40,7 +40,7 @@ CASES: dict[str, dict] = {
     "adamw_all": dict(opts=dict(adaptive=True, eta=0.01, gsam_alpha=0.2, swp_keep=0.7, fsam_sigma=0.3, p=3.0),
                       base="adamw"),
 }
-BACKENDS = ("foreach", "reference")
+BACKENDS = ("foreach", "reference", "cpp")  # cpp: when the C++ extension builds here
 
 
 def _model() -> torch.nn.Module:
@@ -204,8 +204,10 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
         x, y = _data()
         per = BATCH // world
         xs, ys = x[:, rank * per:(rank + 1) * per], y[:, rank * per:(rank + 1) * per]
+        backends = [b for b in BACKENDS if b in fastsam.functional.available_backends("cpu")]
+        result["backends"] = backends
         for name, case in CASES.items():
-            for backend in BACKENDS:
+            for backend in backends:
                 model = _model()
                 _shard(model)
                 opt = _optimizer(model, case, backend)
@@ -289,7 +291,7 @@ def _errors(world: int) -> dict:
     out = {}
     model = _model()
     _shard(model)
-    for backend in ("cpp", "triton"):
+    for backend in ("cuda", "triton"):
         try:
             fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
             out[backend] = "no error"
@@ -357,7 +359,7 @@ def test_fsdp2_equals_single_process_global_batch(world):
     res = _results(world)
     worst = {}
     for name, case in CASES.items():
-        for backend in BACKENDS:
+        for backend in res["backends"]:
             ref = _single(case, backend)
             got = res[(name, backend)]
             for s in range(STEPS):
@@ -418,7 +420,9 @@ def test_dcp_resume_is_bit_identical():
 
 def test_clear_errors():
     errs = _results(2)["errors"]
-    for backend in ("cpp", "triton"):
+    # cuda: not available on a CPU machine (ValueError) or not sharded yet (NotImplementedError);
+    # triton under the interpreter: NotImplementedError naming the sharded backends
+    for backend in ("cuda", "triton"):
         assert errs[backend].startswith(("NotImplementedError", "ValueError")), errs[backend]
         if errs[backend].startswith("NotImplementedError"):
             assert "foreach" in errs[backend]

@@ -562,10 +562,10 @@ class SAM(torch.optim.Optimizer):
         if not params or not any(map(_shard.is_dtensor, params)):
             return None
         sh = _shard.Sharding(params)  # mixed lists, other placements, several meshes: errors
-        if self.backend not in ("auto", "foreach", "reference"):
+        if self.backend != "auto" and self.backend not in F.SHARDED_BACKENDS:
             raise NotImplementedError(
-                f"backend={self.backend!r} does not support sharded (DTensor / FSDP2) parameters yet: use "
-                "backend='foreach' or 'reference' ('auto' picks foreach for them)")
+                f"backend={self.backend!r} does not support sharded (DTensor / FSDP2) parameters yet: use one of "
+                f"{F.SHARDED_BACKENDS} ('auto' picks one for them)")
         return sh
 
     def _check_sharded_options(self) -> None:
