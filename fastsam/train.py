@@ -125,6 +125,8 @@ def _plan(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, micro_bat
     one = len(bounds) == 1 and update and accum is None
     optimizer._check_params()  # finds the parameters' sharding (FSDP2 may have replaced them)
     sharding = optimizer._sharding
+    if sharding is not None:
+        _check_fsdp_sync(model)
     return _Plan(
         B=B, bounds=bounds, x_spec=B_.split_spec(inputs, B), y_spec=B_.split_spec(targets, B), ddp=ddp,
         sharded=sharding is not None, group=None if sharding is None else sharding.group,
@@ -134,6 +136,28 @@ def _plan(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, micro_bat
         bn=[mod for mod in model.modules() if isinstance(mod, _BatchNorm) and mod.track_running_stats],
         mode=mode,
     )
+
+
+def _check_fsdp_sync(model: nn.Module) -> None:
+    """FSDP2 with gradient sync off (``set_requires_gradient_sync(False)``) leaves the sharded
+    ``.grad`` without this pass's gradient: a first step would perturb with a stale or missing
+    one. Both passes of a SAM step need the global gradient; accumulate with ``update=False``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:  # pragma: no cover - torch without FSDP2
+        return
+    for mod in model.modules():
+        if not isinstance(mod, FSDPModule):
+            continue
+        try:
+            groups = mod._get_fsdp_state()._fsdp_param_groups  # (FSDP2 keeps the flag only there)
+        except Exception:  # pragma: no cover - another FSDP2 layout: nothing to check
+            return
+        if any(not getattr(g, "reduce_grads", True) for g in groups):
+            raise ValueError(
+                "FSDP2 gradient sync is off (set_requires_gradient_sync(False)): sam_step needs the synced "
+                "(global) gradient in both passes, since first_step perturbs with it; call "
+                "model.set_requires_gradient_sync(True) and accumulate over calls with update=False")
 
 
 def _mode(optimizer: SAM) -> str:

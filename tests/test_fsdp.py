@@ -191,6 +191,54 @@ def _dcp_resume(full, ckpt: str) -> dict:
             "differs_from_fresh": any(not torch.equal(a, b) for a, b in zip(before, want))}
 
 
+def _transactions(full, backends: list[str]) -> dict:
+    """A failure inside a sharded first_step (the reduce hook raises on every rank, before its
+    collective) leaves the weights at w bit for bit and no state moved; sam_step with FSDP2's
+    gradient sync off is refused before anything runs."""
+    out = {}
+    x, y = _data()
+    mse = torch.nn.functional.mse_loss
+    for backend in backends:
+        model = _model()
+        _shard(model)
+        opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, fsam_sigma=0.5, swp_keep=0.7,
+                          backend=backend)
+        fastsam.sam_step(model, opt, x[0], y[0], mse)
+        mse(model(x[1]), y[1]).backward()
+        w0 = [full(p).clone() for p in model.parameters()]
+        ema0 = [full(opt.state[p]["fsam_ema"]).clone() for p in model.parameters()]
+        step0 = opt.step_count
+
+        def boom(stats):
+            raise RuntimeError("injected")
+
+        hook = opt._sharding.reduce
+        opt._sharding.reduce = boom
+        try:
+            opt.first_step()
+            raised = False
+        except RuntimeError:
+            raised = True
+        finally:
+            opt._sharding.reduce = hook
+        ok = (raised and not opt.is_perturbed and opt.step_count == step0
+              and all(torch.equal(a, full(p)) for a, p in zip(w0, model.parameters()))
+              and all(torch.equal(a, full(opt.state[p]["fsam_ema"])) for a, p in zip(ema0, model.parameters())))
+        opt.first_step()  # the same step runs after the failure
+        opt.zero_grad()
+        mse(model(x[1]), y[1]).backward()
+        opt.second_step()
+        out[backend] = ok and opt.step_count == step0 + 1
+        model.set_requires_gradient_sync(False)
+        try:
+            fastsam.sam_step(model, opt, x[2], y[2], mse)
+            out[f"{backend} sync off"] = "no error"
+        except ValueError as e:
+            out[f"{backend} sync off"] = str(e)
+        del model, opt
+    return out
+
+
 def _worker(rank: int, world: int, init: str, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -223,6 +271,7 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
                 del model, opt
             result["bn"] = _bn_frozen()
             result["dcp"] = _dcp_resume(full, os.path.join(os.path.dirname(out_path), "ckpt"))
+            result["txn"] = _transactions(full, backends)
         result["errors"] = _errors(world)
     except BaseException:
         result["error"] = traceback.format_exc()
@@ -416,6 +465,13 @@ def test_dcp_resume_is_bit_identical():
     assert r["untouched"], "load_target moved a weight"
     assert r["step"] == 3 and r["differs_from_fresh"]
     assert all(r["equal"]), r
+
+
+def test_failed_sharded_first_step_changes_nothing():
+    r = _results(2)["txn"]
+    for b in _results(2)["backends"]:
+        assert r[b] is True, (b, r)
+        assert "set_requires_gradient_sync(True)" in r[f"{b} sync off"], r
 
 
 def test_clear_errors():
