@@ -151,8 +151,9 @@ class Sharding:
 
     def start(self, p: Tensor) -> int:
         """Flat index, in the unsharded parameter, of this rank's first local element (0 for
-        an empty shard). Requires :meth:`contiguous_shards`."""
-        if self.tensor_dim is None or p.dim() == 0 or p.numel() == 0:
+        an empty shard). Meaningful with :meth:`contiguous_shards` (the ESAM mask is the only
+        user of the offsets, and the optimizer refuses ESAM otherwise)."""
+        if self.tensor_dim != 0 or p.dim() == 0 or p.numel() == 0:
             return 0
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -202,12 +203,12 @@ def combine_gsam(reduce: Reduce, ok: Tensor, es: Tensor, eo: Tensor, dot: Tensor
                  ss_old: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GSAM's global sums from per-rank scaled ones, in one collective.
 
-    Each rank holds ``gs = a * 2^es_r``, ``g_old = b * 2^eo_r`` (``es``, ``eo``: scale exponents,
-    ``-inf`` for an all-zero / empty shard) with ``dot = <a, b>``, ``ss_new = |a|^2``,
-    ``ss_old = |b|^2``. Returns ``(ok, es, eo, dot, n_new, n_old)`` minus ``ok``'s companions as
-    float64 0-dim tensors: ``ok`` (every rank finite), the global ``es``/``eo`` (max over ranks,
-    0 when all are -inf) and the global ``dot`` / ``ss_new`` / ``ss_old`` in the units
-    ``2^(es + eo)``, ``4^es``, ``4^eo``."""
+    Each rank holds ``gs = a * 2^es_r`` and ``g_old = b * 2^eo_r`` (``es``, ``eo``: its scale
+    exponents, ``-inf`` for an all-zero or empty shard) with ``dot = <a, b>``, ``ss_new = |a|^2``,
+    ``ss_old = |b|^2``, and ``ok`` (its values finite). Returns float64 0-dim tensors
+    ``(ok, es, eo, dot, ss_new, ss_old)``: ``ok`` of every rank, the global exponents (max over
+    ranks, 0 when all are -inf) and the global sums in the units ``2^(es + eo)``, ``4^es``,
+    ``4^eo`` (each rank's terms rescaled by powers of two <= 1: nothing overflows)."""
     f64 = torch.float64
     stats = torch.stack([t.to(f64).reshape(()) for t in (ok, es, eo, dot, ss_new, ss_old)])
     table = reduce(stats).to(dot.device)

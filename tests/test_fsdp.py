@@ -193,6 +193,23 @@ def _dcp_resume(full, ckpt: str) -> dict:
             "differs_from_fresh": any(not torch.equal(a, b) for a, b in zip(before, want))}
 
 
+def _hsdp(full, xs: torch.Tensor, ys: torch.Tensor) -> list[list]:
+    """HSDP placements (Replicate(), Shard(0)) on a (1, 2) mesh: the norms are reduced over the
+    shard dimension only; the step must still equal one process (ASAM + ESAM + GSAM)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("rep", "shard"))
+    model = _model()
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert len(next(model.parameters()).placements) == 2
+    opt = _optimizer(model, CASES["adamw_all"], "foreach")
+    return _run(model, opt, xs, ys, full)
+
+
 def _transactions(full, backends: list[str]) -> dict:
     """A failure inside a sharded first_step (the reduce hook raises on every rank, before its
     collective) leaves the weights at w bit for bit and no state moved; sam_step with FSDP2's
@@ -255,6 +272,8 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
         per = BATCH // world
         xs, ys = x[:, rank * per:(rank + 1) * per], y[:, rank * per:(rank + 1) * per]
         backends = [b for b in BACKENDS if b in fastsam.functional.available_backends("cpu")]
+        if world > 2:  # the interpreter is slow: triton's uneven / empty shards are covered by 2 ranks
+            backends = [b for b in backends if b != "triton"]
         result["backends"] = backends
         for name, case in CASES.items():
             for backend in backends:
@@ -274,6 +293,7 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
             result["bn"] = _bn_frozen()
             result["dcp"] = _dcp_resume(full, os.path.join(os.path.dirname(out_path), "ckpt"))
             result["txn"] = _transactions(full, backends)
+            result["hsdp"] = _hsdp(full, xs, ys)
         result["errors"] = _errors(world)
     except BaseException:
         result["error"] = traceback.format_exc()
@@ -460,6 +480,14 @@ def test_sam_step_fsdp2_equals_single_process(name):
 
 def test_sam_step_fsdp2_freezes_batchnorm_in_pass_2():
     assert _results(2)["bn"] == [1.0]
+
+
+def test_hsdp_equals_single_process():
+    got = _results(2)["hsdp"]
+    ref = _single(CASES["adamw_all"], "foreach")
+    for s in range(STEPS):
+        for a, b in zip(got[s], ref[s]):
+            assert _close(a, b) <= RTOL
 
 
 def test_dcp_resume_is_bit_identical():
