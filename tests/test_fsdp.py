@@ -88,6 +88,18 @@ STEP_CASES = {"plain": {}, "micro": dict(micro_batch=2), "clip": dict(max_grad_n
               "accum": {}, "bf16": dict(amp_dtype=torch.bfloat16)}
 
 
+# the cheaper family under sam_step (interval SAM's plain steps, MSAM's one pass, AE-SAM's decision
+# from the global gradient)
+FAMILY = {"every2": dict(sam_every=2), "msam": dict(perturb_from="momentum"), "aesam": dict(aesam_steps=STEPS)}
+
+
+def _family_optimizer(model: torch.nn.Module, name: str) -> fastsam.SAM:
+    opts = dict(FAMILY[name])
+    if "aesam_steps" in opts:
+        opts = {"aesam": fastsam.AESAMPolicy(total_steps=opts.pop("aesam_steps"))}
+    return fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **opts)
+
+
 def _local_rows(world: int, rank: int, name: str) -> list[int]:
     per = BATCH // world
     return list(range(rank * per, (rank + 1) * per))
@@ -290,6 +302,12 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
                 opt = _optimizer(model, CASES["fsam"], "auto")
                 result[("sam_step", name)] = _sam_steps(model, opt, name, [_local_rows(world, rank, name)], full)
                 del model, opt
+            for name in FAMILY:
+                model = _model()
+                _shard(model)
+                opt = _family_optimizer(model, name)
+                result[("family", name)] = _sam_steps(model, opt, "plain", [_local_rows(world, rank, name)], full)
+                del model, opt
             result["bn"] = _bn_frozen()
             result["dcp"] = _dcp_resume(full, os.path.join(os.path.dirname(out_path), "ckpt"))
             result["txn"] = _transactions(full, backends)
@@ -476,6 +494,16 @@ def test_sam_step_fsdp2_equals_single_process(name):
     for s in range(STEPS):
         for i, (a, b) in enumerate(zip(res[("sam_step", name)][s], ref[s])):
             assert _close(a, b) <= tol, f"{name} step {s} param {i}: {_close(a, b):.3g}"
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_cheaper_family_fsdp2_equals_single_process(name):
+    res = _results(2)
+    model = _model()
+    ref = _sam_steps(model, _family_optimizer(model, name), "plain", [list(range(BATCH))], lambda p: p)
+    for s in range(STEPS):
+        for i, (a, b) in enumerate(zip(res[("family", name)][s], ref[s])):
+            assert _close(a, b) <= RTOL, f"{name} step {s} param {i}: {_close(a, b):.3g}"
 
 
 def test_sam_step_fsdp2_freezes_batchnorm_in_pass_2():
