@@ -326,6 +326,8 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
 def _count_collectives(rank: int, world: int, xs: torch.Tensor, ys: torch.Tensor) -> dict:
     """Collectives issued inside first_step / second_step (every torch.distributed entry point
     counted, and the hook's own counter), for SAM and for ASAM+GSAM+ESAM+F-SAM."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
     counts: dict = {}
     names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
              "all_to_all_single", "reduce", "gather", "scatter", "all_gather_object", "barrier")
@@ -353,11 +355,12 @@ def _count_collectives(rank: int, world: int, xs: torch.Tensor, ys: torch.Tensor
             for n in names:
                 setattr(dist, n, wrap(n))
             try:
-                opt.first_step(zero_grad=True)
+                with CommDebugMode() as comm:  # also the functional collectives DTensor ops issue
+                    opt.first_step(zero_grad=True)
             finally:
                 for n in names:
                     setattr(dist, n, saved[n])
-            first = (list(calls), opt._sharding.reduce.calls - hook0)
+            first = (list(calls), opt._sharding.reduce.calls - hook0, comm.get_total_counts())
             mf(model(xs[s]), ys[s]).backward()
             calls.clear()
             for n in names:
@@ -474,9 +477,9 @@ def test_esam_mask_depends_on_global_index_not_sharding():
 def test_one_collective_per_first_step(world):
     res = _results(world)["collectives"]
     for opts, per in res.items():
-        for (first_calls, hook_calls), second_calls in per:
+        for (first_calls, hook_calls, comm_total), second_calls in per:
             assert first_calls == ["all_gather_into_tensor"], (opts, first_calls)
-            assert hook_calls == 1
+            assert hook_calls == 1 and comm_total == 1, (hook_calls, comm_total)
             # GSAM's dot product and norms: one more, in the second step; plain SAM: none
             assert second_calls == (["all_gather_into_tensor"] if "gsam_alpha" in opts else []), (opts, second_calls)
 
