@@ -118,7 +118,7 @@ class _Layout:
     does no per-tensor Python (the fused backends cache their launch plans on these tuples)."""
 
     __slots__ = ("key", "params", "idx", "pick", "w_old", "g_old", "offsets", "group_of", "groups", "shapes",
-                 "dtypes", "ptrs", "interned", "check_sparse", "__weakref__")
+                 "dtypes", "ptrs", "interned", "check_sparse", "lparams", "lw_old", "lg_old", "__weakref__")
 
     def __init__(self, opt: SAM, key: tuple, params_all: list[Tensor], grads: list[Tensor | None]) -> None:
         self.key = key
@@ -155,6 +155,14 @@ class _Layout:
         self.offsets = tuple(offsets)
         self.w_old = tuple(opt._buffer(w, "w_old") for w in self.params)
         self.g_old = tuple(opt._buffer(w, "g_old") for w in self.params) if opt._needs_g_old() else None
+        # what the backends get: the same objects, or for DTensors their local shards (kept with the
+        # layout, which is dropped when the shards' addresses change, so the backends' plans cached
+        # per tuple are found again)
+        self.lparams, self.lw_old, self.lg_old = self.params, self.w_old, self.g_old
+        if sh is not None:
+            self.lparams = tuple(_shard.locals_(self.params))  # type: ignore[arg-type]
+            self.lw_old = tuple(_shard.locals_(self.w_old))  # type: ignore[arg-type]
+            self.lg_old = None if self.g_old is None else tuple(_shard.locals_(self.g_old))  # type: ignore[arg-type]
         self.shapes = list(map(_shape_of, self.params))
         self.dtypes = list(map(_dtype_of, self.params))
         self.ptrs = self.pick(opt._layout_key)  # the addresses P had when the layout was made
@@ -791,7 +799,7 @@ class SAM(torch.optim.Optimizer):
         if lay is None:
             return
         self._check_shapes_unchanged()
-        F.sam_restore_(self._loc(lay.params), self._loc(lay.w_old), backend=self.backend)
+        F.sam_restore_(lay.lparams, lay.lw_old, backend=self.backend)
         self._set_perturbed(None)
 
     def _set_perturbed(self, lay: _Layout | None) -> None:
@@ -839,7 +847,7 @@ class SAM(torch.optim.Optimizer):
                     rho = PerGroup(tuple(-r for r in rho.values), rho.group_of)
                 loc = self._loc
                 ok = F.sam_perturb_(
-                    loc(lay.params), loc(pgrads), loc(lay.w_old), loc(ema), loc(ready), loc(lay.g_old), rho,
+                    lay.lparams, loc(pgrads), lay.lw_old, loc(ema), loc(ready), lay.lg_old, rho,
                     lay.column(groups, "eta"), lay.column(groups, "adaptive"), lay.offsets,
                     p=self.p, fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda,
                     swp_keep=self.swp_keep, seed=self.seed, step=self._sam_step,
