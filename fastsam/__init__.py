@@ -28,6 +28,7 @@ _LAZY = {
     "frozen_running_stats": "fastsam.bn",
     "sam_step": "fastsam.train",
     "SAMStepResult": "fastsam.train",
+    "checkpoint": None,
     "losses": None,
     "functional": None,
     "reference": None,

@@ -17,6 +17,8 @@ Both stay on the device: the training step reads one flag per step (its one host
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -87,13 +89,31 @@ def total_norm(grads: list[Tensor]) -> Tensor:
     return _value(n, e)
 
 
-def clip_(grads: list[Tensor], max_norm: float) -> Tensor:
+def _global_scaled_norm(n: Tensor, e: Tensor, reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``(n, E)`` of the norm over every rank's shards from this rank's ``(n, E)``: one
+    collective of two float64 numbers (:mod:`fastsam._shard`), combined at the largest exponent
+    of a non-zero part (a NaN / inf part stays NaN / inf)."""
+    f64 = torch.float64
+    table = reduce(torch.stack([n.to(f64), e.to(f64)])).to(n.device)
+    ns, es = table[:, 0], table[:, 1]
+    live = ns != 0  # NaN != 0: a NaN part is kept
+    top = torch.where(live, es, torch.full_like(es, -1e9)).max()
+    top = torch.where(top > -1e9, top, torch.zeros_like(top))
+    scaled = torch.where(live, ns * torch.exp2(torch.where(live, es, top) - top), torch.zeros_like(ns))
+    return torch.linalg.vector_norm(scaled), top.to(torch.int32)
+
+
+def clip_(grads: list[Tensor], max_norm: float, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Scale the gradients in place so that their 2-norm is at most ``max_norm`` (torch's rule:
     ``g *= min(1, max_norm / (||g|| + 1e-6))``); returns the norm before clipping (float64, see
     :func:`total_norm`). The factor comes from the scaled norm ``||g|| = n 2^E`` as
     ``max_norm 2^-E / (n + 1e-6 2^-E)``: no norm or square is formed, so float64 gradients of any
-    finite size are clipped, never reported non-finite."""
+    finite size are clipped, never reported non-finite. ``reduce`` (sharded gradients: the local
+    shards of FSDP2's DTensors): the norm is global over every rank's shards, one collective
+    (every rank then clips with the same factor)."""
     n, e, _ = _scaled_norm(grads)
+    if reduce is not None:
+        n, e = _global_scaled_norm(n, e, reduce)
     total = _value(n, e)
     if not grads:
         return total

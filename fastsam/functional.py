@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._compat import check_not_capturing
 from ._sequences import PerGroup
+from ._shard import Reduce
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "foreach", "reference")
 
@@ -193,6 +194,28 @@ def _impl(backend: str) -> ModuleType:
     return mod
 
 
+SHARDED_BACKENDS = ("triton", "cpp", "foreach", "reference")  # the backends whose ops take reduce= (fastsam._shard)
+
+
+def _sharded_impl(backend: str, dev: torch.device | None, reduce: object) -> ModuleType:
+    """The module of ``backend`` for an op that may get a ``reduce`` hook (sharded parameters:
+    their norms are global, see :mod:`fastsam._shard`). With a hook, ``"auto"`` keeps its choice
+    when that backend supports sharding (``SHARDED``: triton, cpp, foreach, reference) and
+    otherwise picks foreach (the csrc CUDA kernels reduce their partials on the device with no
+    cross-rank step yet); an explicit backend without it is a NotImplementedError, never a
+    silent fallback."""
+    name = resolve_backend(backend, dev)
+    mod = _impl(name)
+    if reduce is None or getattr(mod, "SHARDED", False):
+        return mod
+    if backend == "auto":
+        return _impl("foreach")
+    raise NotImplementedError(
+        f"backend={name!r} does not support sharded (DTensor / FSDP2) parameters yet: their norms are reduced "
+        f"across ranks, which backends {SHARDED_BACKENDS} implement; use one of them (or 'auto', which picks "
+        "one for sharded parameters)")
+
+
 def _cols(mod: ModuleType, *cols: object) -> tuple:
     """Per-tensor hyper-parameter columns for ``mod``: a :class:`~fastsam._sequences.PerGroup`
     as it is for a backend that reads the group structure (``PER_GROUP = True``: triton), a list
@@ -223,29 +246,37 @@ def sam_perturb_(
     ema_out: list[Tensor] | None = None,
     ready_out: list[Tensor] | None = None,
     backend: str = "auto",
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """SAM first step (direction, dual norm, ESAM mask, ``w_old``, ``w += e``); see
     :func:`fastsam.reference.sam_perturb_` for the formulas. Returns the 0-dim bool tensor
     "N was finite" without synchronizing. F-SAM: the new EMA and flags go to ``ema_out`` /
     ``ready_out`` (default: ``ema`` / ``ema_ready``, in place). On an exception the parameters
-    are unchanged (every backend)."""
+    are unchanged (every backend).
+
+    ``reduce`` (sharded parameters, :mod:`fastsam._shard`): the lists are this rank's local
+    shards (``offsets``: their global element indices) and the norm is global through one call
+    of the hook; backends foreach and reference (``"auto"`` picks foreach)."""
     dev = params[0].device if params else None
     check_not_capturing(dev)
-    mod = _impl(resolve_backend(backend, dev))
+    mod = _sharded_impl(backend, dev, reduce)
     rhos, etas, adaptive = _cols(mod, rhos, etas, adaptive)
+    extra = {} if reduce is None else {"reduce": reduce}
     return mod.sam_perturb_(
         params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets,
         p=p, fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda, swp_keep=swp_keep, seed=seed, step=step,
-        ema_out=ema_out, ready_out=ready_out,
+        ema_out=ema_out, ready_out=ready_out, **extra,
     )
 
 
-def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float, *, backend: str = "auto") -> None:
+def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float, *, backend: str = "auto",
+                  reduce: Reduce | None = None) -> None:
     """GSAM: ``gs <- gs - alpha * (g_old - cos * |g_old| * gs / |gs|)``; see
-    :func:`fastsam.reference.gsam_combine_`."""
+    :func:`fastsam.reference.gsam_combine_` (``reduce``: sharded lists, see :func:`sam_perturb_`)."""
     dev = grads[0].device if grads else None
     check_not_capturing(dev)
-    _impl(resolve_backend(backend, dev)).gsam_combine_(grads, g_old, alpha)
+    extra = {} if reduce is None else {"reduce": reduce}
+    _sharded_impl(backend, dev, reduce).gsam_combine_(grads, g_old, alpha, **extra)
 
 
 def sam_restore_(params: list[Tensor], w_old: list[Tensor], *, backend: str = "auto") -> None:
@@ -268,14 +299,18 @@ def sam_restore_accumulate_(
     gsam_alpha: float = 0.0,
     acc_in: list[Tensor | None] | None = None,
     backend: str = "auto",
+    reduce: Reduce | None = None,
 ) -> None:
     """m-SAM per micro-batch in one pass: ``w <- w_old``, GSAM combine (``grads`` only read),
     ``acc <- scale * ((0 if reset else acc_in) + weight * g)`` (``acc_in`` default ``acc``: in
-    place); see :func:`fastsam.reference.sam_restore_accumulate_`. An exception changes nothing."""
+    place); see :func:`fastsam.reference.sam_restore_accumulate_`. An exception changes nothing.
+    ``reduce``: sharded lists, GSAM's sums global (see :func:`sam_perturb_`)."""
     dev = params[0].device if params else None
     check_not_capturing(dev)
-    _impl(resolve_backend(backend, dev)).sam_restore_accumulate_(
+    extra = {} if reduce is None or gsam_alpha <= 0 else {"reduce": reduce}
+    _sharded_impl(backend, dev, extra.get("reduce")).sam_restore_accumulate_(
         params, grads, w_old, g_old, acc, reset, weight=weight, scale=scale, gsam_alpha=gsam_alpha, acc_in=acc_in,
+        **extra,
     )
 
 

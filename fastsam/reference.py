@@ -28,7 +28,9 @@ from ._reference_losses import (  # noqa: F401
     obf_grad_reference,
     obf_loss_reference,
 )
+from ._shard import Reduce, combine_gsam, combine_norms
 
+SHARDED = True  # the ops that need a global sum take reduce= (sharded parameters: fastsam._shard)
 PERTURB_EPS = 1e-12  # added to N^(q-1) and to gradient norms (docs/design.md section 2.2), as in the papers' code
 
 
@@ -147,6 +149,7 @@ def sam_perturb_(
     step: int = 0,
     ema_out: list[Tensor] | None = None,
     ready_out: list[Tensor] | None = None,
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """SAM first step over the tensors of P: direction, dual norm, perturbation, ``w_old``.
 
@@ -168,6 +171,11 @@ def sam_perturb_(
     7. Non-finite N (a NaN or inf in some ``g``, ``m`` or ``T``): nothing is perturbed and no state changes
        (``w_old`` still gets ``w``, ``g_old`` gets zeros so a later GSAM combine is a no-op,
        ``ema_out``/``ready_out`` get copies of ``m``/``r``).
+
+    Sharded parameters (``reduce`` given, see :mod:`fastsam._shard`): the lists are this rank's
+    local shards, ``offsets`` their first elements' global indices, and N and the finite flag are
+    global: this rank's (finite, log2 max|u|, partial norm relative to it) go through one call of
+    ``reduce`` and are combined at the largest scale.
 
     On an exception ``params`` are left unchanged (outputs other than ``params`` unspecified).
     Returns a 0-dim bool tensor on the parameters' device: True iff N was finite.
@@ -203,7 +211,9 @@ def sam_perturb_(
     nz = [(mu != 0) for mu, _ in splits]
     ks = [int(ku[z].max()) for (_, ku), z in zip(splits, nz) if bool(z.any())]
     new_w: list[Tensor | None] = [None] * len(params)
-    if finite and ks:
+    local_ok = finite and bool(ks)
+    rs: list[Tensor] = []
+    if local_ok:
         K = max(ks)
         # v = |u| / 2^K in [0, 1) with 2^K just above max|u| (exact but where it underflows: terms
         # below 2^-1074 of the max); general q: r = |u| / M with M = Mh * 2^K the exact max, max r = 1
@@ -211,20 +221,39 @@ def sam_perturb_(
         if q == 2.0:
             n_hat = math.sqrt(sum(float(v.square().sum()) for v in vs))
             log2_n = K + math.log2(n_hat)
-            rs, shrink = vs, 1.0
+            rs, shrink, div = vs, 1.0, n_hat
         else:
             Mh = max(float(v.max()) for v in vs if v.numel())
             rs = [v / Mh for v in vs]
             S = sum(float(r.sum() if q == 1.0 else r.pow(q).sum()) for r in rs)  # in [1, n]
             log2_n = K + math.log2(Mh) + math.log2(S) / q
             shrink = 2.0 ** (-(q - 1.0) / q * math.log2(S))  # S^(-(q-1)/q), in (0, 1]
+    if reduce is not None:
+        # global N: this rank's x = y 2^L (q = 2: y = v, L = K; else y = r, L = log2 M) with
+        # ||y||_q; every rank combines the same gathered table (fastsam._shard.combine_norms)
+        if not local_ok:
+            L, part = 0.0, 0.0
+        elif q == 2.0:
+            L, part = float(K), n_hat
+        else:
+            L, part = K + math.log2(Mh), S ** (1.0 / q)
+        t = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
+        ok_t, div_t, log2_t = combine_norms(reduce, t(finite), t(L), t(part), q)
+        finite = bool(ok_t)  # every rank's u finite (else no rank perturbs)
+        if finite and local_ok:  # (a rank whose u is 0 or whose shards are empty: e = 0 below)
+            log2_n = float(log2_t)
+            # this rank's y / div = x / N: q = 2 divides v by it; general q scales r^(q-1) by
+            # (1 / div)^(q-1) (shrink = S^(-(q-1)/q) in the single-process formula)
+            div = float(div_t)
+            shrink = exp2(-(q - 1.0) * math.log2(div)) if q != 2.0 else 1.0
+    if finite and ks:
         fac = perturb_factor(q, log2_n)
         for i, (w, r) in enumerate(zip(params, rs)):
             sgn = torch.sign(splits[i][0])
             if q == 1.0:
                 mag = sgn
             elif q == 2.0:
-                mag = (sgn * r) / n_hat  # = (u 2^-K) / n_hat: the bits of the unsplit formula
+                mag = (sgn * r) / div  # = (u 2^-K) / n_hat: the bits of the unsplit formula
             else:
                 mag = sgn * r.pow(q - 1.0) * shrink
             e = rhos[i] * fac * mag
@@ -268,21 +297,32 @@ def sam_perturb_(
     return result
 
 
-def gsam_coefficients(grads: list[Tensor], g_old: list[Tensor]) -> tuple[float, float]:
+def gsam_coefficients(grads: list[Tensor], g_old: list[Tensor], reduce: Reduce | None = None
+                      ) -> tuple[float, float]:
     """``(cos, ratio)`` of GSAM over the lists, in float64 with scaled sums:
     ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)``, ``ratio = |g_old| / (|gs| + 1e-12)``
-    (``gs`` = ``grads``). Finite for every finite input. Host floats (syncs)."""
+    (``gs`` = ``grads``). Finite for every finite input. Host floats (syncs). ``reduce``: the
+    lists are local shards and the sums global (:func:`fastsam._shard.combine_gsam`)."""
     f64 = torch.float64
     gs = [g.to(f64) for g in grads]
     go = [g.to(f64) for g in g_old]
     ms, mo = _max_abs(gs), _max_abs(go)
-    if not (math.isfinite(ms) and math.isfinite(mo)):
+    finite = math.isfinite(ms) and math.isfinite(mo)
+    if not finite and reduce is None:
         return math.nan, math.nan
-    es, eo = scale_exponent(ms), scale_exponent(mo)
+    es, eo = (scale_exponent(ms), scale_exponent(mo)) if finite else (0, 0)
     i_s, i_o = exp2(-es), exp2(-eo)
     dot = sum(float(((a * i_s) * (b * i_o)).sum()) for a, b in zip(gs, go))
     ss_new = sum(float((a * i_s).square().sum()) for a in gs)
     ss_old = sum(float((b * i_o).square().sum()) for b in go)
+    if reduce is not None:  # every rank's scaled sums in one collective, combined at the largest scale
+        t = lambda x: torch.tensor(float(x), dtype=f64)  # noqa: E731
+        ok, es_t, eo_t, dot_t, ssn_t, sso_t = combine_gsam(
+            reduce, t(finite), t(es if ms > 0 else -math.inf), t(eo if mo > 0 else -math.inf), t(dot),
+            t(ss_new), t(ss_old))
+        if not bool(ok):
+            return math.nan, math.nan
+        es, eo, dot, ss_new, ss_old = int(es_t), int(eo_t), float(dot_t), float(ssn_t), float(sso_t)
     n_new, n_old = math.sqrt(ss_new), math.sqrt(ss_old)  # |gs| = n_new 2^es, |g_old| = n_old 2^eo
     cos = dot / (n_new * n_old + PERTURB_EPS * exp2(-(es + eo)))
     ratio = n_old / (n_new * exp2(es - eo) + PERTURB_EPS * exp2(-eo))
@@ -290,18 +330,18 @@ def gsam_coefficients(grads: list[Tensor], g_old: list[Tensor]) -> tuple[float, 
 
 
 @torch.no_grad()
-def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
+def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float, *, reduce: Reduce | None = None) -> None:
     """GSAM surrogate-gap combine (Zhuang et al., 2022), in place on ``grads`` (= ``gs``).
 
     ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)``,
     ``v = g_old - cos * |g_old| * gs / (|gs| + 1e-12)``, ``gs <- gs - alpha * v``;
     norms and the dot product are global over the lists (scaled sums, see
-    :func:`gsam_coefficients`).
+    :func:`gsam_coefficients`; with ``reduce``, over every rank's shards).
     """
     if not grads:
         return
     f64 = torch.float64
-    cos, ratio = gsam_coefficients(grads, g_old)
+    cos, ratio = gsam_coefficients(grads, g_old, reduce)
     new = [gs.to(f64) - alpha * (go.to(f64) - cos * ratio * gs.to(f64)) for gs, go in zip(grads, g_old)]
     for gs, v in zip(grads, new):
         gs.copy_(v)
@@ -350,7 +390,7 @@ def _per_tensor(x: float | list[float] | tuple[float, ...], n: int, name: str) -
 
 
 def _gsam_combined64(
-    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float
+    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float, reduce: Reduce | None = None
 ) -> list[Tensor | None]:
     """float64 combined gradients (None where the tensor has no gradient); GSAM when alpha > 0.
 
@@ -364,7 +404,7 @@ def _gsam_combined64(
     pairs = [i for i, (g, go) in enumerate(zip(grads, g_old)) if g is not None and go is not None]
     if not pairs:
         return out
-    cos, ratio = gsam_coefficients([grads[i] for i in pairs], [g_old[i] for i in pairs])  # type: ignore[misc]
+    cos, ratio = gsam_coefficients([grads[i] for i in pairs], [g_old[i] for i in pairs], reduce)  # type: ignore[misc]
     for i in pairs:
         gs64, go64 = out[i], g_old[i].to(f64)  # type: ignore[union-attr]
         out[i] = gs64 - alpha * (go64 - cos * ratio * gs64)  # type: ignore[operator]
@@ -417,6 +457,7 @@ def sam_restore_accumulate_(
     scale: float = 1.0,
     gsam_alpha: float = 0.0,
     acc_in: list[Tensor | None] | None = None,
+    reduce: Reduce | None = None,
 ) -> None:
     """m-SAM, once per micro-batch: restore + GSAM combine + gradient accumulation, in float64.
 
@@ -433,12 +474,13 @@ def sam_restore_accumulate_(
     A training step calls it with ``weight = n_k / n_ref`` per micro-batch ``k`` and, on the last
     micro-batch before the base update, ``scale = n_ref / sum(n_k)``, so ``acc`` ends as the
     size-weighted mean of the micro-batch gradients with one rounding per micro-batch.
+    ``reduce``: sharded lists, GSAM's sums global (see :func:`gsam_coefficients`).
     On an exception nothing is changed.
     """
     check_accumulate_args(params, grads, w_old, acc, reset, acc_in)
     f64 = torch.float64
     src = acc if acc_in is None else acc_in
-    gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    gs = _gsam_combined64(grads, g_old, gsam_alpha, reduce)
     vals: list[Tensor | None] = []
     for i in range(len(params)):
         a = acc[i]

@@ -74,6 +74,8 @@ class _Plan:
     x_spec: Any  # per-example tensors of the inputs / targets (split by micro-batches and SDS)
     y_spec: Any
     ddp: bool
+    sharded: bool  # FSDP2 / DTensor parameters: every pass synced (reduce-scattered), flags reduced here
+    group: Any  # the process group of the skip flag: the default one (DDP), the shard group (FSDP2)
     manual_sync: bool  # DDP: every pass under no_sync, the final gradient averaged once
     fast: bool  # one micro-batch straight into second_step (fused restore + GSAM + update)
     keep_grad: bool  # one micro-batch, no accumulation: .grad already is the final gradient
@@ -121,14 +123,41 @@ def _plan(model: nn.Module, optimizer: SAM, inputs: Any, targets: Any, micro_bat
     manual_sync = ddp and (len(bounds) > 1 or optimizer._needs_g_old() or not update or accum is not None
                            or mode == "adaptive")
     one = len(bounds) == 1 and update and accum is None
+    optimizer._check_params()  # finds the parameters' sharding (FSDP2 may have replaced them)
+    sharding = optimizer._sharding
+    if sharding is not None:
+        _check_fsdp_sync(model)
     return _Plan(
         B=B, bounds=bounds, x_spec=B_.split_spec(inputs, B), y_spec=B_.split_spec(targets, B), ddp=ddp,
+        sharded=sharding is not None, group=None if sharding is None else sharding.group,
         manual_sync=manual_sync, fast=one and max_grad_norm is None and not manual_sync, keep_grad=one,
         update=update, ref=float(accum["ref"]) if accum else float(B),
         samples=(accum["samples"] if accum else 0) + B,
         bn=[mod for mod in model.modules() if isinstance(mod, _BatchNorm) and mod.track_running_stats],
         mode=mode,
     )
+
+
+def _check_fsdp_sync(model: nn.Module) -> None:
+    """FSDP2 with gradient sync off (``set_requires_gradient_sync(False)``) leaves the sharded
+    ``.grad`` without this pass's gradient: a first step would perturb with a stale or missing
+    one. Both passes of a SAM step need the global gradient; accumulate with ``update=False``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:  # pragma: no cover - torch without FSDP2
+        return
+    for mod in model.modules():
+        if not isinstance(mod, FSDPModule):
+            continue
+        try:
+            groups = mod._get_fsdp_state()._fsdp_param_groups  # (FSDP2 keeps the flag only there)
+        except Exception:  # pragma: no cover - another FSDP2 layout: nothing to check
+            return
+        if any(not getattr(g, "reduce_grads", True) for g in groups):
+            raise ValueError(
+                "FSDP2 gradient sync is off (set_requires_gradient_sync(False)): sam_step needs the synced "
+                "(global) gradient in both passes, since first_step perturbs with it; call "
+                "model.set_requires_gradient_sync(True) and accumulate over calls with update=False")
 
 
 def _mode(optimizer: SAM) -> str:
@@ -324,8 +353,10 @@ def _final_gradient(optimizer: SAM, plan: _Plan, max_grad_norm: float | None) ->
     gs = [w.grad for g in optimizer.param_groups for w in g["params"] if w.grad is not None]
     if plan.manual_sync and gs:
         _grads.all_reduce_mean_(gs)
+    if plan.sharded:  # FSDP2: this rank's shards; the clipping norm is global (one collective)
+        gs = optimizer._loc(gs)
     if max_grad_norm is not None and not plan.fast:
-        return ~torch.isfinite(_grads.clip_(gs, max_grad_norm))
+        return ~torch.isfinite(_grads.clip_(gs, max_grad_norm, optimizer._reduce if plan.sharded else None))
     return _grads.nonfinite(gs)
 
 
@@ -336,9 +367,9 @@ def _decide_skip(plan: _Plan, bad: Tensor, scaler: Any, keys: list) -> bool:
     if scaler is not None:
         for fi in _amp.found_inf(scaler, keys):
             bad = bad | (fi.to(dev) > 0)
-    if plan.ddp:
+    if plan.ddp or plan.sharded:  # (FSDP2: the shard group; this rank's shards / scaler saw their part)
         b = bad.to(torch.int32)
-        dist.all_reduce(b, op=dist.ReduceOp.MAX)
+        dist.all_reduce(b, op=dist.ReduceOp.MAX, group=plan.group)
         bad = b.bool()
     return bool(bad)
 
@@ -474,6 +505,11 @@ def sam_step(
     micro-batch. Under DDP each rank runs its own ``first_step`` (its own EMA, no
     communication), so N ranks equal one process with ``micro_batch`` = per-rank batch for SAM /
     ASAM / GSAM / p-norm / ESAM masks, and differ only in F-SAM's per-optimizer EMA.
+    Under FSDP2 (``fully_shard``: DTensor parameters) both passes keep gradient sync on (the
+    gradient is reduce-scattered, i.e. global): every ``first_step`` is SAM over the global
+    micro-batch (rank r's k-th micro-batch for every r), with the norm reduced in one collective,
+    clipping uses the global norm, and the skip decision is reduced over the shard group, so N
+    ranks equal one process on the global batch, F-SAM included.
 
     A call is a transaction: a skipped step (non-finite gradient or scaler overflow in any
     pass) updates nothing and drops the accumulated batches (as AMP skips a whole accumulated
@@ -483,7 +519,7 @@ def sam_step(
     batch gives what an uninterrupted run gives.
 
     Args:
-        model: the model (``DistributedDataParallel`` is handled).
+        model: the model (``DistributedDataParallel`` and FSDP2's ``fully_shard`` are handled).
         optimizer: a :class:`fastsam.SAM` (or preset) over ``model``'s parameters, or a framework's
             wrapper around one (issue #14): Lightning's ``self.optimizers()`` (the step is counted
             as Lightning's ``opt.step()`` counts it), Fabric's, or accelerate's ``AcceleratedOptimizer``

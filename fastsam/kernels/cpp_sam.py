@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .._compat import no_grad
+from .._shard import Reduce
 from ..reference import check_accumulate_args, dual_exponent
 from . import _ext
 
@@ -172,6 +173,7 @@ class CsrcBackend:
         step: int = 0,
         ema_out: list[Tensor] | None = None,
         ready_out: list[Tensor] | None = None,
+        reduce: Reduce | None = None,
     ) -> Tensor:
         """First step in two passes (K1 norm partials, K2 perturbation); same contract as
         :func:`fastsam.reference.sam_perturb_`:
@@ -183,6 +185,10 @@ class CsrcBackend:
         (default: in place). Returns the 0-dim bool "N finite"; when False nothing is perturbed,
         the EMA and flags keep their values and ``g_old`` is zeroed. One call into the
         extension, which validates every tensor before it writes any: an exception changes nothing.
+
+        ``reduce`` (sharded parameters, CPU only): the call is split at the global sum (K1 on
+        this rank's shards -> its partial ``(S, E)`` -> one ``reduce`` -> the global ``(S, E)``,
+        combined as the kernels combine their work items -> K2); see :mod:`fastsam._shard`.
         """
         if not params:
             return torch.ones((), dtype=torch.bool)
@@ -190,24 +196,41 @@ class CsrcBackend:
         fsam = fsam_sigma is not None
         if fsam and (ema is None or ema_ready is None):
             raise ValueError("F-SAM (fsam_sigma set) needs ema and ema_ready lists")
+        if reduce is not None and self.device_type != "cpu":
+            raise NotImplementedError(f"backend={self.name!r} does not support sharded (DTensor) parameters yet")
         st = _Staging()
-        ok = self.ops().sam_perturb(
+        q = float(dual_exponent(p))
+        args = (
             st.many(params, True), st.many(grads, False), st.many(w_old, True),
             st.many(ema, True) if fsam else [], list(ema_ready) if fsam else [],  # type: ignore[arg-type]
             st.many(g_old, True) if g_old is not None else [],
             [float(r) for r in rhos], [float(e) for e in etas], [1 if a else 0 for a in adaptive],
-            [int(o) for o in offsets], float(dual_exponent(p)), fsam, 0.0 if fsam_sigma is None else float(fsam_sigma),
+            [int(o) for o in offsets], q, fsam, 0.0 if fsam_sigma is None else float(fsam_sigma),
             float(fsam_lambda), float(swp_keep), int(seed) & _MASK32, int(step) & _MASK32, self.stream(params),
             st.many(ema_out, True) if fsam and ema_out is not None else [],  # type: ignore[arg-type]
             list(ready_out) if fsam and ready_out is not None else [],
         )
+        if reduce is None:
+            ok = self.ops().sam_perturb(*args)
+        else:
+            part = self.ops().sam_perturb_sharded(1, *args, 0.0, 0.0)
+            s_g, e_g = combine_scaled(reduce, part, q)
+            ok = self.ops().sam_perturb_sharded(2, *args, s_g, e_g)
         st.finish()
         return ok
 
     @no_grad
-    def gsam_combine_(self, grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
+    def gsam_combine_(self, grads: list[Tensor], g_old: list[Tensor], alpha: float, *,
+                      reduce: Reduce | None = None) -> None:
         """``gs <- gs - alpha * (g_old - cos |g_old| gs / (|gs| + 1e-12))`` with
-        ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)`` (global sums in float64), in place."""
+        ``cos = <g_old, gs> / (|gs| |g_old| + 1e-12)`` (global sums in float64), in place.
+        ``reduce`` (sharded parameters): the foreach backend's combine, whose sums go through
+        the hook (the extension has no cross-rank step for GSAM's sums yet)."""
+        if reduce is not None:
+            from . import foreach_sam
+
+            foreach_sam.gsam_combine_(grads, g_old, alpha, reduce=reduce)
+            return
         if not grads:
             return
         self.check(grads)
@@ -376,12 +399,20 @@ class CsrcBackend:
         scale: float = 1.0,
         gsam_alpha: float = 0.0,
         acc_in: list[Tensor | None] | None = None,
+        reduce: Reduce | None = None,
     ) -> None:
         """m-SAM micro-batch in one call: restore, GSAM combine (``grads`` only read),
         ``acc <- scale * ((0 if reset else acc_in) + weight * g)`` (formulas:
         :func:`fastsam.reference.sam_restore_accumulate_`; ``acc_in`` default ``acc``). 5
         parameter-sized passes (8 with GSAM) against 5 (10) for restore, combine and
-        ``acc += weight * g`` as separate ops."""
+        ``acc += weight * g`` as separate ops. ``reduce`` (sharded parameters with GSAM): the
+        foreach backend's op (see :meth:`gsam_combine_`)."""
+        if reduce is not None and gsam_alpha > 0:
+            from . import foreach_sam
+
+            foreach_sam.sam_restore_accumulate_(params, grads, w_old, g_old, acc, reset, weight=weight, scale=scale,
+                                                gsam_alpha=gsam_alpha, acc_in=acc_in, reduce=reduce)
+            return
         check_accumulate_args(params, grads, w_old, acc, reset, acc_in)
         n = len(params)
         if n == 0:
@@ -408,6 +439,28 @@ sam_restore_ = _BACKEND.sam_restore_
 sam_restore_sgd_ = _BACKEND.sam_restore_sgd_
 sam_restore_adam_ = _BACKEND.sam_restore_adam_
 sam_restore_accumulate_ = _BACKEND.sam_restore_accumulate_
+
+
+SHARDED = True  # sam_perturb_ / gsam_combine_ / sam_restore_accumulate_ take reduce= (fastsam._shard)
+
+
+def combine_scaled(reduce: Reduce, part: Tensor, q: float) -> tuple[float, float]:
+    """The global ``(S, E)`` of the first step's sum ``sum |u|^q = S * 2^(q E)`` from every rank's
+    K1 partial ``part = [S_r, E_r]`` (``E_r = -inf``: nothing on that rank), in one call of
+    ``reduce``: ``E = max E_r``, ``S = sum_r S_r 2^(q (E_r - E))`` in rank order (the kernels'
+    ``scaled_add``), NaN when some rank's ``S_r`` is not finite (no rank perturbs then)."""
+    table = reduce(part.to(torch.float64)).cpu()
+    s_r, e_r = table[:, 0], table[:, 1]
+    if not bool(torch.isfinite(s_r).all()):
+        return math.nan, 0.0
+    live = e_r > -math.inf
+    if not bool(live.any()):
+        return 0.0, -math.inf
+    e = float(e_r[live].max())
+    s = 0.0
+    for sr, er in zip(s_r[live].tolist(), e_r[live].tolist()):
+        s += sr * 2.0 ** (q * (er - e))
+    return s, e
 
 
 def available() -> bool:

@@ -15,10 +15,13 @@ and immune to the NaN * 0 = NaN that a float blend would give.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .._philox import keep_mask
+from .._shard import Reduce, combine_gsam, combine_norms
 from ..reference import PERTURB_EPS, check_accumulate_args, dual_exponent, fsam_shift
 
 _INT_VIEW = {
@@ -108,6 +111,7 @@ _MASKS = _MaskCache()
 
 
 _LOW = (torch.bfloat16, torch.float16)
+SHARDED = True  # the ops that need a global sum take reduce= (sharded parameters: fastsam._shard)
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -177,6 +181,7 @@ def sam_perturb_(
     step: int = 0,
     ema_out: list[Tensor] | None = None,
     ready_out: list[Tensor] | None = None,
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """Foreach twin of :func:`fastsam.reference.sam_perturb_` (same math, same contract).
 
@@ -188,6 +193,10 @@ def sam_perturb_(
     (steps 1, 2 below); both are exact shifts, so in the normal range the bits are those of the
     unscaled formula. The parameters are written by one multi-tensor add, last: an exception
     before it leaves them unchanged.
+
+    ``reduce`` (sharded parameters, see :mod:`fastsam._shard`): the lists are this rank's local
+    shards; the finite flag and the dual norm become global through one call of ``reduce``
+    (:func:`fastsam._shard.combine_norms` of this rank's scale and partial norm).
     """
     if not params:
         return torch.ones((), dtype=torch.bool)
@@ -259,13 +268,23 @@ def sam_perturb_(
     if q == 1.0:
         torch._foreach_sign_(e)
         fac = torch.full((), 1.0 / (1.0 + PERTURB_EPS), dtype=acc, device=dev)
+        if reduce is not None:  # no norm at p = inf: only the finite flag is global
+            ok = combine_norms(reduce, ok, torch.zeros((), device=dev), torch.zeros((), device=dev), q)[0]
     else:
+        log_scale = (E + a_exp).to(torch.float64)  # this rank's e holds x_r * 2^-log_scale (x = u 2^-s)
         if q != 2.0:
             m_hat = M * torch.ldexp(one, -E)
             m_hat = torch.where(m_hat > 0, m_hat, one)  # every u = 0: r = 0
             torch._foreach_div_(e, m_hat)
             log_n = log_n + torch.log2(m_hat.to(torch.float64))
+            log_scale = log_scale + torch.log2(m_hat.to(torch.float64))
         n_hat = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(e, q, dtype=acc)), q)
+        log_global = None
+        if reduce is not None:
+            # the divisor that turns this rank's e into x_r / N, and log2 N, from every rank's
+            # (scale, partial norm) in one collective (float64 scales: 2^(L - L_r) stays exact)
+            ok, div, log_global = combine_norms(reduce, ok, log_scale, n_hat, q)
+            n_hat = div.to(acc)
         n_hat = torch.where(n_hat > 0, n_hat, torch.ones_like(n_hat))  # every u = 0: e = 0 / 1
         if q == 2.0:
             torch._foreach_div_(e, n_hat)
@@ -275,7 +294,10 @@ def sam_perturb_(
             torch._foreach_pow_(mag, q - 1.0)
             torch._foreach_sign_(e)
             torch._foreach_mul_(e, mag)
-        log_n = log_n + torch.log2(n_hat.to(torch.float64))
+        if log_global is None:
+            log_n = log_n + torch.log2(n_hat.to(torch.float64))
+        else:
+            log_n = (log_global + float(s)).to(torch.float64)
         fac = (1.0 / (1.0 + PERTURB_EPS * torch.exp2(-(q - 1.0) * log_n))).to(acc)  # 0 when N^(q-1) << 1e-12
     torch._foreach_mul_(e, fac)
     if ia:
@@ -322,7 +344,7 @@ def _cast_like(src: list[Tensor], like: list[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
-def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
+def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float, *, reduce: Reduce | None = None) -> None:
     """Foreach twin of :func:`fastsam.reference.gsam_combine_`.
 
     Uses ``gs - a*v = (1 + a*c) * gs - a * g_old`` with ``c = cos * |g_old| / (|gs| + eps)``.
@@ -331,7 +353,7 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
     """
     if not grads:
         return
-    coef = _gsam_coef(grads, g_old, alpha)
+    coef = _gsam_coef(grads, g_old, alpha, reduce)
     if any(g.dtype in _LOW for g in grads):  # float32 math, rounded once into the gradient
         comb = torch._foreach_mul(_in_math_dtype(grads), coef.float())
         torch._foreach_add_(comb, _in_math_dtype(g_old), alpha=-alpha)
@@ -341,10 +363,11 @@ def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Non
     torch._foreach_add_(grads, g_old, alpha=-alpha)
 
 
-def _gsam_coef(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Tensor:
+def _gsam_coef(grads: list[Tensor], g_old: list[Tensor], alpha: float, reduce: Reduce | None = None) -> Tensor:
     """0-dim ``1 + alpha * cos * |g_old| / (|gs| + eps)`` (device tensor, no host sync), from
     sums of ``gs * 2^-Es`` and ``g_old * 2^-Eo`` (``2^E`` just above each list's max: exact
-    scalings, no overflow for any finite gradient), combined in float64."""
+    scalings, no overflow for any finite gradient), combined in float64. ``reduce``: the sums are
+    global over the ranks' shards (:func:`fastsam._shard.combine_gsam`, one collective)."""
     dev = grads[0].device
     f64 = torch.float64
     gc, oc = _in_math_dtype(grads), _in_math_dtype(g_old)
@@ -360,6 +383,14 @@ def _gsam_coef(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> Tensor
     pos = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(prod, 0.0), 1, dtype=f64)).sum()
     neg = torch.stack(torch._foreach_norm(torch._foreach_clamp_max(prod, 0.0), 1, dtype=f64)).sum()
     es64, eo64 = es.to(f64), eo.to(f64)
+    if reduce is not None:  # global sums: every rank's scaled partials in one collective
+        ms, mo = _max_abs(gc, acc, dev), _max_abs(oc, acc, dev)
+        ok = torch.isfinite(ms) & torch.isfinite(mo)
+        ninf = torch.full((), -math.inf, dtype=f64, device=dev)
+        _, es64, eo64, dot, ssn, sso = combine_gsam(
+            reduce, ok, torch.where(ms > 0, es64, ninf), torch.where(mo > 0, eo64, ninf), pos - neg,
+            n_new.square(), n_old.square())
+        n_new, n_old, pos, neg = ssn.sqrt(), sso.sqrt(), dot, torch.zeros_like(dot)
     cos = (pos - neg) / (n_new * n_old + PERTURB_EPS * torch.exp2(-(es64 + eo64)))
     ratio = n_old / (n_new * torch.exp2(es64 - eo64) + PERTURB_EPS * torch.exp2(-eo64))
     return 1.0 + alpha * (cos * ratio)
@@ -385,6 +416,7 @@ def sam_restore_accumulate_(
     scale: float = 1.0,
     gsam_alpha: float = 0.0,
     acc_in: list[Tensor | None] | None = None,
+    reduce: Reduce | None = None,
 ) -> None:
     """Foreach twin of :func:`fastsam.reference.sam_restore_accumulate_` (math in the parameter
     dtype: ``weight * g`` and the sum are each rounded, then the product with ``scale``).
@@ -396,10 +428,10 @@ def sam_restore_accumulate_(
     gs: list[Tensor | None] = list(grads)
     if gsam_alpha > 0 and g_old is not None:
         pairs = [i for i in range(n) if grads[i] is not None and g_old[i] is not None]
-        if pairs:
+        if pairs:  # the same on every rank (which tensors have a gradient is global)
             gp = [grads[i] for i in pairs]
             gop = [g_old[i] for i in pairs]
-            coef = _gsam_coef(gp, gop, gsam_alpha)  # type: ignore[arg-type]
+            coef = _gsam_coef(gp, gop, gsam_alpha, reduce)  # type: ignore[arg-type]
             comb = torch._foreach_mul(gp, coef.to(gp[0].dtype))  # type: ignore[arg-type,union-attr]
             torch._foreach_add_(comb, gop, alpha=-gsam_alpha)  # type: ignore[arg-type]
             for i, c in zip(pairs, comb):

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .._compat import custom_op, eager_under_compile_on_old_torch, may_be_traced, no_grad
 from .._sequences import PerGroup
+from .._shard import Reduce
 from ..reference import check_accumulate_args, dual_exponent
 from . import _tables as T
 from . import _triton_kernels as K
@@ -57,6 +58,7 @@ from .triton_plan import _BUMP_LIST  # noqa: F401  (tests switch the form)
 from .triton_plan import bump_versions as _bump_versions
 
 FUSED_UPDATES = True  # this backend implements sam_restore_sgd_ / sam_restore_adam_
+SHARDED = True  # sam_perturb_ / gsam_combine_ / sam_restore_accumulate_ take reduce= (fastsam._shard)
 PER_GROUP = True  # hyper-parameter columns may be fastsam._sequences.PerGroup (rows per group, no per-tensor work)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -134,15 +136,42 @@ def _gather_partials(bufs: dict[torch.device, Tensor], slices: list[tuple[torch.
                     buf[lo:lo + cnt].copy_(bufs[dev][lo:lo + cnt], non_blocking=True)
 
 
+def _globalize_partials(bufs: dict[torch.device, Tensor], total: int, q: float, qmode: int,
+                        reduce: Reduce) -> None:
+    """Sharded parameters: replace this rank's K1 partials (``S_k`` in ``part[k]``, ``E_k`` in
+    ``part[total + k]``, the sum ``S_k 2^(w E_k)``, ``w`` = q for general q, else QMODE) by one
+    partial holding the global sum over every rank, combined as K2 combines partials (E the max,
+    S rescaled by ``2^(w (E_k - E))``): this rank's sum in float64, one ``reduce`` call, the same
+    combine over the gathered table. The other slots get S = 0 at the same E (terms of 0). Device
+    ops only (no host sync); a non-finite sum on any rank stays non-finite (K2: nothing perturbed)."""
+    f64 = torch.float64
+    buf = next(iter(bufs.values()))
+    w = q if qmode == 0 else float(qmode)
+    s_k, e_k = buf[:total].to(f64), buf[total:2 * total].to(f64)
+    e_loc = e_k.max()
+    s_loc = (s_k * torch.exp2(w * (e_k - e_loc))).sum()
+    table = reduce(torch.stack([s_loc, e_loc])).to(buf.device)
+    s_r, e_r = table[:, 0], table[:, 1]
+    e_g = e_r.max()
+    s_g = (s_r * torch.exp2(w * (e_r - e_g))).sum()
+    for b in bufs.values():
+        b[:total].zero_()
+        b[0:1].copy_(s_g.reshape(1))
+        b[total:2 * total].copy_(e_g.to(b.dtype).expand(total))
+
+
 # ------------------------------------------------------------------------------ first step
 def _perturb_impl(
     params: Sequence[Tensor], grads: Sequence[Tensor], w_old: Sequence[Tensor], ema: Sequence[Tensor],
     ema_ready: Sequence[Tensor], g_old: Sequence[Tensor], rhos: Sequence[float], etas: Sequence[float],
     adaptive: Sequence[bool], offsets: Sequence[int], p: float, fsam_sigma: float | None, fsam_lambda: float,
     swp_keep: float, seed: int, step: int, ema_out: Sequence[Tensor] | None = None,
-    ready_out: Sequence[Tensor] | None = None,
+    ready_out: Sequence[Tensor] | None = None, reduce: Reduce | None = None,
 ) -> Tensor:
     """K1 over every group, then K2 over every group (so every K2 sees every partial).
+
+    ``reduce`` (sharded parameters): between K1 and K2 the partials become the global sum
+    (:func:`_globalize_partials`, one collective), so every K2 reduces to the global N.
 
     Every table is built and checked before the first launch, and K1 writes only its partials
     and flag snapshots: an error up to the K2 launches changes nothing. K2 writes a group's
@@ -219,6 +248,8 @@ def _perturb_impl(
             ADAPTIVE=any_adaptive, BLOCK=gp.block, num_warps=warps, fit_key=fit_key, **gp.vec,
         )
     _gather_partials(bufs, [(x[0].group.device, bb, x[4]) for x, bb in zip(launches, bases)], 2, total)
+    if reduce is not None:
+        _globalize_partials(bufs, total, q, qmode, reduce)
     pblock = _pblock(plan)
     result = oks[params[0].device].view(torch.bool)  # made before the writes: nothing can fail after them
     done: list[P.GroupPlan] = []
@@ -692,8 +723,11 @@ def sam_perturb_(
     step: int = 0,
     ema_out: list[Tensor] | None = None,
     ready_out: list[Tensor] | None = None,
+    reduce: Reduce | None = None,
 ) -> Tensor:
-    """Triton twin of :func:`fastsam.reference.sam_perturb_` (K1 + K2 per (device, dtype) group)."""
+    """Triton twin of :func:`fastsam.reference.sam_perturb_` (K1 + K2 per (device, dtype) group).
+    ``reduce`` (sharded parameters, eager only): K1's partials are made global between the
+    launches (see :func:`_perturb_impl`)."""
     if not params:
         return torch.ones((), dtype=torch.bool)
     fs = fsam_sigma is not None
@@ -701,7 +735,7 @@ def sam_perturb_(
     args = (ema if fs and ema is not None else (), ema_ready if fs and ema_ready is not None else (),
             g_old if g_old is not None else ())
     outs = (ema_out if fs and ema_out is not None else (), ready_out if fs and ready_out is not None else ())
-    if _traced(params[0]):
+    if _traced(params[0]) and reduce is None:
         return torch.ops.fastsam.sam_perturb(
             list(params), list(grads), list(w_old), *map(list, args), [float(r) for r in rhos],
             [float(e) for e in etas], [bool(a) for a in adaptive], [int(o) for o in offsets], float(p),
@@ -709,15 +743,21 @@ def sam_perturb_(
             int(step), *map(list, outs),
         )
     ok = _perturb_impl(params, grads, w_old, *args, rhos, etas, adaptive, offsets, p, fsam_sigma, fsam_lambda,
-                       swp_keep, seed, step, outs[0] or None, outs[1] or None)
+                       swp_keep, seed, step, outs[0] or None, outs[1] or None, reduce)
     _bump_versions(params)
     return ok
 
 
 @eager_under_compile_on_old_torch
 @no_grad
-def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float) -> None:
-    """Triton twin of :func:`fastsam.reference.gsam_combine_` (reduction + combine: 2 launches)."""
+def gsam_combine_(grads: list[Tensor], g_old: list[Tensor], alpha: float, *, reduce: Reduce | None = None) -> None:
+    """Triton twin of :func:`fastsam.reference.gsam_combine_` (reduction + combine: 2 launches).
+    ``reduce`` (sharded parameters): the foreach op, whose sums go through the hook."""
+    if reduce is not None:
+        from . import foreach_sam
+
+        foreach_sam.gsam_combine_(grads, g_old, alpha, reduce=reduce)
+        return
     if not grads:
         return
     if _traced(grads[0]):
@@ -872,12 +912,20 @@ def sam_restore_accumulate_(
     scale: float = 1.0,
     gsam_alpha: float = 0.0,
     acc_in: list[Tensor | None] | None = None,
+    reduce: Reduce | None = None,
 ) -> None:
     """Triton twin of :func:`fastsam.reference.sam_restore_accumulate_`: one K3 launch (MODE 3)
     per group, GSAM +1. Reads ``w_old`` and ``g`` (+ the running sum unless reset, from
     ``acc_in`` when given), writes ``w`` and ``acc``: 5 parameter-sized passes, against 2
     (restore) + 3 (``acc += weight * g``) as separate ops, and 8 instead of 10 with GSAM (the
-    combined gradient is not written back)."""
+    combined gradient is not written back). ``reduce`` (sharded parameters with GSAM): the
+    foreach op, whose sums go through the hook."""
+    if reduce is not None and gsam_alpha > 0 and g_old is not None:
+        from . import foreach_sam
+
+        foreach_sam.sam_restore_accumulate_(params, grads, w_old, g_old, acc, reset, weight=weight, scale=scale,
+                                            gsam_alpha=gsam_alpha, acc_in=acc_in, reduce=reduce)
+        return
     check_accumulate_args(params, grads, w_old, acc, reset, acc_in)
     n = len(params)
     if n == 0:

@@ -124,6 +124,8 @@ def fused_second_step(opt: SAM, layout: _Layout | None, txn: _Txn | None = None,
     """The fused second step (see the module doc); ``params`` / ``grads``: every parameter of the
     optimizer and its gradient now (read here when not given); ``ptrs``: the addresses of
     ``layout.params`` just read by the caller."""
+    if getattr(opt, "_sharding", None) is not None:
+        return False  # DTensor parameters: torch's optimizers update them (their state is DTensors too)
     base = opt.base_optimizer
     kind = type(base)
     if kind is not torch.optim.SGD and kind is not torch.optim.Adam and kind is not torch.optim.AdamW:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _shard
 from .. import functional as F
 from .._compat import no_grad
 from .._sequences import TRUSTED_PTRS, PerGroup, Tensors
@@ -117,7 +118,7 @@ class _Layout:
     does no per-tensor Python (the fused backends cache their launch plans on these tuples)."""
 
     __slots__ = ("key", "params", "idx", "pick", "w_old", "g_old", "offsets", "group_of", "groups", "shapes",
-                 "dtypes", "ptrs", "interned", "check_sparse", "__weakref__")
+                 "dtypes", "ptrs", "interned", "check_sparse", "lparams", "lw_old", "lg_old", "__weakref__")
 
     def __init__(self, opt: SAM, key: tuple, params_all: list[Tensor], grads: list[Tensor | None]) -> None:
         self.key = key
@@ -126,6 +127,7 @@ class _Layout:
         used: dict[int, int] = {}  # param group index -> position among the perturbing groups
         offsets: list[int] = []
         k = offset = 0
+        sh = opt._sharding
         for gi, group in enumerate(opt.param_groups):
             rho = group["rho"]
             for w in group["params"]:
@@ -133,7 +135,8 @@ class _Layout:
                 if g is not None and rho > 0:
                     idx.append(k)
                     group_of.append(used.setdefault(gi, len(used)))
-                    offsets.append(offset)
+                    # a shard's elements keep their indices in the unsharded parameter (ESAM masks)
+                    offsets.append(offset if sh is None else offset + sh.start(w))
                 offset += w.numel()
                 k += 1
         self.idx = None if len(idx) == len(params_all) else tuple(idx)
@@ -152,6 +155,14 @@ class _Layout:
         self.offsets = tuple(offsets)
         self.w_old = tuple(opt._buffer(w, "w_old") for w in self.params)
         self.g_old = tuple(opt._buffer(w, "g_old") for w in self.params) if opt._needs_g_old() else None
+        # what the backends get: the same objects, or for DTensors their local shards (kept with the
+        # layout, which is dropped when the shards' addresses change, so the backends' plans cached
+        # per tuple are found again)
+        self.lparams, self.lw_old, self.lg_old = self.params, self.w_old, self.g_old
+        if sh is not None:
+            self.lparams = tuple(_shard.locals_(self.params))  # type: ignore[arg-type]
+            self.lw_old = tuple(_shard.locals_(self.w_old))  # type: ignore[arg-type]
+            self.lg_old = None if self.g_old is None else tuple(_shard.locals_(self.g_old))  # type: ignore[arg-type]
         self.shapes = list(map(_shape_of, self.params))
         self.dtypes = list(map(_dtype_of, self.params))
         self.ptrs = self.pick(opt._layout_key)  # the addresses P had when the layout was made
@@ -444,6 +455,7 @@ class SAM(torch.optim.Optimizer):
         self._acc_live: set[int] = set()
         self._txn: _Txn | None = None
         self._layout_key: tuple | None = None  # data pointers the aliasing check last passed
+        self._sharding: _shard.Sharding | None = None  # DTensor parameters (FSDP2): see fastsam._shard
 
     # ------------------------------------------------------------------ param_groups: one list
     @property  # type: ignore[override]
@@ -526,14 +538,21 @@ class SAM(torch.optim.Optimizer):
         The aliasing scan runs when the parameters' addresses changed since it last passed.
         Returns every parameter, in group order."""
         params = self._all_params()
-        key = tuple(map(Tensor.data_ptr, params))
-        if key == self._layout_key:
+        sh = self._sharding
+        # DTensors report data_ptr 0: their local shards' addresses stand for them
+        locs = params if sh is None else _shard.locals_(params)
+        key = tuple(map(Tensor.data_ptr, locs))  # type: ignore[arg-type]
+        if key == self._layout_key:  # (DTensors moved from or to plain tensors change the key)
             return params
         self._layouts.clear()
         self._fused_plans.clear()
         for i, w in enumerate(params):
             check_param_tensor(w, f"params[{i}]")
-        pair = overlapping_pair(params)
+        self._sharding = sh = self._make_sharding(params)
+        if sh is not None:
+            locs = _shard.locals_(params)
+            key = tuple(map(Tensor.data_ptr, locs))  # type: ignore[arg-type]
+        pair = overlapping_pair(locs)  # type: ignore[arg-type]
         if pair is not None:
             i, j = pair
             raise ValueError(
@@ -545,6 +564,40 @@ class SAM(torch.optim.Optimizer):
         self._layout_key = key
         return params
 
+    def _make_sharding(self, params: list[Tensor]) -> _shard.Sharding | None:
+        """The sharding of DTensor parameters (FSDP2), None for plain tensors; checks that the
+        backend and the options support them."""
+        if not params or not any(map(_shard.is_dtensor, params)):
+            return None
+        sh = _shard.Sharding(params)  # mixed lists, other placements, several meshes: errors
+        if self.backend != "auto" and self.backend not in F.SHARDED_BACKENDS:
+            raise NotImplementedError(
+                f"backend={self.backend!r} does not support sharded (DTensor / FSDP2) parameters yet: use one of "
+                f"{F.SHARDED_BACKENDS} ('auto' picks one for them)")
+        return sh
+
+    def _check_sharded_options(self) -> None:
+        """The options a sharded step supports (checked whenever a layout is made: an option
+        change drops the layouts)."""
+        sh = self._sharding
+        if sh is None:
+            return
+        if self.looksam_alpha is not None or self.wsam_gamma is not None:
+            raise NotImplementedError("LookSAM and WSAM do not support sharded (DTensor / FSDP2) parameters yet")
+        if self.swp_keep < 1.0 and not sh.contiguous_shards():
+            raise NotImplementedError(
+                f"ESAM masks (swp_keep < 1) need each local shard to be a contiguous range of its parameter's "
+                f"elements (Shard(0)); placements {sh.placements} shard tensor dim {sh.tensor_dim}")
+
+    def _loc(self, ts: Any) -> Any:
+        """Local shards of a list of DTensors (sharded parameters), the list itself otherwise."""
+        return ts if self._sharding is None else _shard.locals_(ts)
+
+    @property
+    def _reduce(self) -> _shard.Reduce | None:
+        sh = self._sharding
+        return None if sh is None else sh.reduce
+
     def _layout_for(self, params: list[Tensor], grads: list[Tensor | None]) -> _Layout:
         """The layout of this step's P (cached: the same parameters with gradients in the same
         perturbing groups give the same object, and with it the backends' cached plans)."""
@@ -554,6 +607,7 @@ class SAM(torch.optim.Optimizer):
                tuple(len(g["params"]) for g in groups))
         lay = self._layouts.get(key)
         if lay is None:
+            self._check_sharded_options()
             lay = _Layout(self, key, params, grads)
             if any(map(_is_sparse, lay.pick(grads))):
                 raise ValueError("SAM does not support sparse gradients (params: a parameter has one)")
@@ -745,7 +799,7 @@ class SAM(torch.optim.Optimizer):
         if lay is None:
             return
         self._check_shapes_unchanged()
-        F.sam_restore_(lay.params, lay.w_old, backend=self.backend)
+        F.sam_restore_(lay.lparams, lay.lw_old, backend=self.backend)
         self._set_perturbed(None)
 
     def _set_perturbed(self, lay: _Layout | None) -> None:
@@ -791,12 +845,13 @@ class SAM(torch.optim.Optimizer):
                 rho = lay.column(groups, "rho")
                 if momentum:
                     rho = PerGroup(tuple(-r for r in rho.values), rho.group_of)
+                loc = self._loc
                 ok = F.sam_perturb_(
-                    lay.params, pgrads, lay.w_old, ema, ready, lay.g_old, rho,
+                    lay.lparams, loc(pgrads), lay.lw_old, loc(ema), loc(ready), lay.lg_old, rho,
                     lay.column(groups, "eta"), lay.column(groups, "adaptive"), lay.offsets,
                     p=self.p, fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda,
                     swp_keep=self.swp_keep, seed=self.seed, step=self._sam_step,
-                    ema_out=ema_out, ready_out=ready_out, backend=self.backend,
+                    ema_out=loc(ema_out), ready_out=loc(ready_out), backend=self.backend, reduce=self._reduce,
                 )
             finally:
                 lay.untrust()
@@ -911,7 +966,8 @@ class SAM(torch.optim.Optimizer):
             pairs = [(w.grad, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
             if pairs:
                 gs, go = (list(t) for t in zip(*pairs))
-                F.gsam_combine_(gs, go, self.gsam_alpha, backend=self.backend)
+                F.gsam_combine_(self._loc(gs), self._loc(go), self.gsam_alpha, backend=self.backend,
+                                reduce=self._reduce)
 
     @_eager
     @no_grad
@@ -1024,10 +1080,11 @@ class SAM(torch.optim.Optimizer):
                         acc_in.append(cur)
                         forked.append(w)
             if params:
+                loc = self._loc
                 F.sam_restore_accumulate_(
-                    params, grads, w_old, g_old if gsam else None, acc, reset, weight=float(weight),
-                    scale=float(scale), gsam_alpha=self.gsam_alpha if gsam else 0.0, acc_in=acc_in,
-                    backend=self.backend,
+                    loc(params), loc(grads), loc(w_old), loc(g_old) if gsam else None, loc(acc), reset,
+                    weight=float(weight), scale=float(scale), gsam_alpha=self.gsam_alpha if gsam else 0.0,
+                    acc_in=loc(acc_in), backend=self.backend, reduce=self._reduce,
                 )
             self._set_perturbed(None)
             if txn.acc_live0 is None:
@@ -1638,7 +1695,7 @@ class SAM(torch.optim.Optimizer):
                          self._acc_live}
         d["_acc_live_params"] = [w for g in self.param_groups for w in g["params"] if id(w) in self._acc_live]
         for k in ("_acc_live", "_grad_marks", "_layout_key", "_perturb_ok", "_layouts", "_fused_plans", "_layout",
-                  "_perturbed", "_decision"):
+                  "_perturbed", "_decision", "_sharding"):
             d.pop(k, None)
         # an LR scheduler wraps this instance's step (an attribute bound to this object): a copy
         # keeps the class's own (as torch.optim.Optimizer's copies do), or it would step the original
@@ -1651,6 +1708,7 @@ class SAM(torch.optim.Optimizer):
         self._acc_live = {id(w) for w in live}
         self._grad_marks = None
         self._layout_key = None
+        self._sharding = None  # found again by the next step's parameter check
         self._perturb_ok = None
         self._layouts = OrderedDict()
         self._fused_plans = OrderedDict()
