@@ -273,6 +273,57 @@ def test_2_parameter_replaced_by_another_shape_keeps_w(backend):
     assert not opt.is_perturbed and _same(p.detach(), w0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_2_same_address_other_dtype_is_checked_again(backend):
+    """p.data replaced by a complex view of its own storage (same address): the cached checks
+    must not let it through (the review's V5: reference perturbed the real part, foreach raised
+    a raw linalg error)."""
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = fastsam.SAM([p], torch.optim.SGD, lr=0.1, backend=backend)
+    p.grad = torch.randn(4)
+    opt.first_step()
+    p.grad = torch.randn(4)
+    opt.second_step()
+    p.data = p.data.view(torch.complex64)  # same data_ptr
+    p.grad = torch.randn(2, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"params\[0\].*complex64"):
+        opt.first_step()
+    assert not opt.is_perturbed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_2_same_address_smaller_view_is_a_new_layout(backend):
+    """p.data = p.data[:3] keeps the address: the next steps work on 3 elements, as a fresh
+    optimizer over the same tensors does (no cached plan of the old size is reused)."""
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(5))
+    opt = fastsam.SAM([p, q], torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn(6), torch.randn(5)
+        opt.first_step()
+        p.grad, q.grad = torch.randn(6), torch.randn(5)
+        opt.second_step()
+    tail = p.data[3:].clone()
+    p.data = p.data[:3]
+    opt.base_optimizer.state[p].clear()  # momentum of the old size: start it again
+    p2, q2 = torch.nn.Parameter(p.detach().clone()), torch.nn.Parameter(q.detach().clone())
+    ref = fastsam.SAM([p2, q2], torch.optim.SGD, lr=0.1, momentum=0.9, backend="reference")
+    ref.base_optimizer.state[q2] = {k: v.clone() for k, v in opt.base_optimizer.state[q].items()}
+    for _ in range(2):
+        g1, h1, g2, h2 = torch.randn(3), torch.randn(5), torch.randn(3), torch.randn(5)
+        p.grad, q.grad, p2.grad, q2.grad = g1, h1, g1.clone(), h1.clone()
+        opt.first_step()
+        ref.first_step()
+        p.grad, q.grad, p2.grad, q2.grad = g2, h2, g2.clone(), h2.clone()
+        opt.second_step()
+        ref.second_step()
+        torch.testing.assert_close(p.detach(), p2.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(q.detach(), q2.detach(), rtol=1e-6, atol=1e-7)
+    full = torch.empty(6)
+    full.untyped_storage().copy_(p.data.untyped_storage())
+    assert torch.equal(full[3:], tail)  # the rest of the storage untouched
+
+
 # ============================================================================== 3. robust norms
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,p,scale", [

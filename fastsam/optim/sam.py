@@ -66,6 +66,15 @@ _shape_of = operator.attrgetter("shape")
 _grad_of = operator.attrgetter("grad")
 _is_none = functools.partial(operator.is_, None)
 _dtype_of = operator.attrgetter("dtype")
+
+
+def _param_meta(ts: list[Tensor]) -> tuple:
+    """Besides the addresses, what the cached parameter checks, layouts and launch plans depend
+    on: sizes and dtypes. ``p.data = ...`` can keep the address with another size or dtype (a view
+    of the same storage: ``p.data[:2]``, ``p.data.view(torch.complex64)``, or an allocator handing
+    the freed block back), so the address alone is not enough (two C-level passes, ~0.08 us a
+    tensor)."""
+    return tuple(map(Tensor.numel, ts)), tuple(map(_dtype_of, ts))
 _is_sparse = operator.attrgetter("is_sparse")
 _version_of = operator.attrgetter("_version")
 
@@ -455,6 +464,7 @@ class SAM(torch.optim.Optimizer):
         self._acc_live: set[int] = set()
         self._txn: _Txn | None = None
         self._layout_key: tuple | None = None  # data pointers the aliasing check last passed
+        self._layout_meta: tuple | None = None  # their sizes and dtypes (see _param_meta)
         self._sharding: _shard.Sharding | None = None  # DTensor parameters (FSDP2): see fastsam._shard
 
     # ------------------------------------------------------------------ param_groups: one list
@@ -535,14 +545,16 @@ class SAM(torch.optim.Optimizer):
     def _check_params(self) -> list[Tensor]:
         """Real floating-point parameters with storage, and no two of them over the same memory
         (two Parameters of one storage would be perturbed twice and could not be restored).
-        The aliasing scan runs when the parameters' addresses changed since it last passed.
+        The checks run again when the parameters' addresses, sizes or dtypes changed since they
+        last passed.
         Returns every parameter, in group order."""
         params = self._all_params()
         sh = self._sharding
         # DTensors report data_ptr 0: their local shards' addresses stand for them
         locs = params if sh is None else _shard.locals_(params)
         key = tuple(map(Tensor.data_ptr, locs))  # type: ignore[arg-type]
-        if key == self._layout_key:  # (DTensors moved from or to plain tensors change the key)
+        meta = _param_meta(locs)  # type: ignore[arg-type]
+        if key == self._layout_key and meta == self._layout_meta:  # (DTensors <-> plain tensors change the key)
             return params
         self._layouts.clear()
         self._fused_plans.clear()
@@ -552,6 +564,7 @@ class SAM(torch.optim.Optimizer):
         if sh is not None:
             locs = _shard.locals_(params)
             key = tuple(map(Tensor.data_ptr, locs))  # type: ignore[arg-type]
+            meta = _param_meta(locs)  # type: ignore[arg-type]
         pair = overlapping_pair(locs)  # type: ignore[arg-type]
         if pair is not None:
             i, j = pair
@@ -562,6 +575,7 @@ class SAM(torch.optim.Optimizer):
                 "places (e.g. decoder.weight = encoder.weight)"
             )
         self._layout_key = key
+        self._layout_meta = meta
         return params
 
     def _make_sharding(self, params: list[Tensor]) -> _shard.Sharding | None:
@@ -1694,8 +1708,8 @@ class SAM(torch.optim.Optimizer):
         d["_scratch"] = {w: {"acc": sc["acc"]} for w, sc in self._scratch.items() if "acc" in sc and id(w) in
                          self._acc_live}
         d["_acc_live_params"] = [w for g in self.param_groups for w in g["params"] if id(w) in self._acc_live]
-        for k in ("_acc_live", "_grad_marks", "_layout_key", "_perturb_ok", "_layouts", "_fused_plans", "_layout",
-                  "_perturbed", "_decision", "_sharding"):
+        for k in ("_acc_live", "_grad_marks", "_layout_key", "_layout_meta", "_perturb_ok", "_layouts", "_fused_plans",
+                  "_layout", "_perturbed", "_decision", "_sharding"):
             d.pop(k, None)
         # an LR scheduler wraps this instance's step (an attribute bound to this object): a copy
         # keeps the class's own (as torch.optim.Optimizer's copies do), or it would step the original
@@ -1708,6 +1722,7 @@ class SAM(torch.optim.Optimizer):
         self._acc_live = {id(w) for w in live}
         self._grad_marks = None
         self._layout_key = None
+        self._layout_meta = None
         self._sharding = None  # found again by the next step's parameter check
         self._perturb_ok = None
         self._layouts = OrderedDict()
