@@ -70,11 +70,11 @@ _dtype_of = operator.attrgetter("dtype")
 
 def _param_meta(ts: list[Tensor]) -> tuple:
     """Besides the addresses, what the cached parameter checks, layouts and launch plans depend
-    on: sizes and dtypes. ``p.data = ...`` can keep the address with another size or dtype (a view
-    of the same storage: ``p.data[:2]``, ``p.data.view(torch.complex64)``, or an allocator handing
-    the freed block back), so the address alone is not enough (two C-level passes, ~0.08 us a
-    tensor)."""
-    return tuple(map(Tensor.numel, ts)), tuple(map(_dtype_of, ts))
+    on: the sizes. ``p.data = ...`` can keep the address with another size (a view of the same
+    storage: ``p.data[:2]``, ``p.data.view(torch.complex64)``), so the address alone is not
+    enough. One C-level pass (~0.04 us a tensor); a view of the same storage as another dtype of
+    the same element size (fp16 <-> bf16, float32 -> int32) is the case it does not see."""
+    return tuple(map(Tensor.numel, ts))
 _is_sparse = operator.attrgetter("is_sparse")
 _version_of = operator.attrgetter("_version")
 
@@ -464,7 +464,7 @@ class SAM(torch.optim.Optimizer):
         self._acc_live: set[int] = set()
         self._txn: _Txn | None = None
         self._layout_key: tuple | None = None  # data pointers the aliasing check last passed
-        self._layout_meta: tuple | None = None  # their sizes and dtypes (see _param_meta)
+        self._layout_meta: tuple | None = None  # their sizes (see _param_meta)
         self._sharding: _shard.Sharding | None = None  # DTensor parameters (FSDP2): see fastsam._shard
 
     # ------------------------------------------------------------------ param_groups: one list
