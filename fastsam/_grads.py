@@ -6,7 +6,7 @@ A finite gradient must never look non-finite: ``torch.nn.utils.clip_grad_norm_``
 float32 ``dtype=`` argument. Here:
 
 - finiteness comes from ``max |g|`` (the inf-norm: exact in any dtype, NaN-propagating, never
-  overflows);
+  overflows; on the CPU each tensor's min and max, as torch's CPU inf-norm is not vectorized);
 - the 2-norm for clipping sums float32/bf16/fp16 squares in float64 (no finite value overflows
   them) and scales float64 gradients by a power of two before squaring; it stays scaled
   (``n * 2^E``) up to the clipping factor, which is formed from ``n`` and ``E`` (a float64 norm
@@ -43,6 +43,12 @@ def nonfinite(grads: list[Tensor]) -> Tensor:
     if not gs:
         return torch.zeros((), dtype=torch.bool)
     dev = gs[0].device
+    if all(g.device.type == "cpu" for g in gs):
+        # torch's CPU inf-norm is not vectorized (~5 ns an element: 28 ms a step for a 5.3M-
+        # parameter MLP, more than its optimizer step); a per-tensor aminmax is (~0.15 ns). Its
+        # extremes are finite iff every element is (NaN propagates, +-inf are extremes)
+        ext = torch.cat([torch.stack(torch.aminmax(g)).to(torch.float64) for g in gs])
+        return ~torch.isfinite(ext).all()
     norms: list[Tensor] = []
     for grp in _by_dtype(gs):
         norms += torch._foreach_norm(grp, _INF, dtype=torch.float64)

@@ -728,3 +728,22 @@ def test_6_losses_at_infinite_logits_and_tiny_mu():
         fastsam.losses.bisam_loss(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), mu=1e-6)
     fastsam.losses.bisam_loss(torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3]), mu=1e-6,
                               backend="reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_3_final_finiteness_check_per_element(dtype):
+    """sam_step's final check (fastsam._grads.nonfinite): exactly "some element is NaN or +-inf",
+    for huge finite values too (fp32 1e38, float64 1e308: a sum of squares would overflow) and
+    with empty tensors in the list, wherever the bad element sits."""
+    from fastsam import _grads
+
+    big = torch.finfo(dtype).max / 2
+    g = torch.Generator().manual_seed(4)
+    for bad in (float("nan"), float("inf"), float("-inf"), None):
+        for where in range(3):
+            gs = [(torch.randn(n, generator=g, dtype=torch.float64) * big).clamp(-big, big).to(dtype)
+                  for n in (7, 0, 1000)]
+            if bad is not None:
+                t = gs[(0, 2, 2)[where]]
+                t.view(-1)[(0, 0, 999)[where]] = bad
+            assert bool(_grads.nonfinite(gs)) == (bad is not None), (bad, where)
