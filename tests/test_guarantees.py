@@ -740,10 +740,10 @@ def test_3_final_finiteness_check_per_element(dtype):
     big = torch.finfo(dtype).max / 2
     g = torch.Generator().manual_seed(4)
     for bad in (float("nan"), float("inf"), float("-inf"), None):
-        for where in range(3):
+        for where in range(4):  # small tensors (one foreach call) and a large one (its own aminmax)
             gs = [(torch.randn(n, generator=g, dtype=torch.float64) * big).clamp(-big, big).to(dtype)
-                  for n in (7, 0, 1000)]
+                  for n in (7, 0, 1000, 20000)]
             if bad is not None:
-                t = gs[(0, 2, 2)[where]]
-                t.view(-1)[(0, 0, 999)[where]] = bad
+                t = gs[(0, 2, 3, 3)[where]]
+                t.view(-1)[(0, 999, 0, 19999)[where]] = bad
             assert bool(_grads.nonfinite(gs)) == (bad is not None), (bad, where)
