@@ -1165,9 +1165,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
         txn = self._begin()
         try:
-            self._check_base_hyper()
-            if not fused_second_step(self, None, txn):
-                self.base_optimizer.step()
+            self._base_update(txn)
             self._wsam_correct(txn)
             txn.updated = True
         except BaseException:
@@ -1265,9 +1263,7 @@ class SAM(torch.optim.Optimizer):
             for w, d in zip(params, outs):  # the reused gradient stands in for g during the update
                 w.grad = d
             try:
-                self._check_base_hyper()
-                if not fused_second_step(self, None, txn):
-                    self.base_optimizer.step()
+                self._base_update(txn)
             finally:
                 for w, g in zip(params, gs):
                     w.grad = g
@@ -1277,6 +1273,13 @@ class SAM(torch.optim.Optimizer):
             raise
         self._end_call(txn)
         self._after_base_step()
+
+    def _base_update(self, txn: _Txn) -> None:
+        """The base optimizer's update with the gradients in ``.grad`` at unperturbed weights: the
+        fused one where the backend has it, else ``base_optimizer.step()`` (base_step, plain_step)."""
+        self._check_base_hyper()
+        if not fused_second_step(self, None, txn):
+            self.base_optimizer.step()
 
     def _check_base_hyper(self) -> None:
         """The base optimizer's hyper-parameters are finite before it updates (on every path: a
