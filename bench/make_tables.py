@@ -39,12 +39,13 @@ import hashlib
 import json
 import math
 import os
-import struct
 import sys
 import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from fastsam.demo.plot import png_text  # one PNG text-chunk reader for the demo's and these figures
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -644,21 +645,6 @@ def save_figure(data: dict[str, Any], path: Path) -> bool:
         fig.savefig(path, dpi=100, metadata={"Software": None, PNG_KEY: digest(data)})
     plt.close(fig)
     return True
-
-
-def png_text(path: Path) -> dict[str, str]:
-    """The tEXt chunks of a PNG file (what matplotlib writes for ``metadata``)."""
-    data = Path(path).read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path} is not a PNG file")
-    out, i = {}, 8
-    while i + 8 <= len(data):
-        (length,), kind = struct.unpack(">I", data[i:i + 4]), data[i + 4:i + 8]
-        if kind == b"tEXt":
-            key, _, val = data[i + 8:i + 8 + length].partition(b"\0")
-            out[key.decode("latin-1")] = val.decode("latin-1")
-        i += 12 + length
-    return out
 
 
 # ------------------------------------------------------------------------------ docs/performance.md
