@@ -257,12 +257,22 @@ def _ascent_pass(model: nn.Module, optimizer: SAM, plan: _Plan, x: Any, y: Any, 
                 f"({n_k} values), got shape {tuple(l0.shape)}; e.g. for a language model, reduce "
                 "the per-token losses per sequence inside loss_fn"
             )
-        (scaler.scale(l1) if scaler is not None else l1).backward()
+        _backward(l1, scaler)
+    _unscale(scaler, optimizer, keys)
+    return l1, l0, B_.detach(out)
+
+
+def _backward(loss: Tensor, scaler: Any) -> None:
+    """``loss.backward()``, through the GradScaler's scale when there is one (every pass)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _unscale(scaler: Any, optimizer: SAM, keys: list) -> None:
+    """After a pass's backward: unscale the gradients (fastsam._amp) and keep the overflow key."""
     if scaler is not None:
         k = _amp.unscale(scaler, optimizer.param_groups)
         if k is not None:
             keys.append(k)
-    return l1, l0, B_.detach(out)
 
 
 def _select_examples(model: nn.Module, plan: _Plan, x: Any, y: Any, lo: int, hi: int, l0: Tensor | None,
@@ -294,11 +304,8 @@ def _descent_pass(model: nn.Module, optimizer: SAM, plan: _Plan, x: Any, y: Any,
         with B_.autocast(amp_dtype, x):
             out = B_.call(model, x)
             l2 = loss_fn(out, y, reduction="mean")
-        (scaler.scale(l2) if scaler is not None else l2).backward()
-    if scaler is not None:
-        k = _amp.unscale(scaler, optimizer.param_groups)
-        if k is not None:
-            keys.append(k)
+        _backward(l2, scaler)
+    _unscale(scaler, optimizer, keys)
     return (l2, B_.detach(out)) if with_outputs else l2
 
 
@@ -312,11 +319,8 @@ def _plain_pass(model: nn.Module, optimizer: SAM, plan: _Plan, x: Any, y: Any, l
         with B_.autocast(amp_dtype, x):
             out = B_.call(model, x)
             loss = loss_fn(out, y, reduction="mean")
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        k = _amp.unscale(scaler, optimizer.param_groups)
-        if k is not None:
-            keys.append(k)
+        _backward(loss, scaler)
+    _unscale(scaler, optimizer, keys)
     return loss, B_.detach(out)
 
 
