@@ -400,3 +400,75 @@ def test_perturb_from_set_later_is_checked_against_the_base():
     with pytest.raises(ValueError, match="momentum > 0"):
         opt.perturb_from = "momentum"
     assert opt.perturb_from == "gradient"
+
+
+# ----------------------------------------------------------------------------- faults (#13's guarantee)
+class _Boom(RuntimeError):
+    pass
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().view(torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["looksam", "wsam_decoupled", "wsam"])
+def test_a_failed_family_step_changes_nothing_and_a_retry_matches(backend, variant):
+    """An exception in the base update of a LookSAM plain step, a LookSAM SAM step (after its
+    projection) or a WSAM step (after its mix / before its correction) leaves the weights, the
+    LookSAM direction, the base state and the step counter as they were, and a retry of the same
+    step equals a run without the exception."""
+    opts = {"looksam": dict(sam_every=2, looksam_alpha=0.7), "wsam_decoupled": dict(wsam_gamma=0.8),
+            "wsam": dict(wsam_gamma=0.8, wsam_decouple=False)}[variant]
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(12)]
+
+    def make():
+        torch.manual_seed(1)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        return ps, fastsam.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend, **opts)
+
+    def step(ps, opt, k, fail=False):
+        for p, g in zip(ps, grads[2 * k]):
+            p.grad = g.clone()
+        boom = None
+        if fail:
+            def hook(*_):
+                raise _Boom("injected")
+            boom = opt.base_optimizer.register_step_pre_hook(hook)
+        try:
+            if opt.wants_perturbation():
+                opt.first_step()
+                for p, g in zip(ps, grads[2 * k + 1]):
+                    p.grad = g.clone()
+                opt.second_step()
+            else:
+                opt.plain_step()
+        finally:
+            if boom is not None:
+                boom.remove()
+
+    ref_ps, ref = make()
+    for k in range(6):
+        step(ref_ps, ref, k)
+    ps, opt = make()
+    for k in range(6):
+        w0 = [_bits(p) for p in ps]
+        st0 = copy.deepcopy({i: dict(opt.state[p]) for i, p in enumerate(ps)})
+        base0 = copy.deepcopy({i: dict(opt.base_optimizer.state[p]) for i, p in enumerate(ps)})
+        count0 = opt.step_count
+        with pytest.raises(_Boom):
+            step(ps, opt, k, fail=True)
+        assert not opt.is_perturbed and opt.step_count == count0
+        assert all(torch.equal(_bits(p), w) for p, w in zip(ps, w0)), k
+        for i, p in enumerate(ps):
+            for name, v in st0[i].items():
+                if torch.is_tensor(v):
+                    assert torch.equal(opt.state[p][name], v), (k, name)
+            assert set(opt.state[p]) == set(st0[i]), k
+            for name, v in base0[i].items():
+                assert torch.equal(opt.base_optimizer.state[p][name], v), (k, name)
+        step(ps, opt, k)  # the retry
+    for p, r in zip(ps, ref_ps):
+        assert torch.equal(p.detach(), r.detach())
