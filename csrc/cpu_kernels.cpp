@@ -529,9 +529,10 @@ void apply_dispatch(const PerturbRow& r, int64_t b, int64_t e, const PerturbScal
 
 // --------------------------------------------------------------------------- K3: second step
 struct StepConst {
-  double coef;   // GSAM: g <- coef * gs - alpha * g_old
+  double coef;   // GSAM: g <- coef * gs - alpha * g_old (mix: coef = c1, alpha = -c2)
   double alpha;
   bool nesterov, maximize, decoupled, nt;
+  bool writeback;  // SGD / Adam: the combined gradient is stored back into g
 };
 
 // torch.optim.SGD (see fastsam.reference.sam_restore_sgd_), restore and GSAM fused in.
@@ -564,7 +565,7 @@ void sgd_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
       C gv = io::ld(gp, j);
       if constexpr (GS) {
         gv = coef * gv - alpha * io::ld(gop, j);
-        io::st(gp, j, gv);  // .grad holds the combined gradient afterwards, as on the unfused path
+        if (k.writeback) io::st(gp, j, gv);  // .grad holds the combined gradient, as on the unfused path
       }
       gv = maximize ? -gv : gv;
       gv = has_wd ? gv + wd * wv : gv;
@@ -622,7 +623,7 @@ void adam_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
       C gv = io::ld(gp, j);
       if constexpr (GS) {
         gv = coef * gv - alpha * io::ld(gop, j);
-        io::st(gp, j, gv);
+        if (k.writeback) io::st(gp, j, gv);
       }
       gv = maximize ? -gv : gv;
       wv = dec ? wv * decay : wv;
@@ -853,7 +854,10 @@ GsamSums gsam_sums(const StepRow* rows, int64_t n, int nthreads) {
 void second_step(const StepRow* rows, int64_t n, const StepScalars& s, double coef, int nthreads) {
   int64_t total = 0;
   const auto items = make_items(rows, n, [](int64_t) { return true; }, &total);
-  const StepConst k{coef, s.alpha, s.nesterov != 0, s.maximize != 0, s.decoupled != 0, s.nt != 0};
+  // mix: (c1, c2) read here (CPU memory), g <- c1 * gs - (-c2) * g_old
+  const double alpha = s.mix ? -s.mixc[1] : s.alpha;
+  const StepConst k{s.mix ? s.mixc[0] : coef, alpha, s.nesterov != 0, s.maximize != 0, s.decoupled != 0, s.nt != 0,
+                    s.writeback != 0};
   for_items(items, total, nthreads, [&](const Item& it, int64_t) {
     const StepRow& r = rows[it.row];
     switch (r.dtype) {

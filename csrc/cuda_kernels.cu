@@ -594,12 +594,15 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
   using S = typename io::S;
   using C = typename io::C;
   constexpr int N = Pack<S>::N;
-  double coef_d = 1.0;
-  if (s.gsam) {
+  double coef_d = 1.0, alpha_d = s.alpha;
+  if (s.mix) {  // (c1, c2) from device memory: g <- c1 * gs - (-c2) * g_old
+    coef_d = s.mixc[0];
+    alpha_d = -s.mixc[1];
+  } else if (s.gsam) {
     const GsamSums g = sum_gsam_partials(part, nslots);
     coef_d = gsam_coef(g.dot, g.ssn, g.sso, g.es, g.eo, s.alpha);
   }
-  const C coef = static_cast<C>(coef_d), alpha = static_cast<C>(s.alpha);
+  const C coef = static_cast<C>(coef_d), alpha = static_cast<C>(alpha_d);
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
     const Item it = items[k];
     const StepRow& r = rows[it.row];
@@ -681,7 +684,7 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
           wp.v[j] = io::to(wv - lr * gv);
         }
         stp(w, i, end, vec, wp);
-        if (gs) stp(g, i, end, vec, gp);
+        if (gs && s.writeback) stp(g, i, end, vec, gp);
         if (has_mom) stp(buf, i, end, vec, bp);
       }
     } else {  // Adam / AdamW
@@ -725,7 +728,7 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
         stp(w, i, end, vec, wp);
         stp(ms, i, end, vec, mp);
         stp(vs, i, end, vec, vp);
-        if (gs) stp(g, i, end, vec, gp);
+        if (gs && s.writeback) stp(g, i, end, vec, gp);
         if (s.amsgrad) stp(vms, i, end, vec, vmp);
       }
     }
@@ -903,8 +906,9 @@ void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int
 void second_step(const StepRow* rows, const Item* items, const Group* groups, int ngroups, const StepScalars& s,
                  double* part, int sms, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int64_t nslots = s.gsam ? gsam_slots(groups, ngroups, sms) : 1;
-  if (s.gsam) {
+  const bool sums = s.gsam && !s.mix;  // mix: the coefficients are given, no partial sums
+  const int64_t nslots = sums ? gsam_slots(groups, ngroups, sms) : 1;
+  if (sums) {
     const int per_sm = gsam_per_sm();
     int64_t slot = 0;
     for (int k = 0; k < ngroups; ++k) {

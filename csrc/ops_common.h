@@ -16,13 +16,17 @@
 //                   Tensor[] w_old, int[] w_old_idx, Tensor[] g_old, int[] g_old_idx,
 //                   Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, int[] s2_idx,
 //                   Tensor(e!)[] s3, int[] s3_idx, float[] hyp, int[] fresh, float alpha,
-//                   bool nesterov, bool maximize, bool amsgrad, bool decoupled, bool nt) -> ()
+//                   bool nesterov, bool maximize, bool amsgrad, bool decoupled, bool nt,
+//                   Tensor? mix=None, bool mix_writeback=False) -> ()
 //     Optional per-tensor entries travel as dense lists plus the index of the parameter each
 //     belongs to (schemas have no list of optional tensors that can be mutated). hyp holds
 //     kNumHyp floats per parameter (see kernels.h). mode: kernels.h StepMode; in kModeCombine
 //     params are the gradients themselves and only g <- coef * g - alpha * g_old is done; in
 //     kModeAccum s1 holds the accumulators (grads only read), hyp[0..1] = weight, scale, fresh = reset,
-//     s2 (optional) the running sums to add to (default: s1, in place).
+//     s2 (optional) the running sums to add to (default: s1, in place). mix (kModeSGD / kModeAdam,
+//     alpha 0): a 2-element float64 tensor (c1, c2) on the parameters' device; rows with g and
+//     g_old update with c1 * g + c2 * g_old (WSAM, LookSAM's reuse), stored back into g only if
+//     mix_writeback.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -183,7 +187,8 @@ inline StepArgs step_rows(int64_t mode, at::TensorList params, at::TensorList gr
                           at::IntArrayRef g_old_idx, at::TensorList s1, at::IntArrayRef s1_idx, at::TensorList s2,
                           at::IntArrayRef s2_idx, at::TensorList s3, at::IntArrayRef s3_idx,
                           at::ArrayRef<double> hyp, at::IntArrayRef fresh, double alpha, bool nesterov,
-                          bool maximize, bool amsgrad, bool decoupled, bool nt, c10::DeviceType dev) {
+                          bool maximize, bool amsgrad, bool decoupled, bool nt, c10::DeviceType dev,
+                          const c10::optional<at::Tensor>& mix = c10::nullopt, bool mix_writeback = false) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(mode >= kModeRestore && mode <= kModeAccum, "fastsam: bad second-step mode ", mode);
   const bool updates = mode == kModeSGD || mode == kModeAdam;
@@ -260,7 +265,18 @@ inline StepArgs step_rows(int64_t mode, at::TensorList params, at::TensorList gr
   StepScalars& s = a.s;
   s = StepScalars{};
   s.mode = static_cast<int32_t>(mode);
-  s.gsam = alpha > 0.0 && any_pair;
+  const bool use_mix = mix.has_value() && mix->defined();
+  if (use_mix) {
+    TORCH_CHECK(mode == kModeSGD || mode == kModeAdam, "fastsam: mix needs an SGD or Adam update");
+    TORCH_CHECK(alpha == 0.0, "fastsam: mix and GSAM (alpha > 0) exclude each other");
+    TORCH_CHECK(mix->scalar_type() == at::kDouble && mix->numel() == 2 && mix->is_contiguous(),
+                "fastsam: mix must be a contiguous float64 tensor of 2 elements (c1, c2)");
+    TORCH_CHECK(mix->device().type() == dev, "fastsam: mix must be on the parameters' device");
+  }
+  s.gsam = (alpha > 0.0 || use_mix) && any_pair;
+  s.mix = use_mix && s.gsam;
+  s.writeback = s.mix ? mix_writeback : 1;
+  s.mixc = s.mix ? mix->data_ptr<double>() : nullptr;
   s.alpha = alpha;
   s.nesterov = nesterov;
   s.maximize = maximize;

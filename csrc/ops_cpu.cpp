@@ -76,15 +76,15 @@ void sam_second_step_cpu(int64_t mode, at::TensorList params, at::TensorList gra
                          at::IntArrayRef g_old_idx, at::TensorList s1, at::IntArrayRef s1_idx, at::TensorList s2,
                          at::IntArrayRef s2_idx, at::TensorList s3, at::IntArrayRef s3_idx, at::ArrayRef<double> hyp,
                          at::IntArrayRef fresh, double alpha, bool nesterov, bool maximize, bool amsgrad,
-                         bool decoupled, bool nt) {
+                         bool decoupled, bool nt, const c10::optional<at::Tensor>& mix, bool mix_writeback) {
   StepArgs a = step_rows(mode, params, grads, grad_idx, w_old, w_old_idx, g_old, g_old_idx, s1, s1_idx, s2, s2_idx,
                          s3, s3_idx, hyp, fresh, alpha, nesterov, maximize, amsgrad, decoupled, nt,
-                         c10::DeviceType::CPU);
+                         c10::DeviceType::CPU, mix, mix_writeback);
   const int64_t n = static_cast<int64_t>(a.rows.size());
   if (n == 0) return;
   const int nthreads = at::get_num_threads();
   double coef = 1.0;
-  if (a.s.gsam) {
+  if (a.s.gsam && !a.s.mix) {
     const GsamSums g = cpu::gsam_sums(a.rows.data(), n, nthreads);
     coef = gsam_coef(g.dot, g.ssn, g.sso, g.es, g.eo, alpha);
   }
@@ -112,7 +112,7 @@ TORCH_LIBRARY(fastsam_cpu, m) {
       "sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx, Tensor[] w_old, "
       "int[] w_old_idx, Tensor[] g_old, int[] g_old_idx, Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, "
       "int[] s2_idx, Tensor(e!)[] s3, int[] s3_idx, float[] hyp, int[] fresh, float alpha, bool nesterov, "
-      "bool maximize, bool amsgrad, bool decoupled, bool nt) -> ()");
+      "bool maximize, bool amsgrad, bool decoupled, bool nt, Tensor? mix=None, bool mix_writeback=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsam_cpu, CPU, m) {

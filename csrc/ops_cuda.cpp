@@ -124,13 +124,13 @@ void sam_second_step_cuda(int64_t mode, at::TensorList params, at::TensorList gr
                           at::IntArrayRef g_old_idx, at::TensorList s1, at::IntArrayRef s1_idx, at::TensorList s2,
                           at::IntArrayRef s2_idx, at::TensorList s3, at::IntArrayRef s3_idx, at::ArrayRef<double> hyp,
                           at::IntArrayRef fresh, double alpha, bool nesterov, bool maximize, bool amsgrad,
-                          bool decoupled, bool nt) {
+                          bool decoupled, bool nt, const c10::optional<at::Tensor>& mix, bool mix_writeback) {
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   for (at::TensorList l : {params, grads, w_old, g_old, s1, s2, s3}) check_one_device(l, dev);
   StepArgs a = step_rows(mode, params, grads, grad_idx, w_old, w_old_idx, g_old, g_old_idx, s1, s1_idx, s2, s2_idx,
                          s3, s3_idx, hyp, fresh, alpha, nesterov, maximize, amsgrad, decoupled, nt,
-                         c10::DeviceType::CUDA);
+                         c10::DeviceType::CUDA, mix, mix_writeback);
   const c10::cuda::CUDAGuard guard(dev);
   for (auto& r : a.rows) {
     r.vec = aligned16(r.w) && aligned16(r.g) && aligned16(r.w_old) && aligned16(r.g_old) && aligned16(r.s1) &&
@@ -167,7 +167,7 @@ TORCH_LIBRARY(fastsam_cuda, m) {
       "sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx, Tensor[] w_old, "
       "int[] w_old_idx, Tensor[] g_old, int[] g_old_idx, Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, "
       "int[] s2_idx, Tensor(e!)[] s3, int[] s3_idx, float[] hyp, int[] fresh, float alpha, bool nesterov, "
-      "bool maximize, bool amsgrad, bool decoupled, bool nt) -> ()");
+      "bool maximize, bool amsgrad, bool decoupled, bool nt, Tensor? mix=None, bool mix_writeback=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {

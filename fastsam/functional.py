@@ -22,6 +22,7 @@ from torch import Tensor
 from ._compat import check_not_capturing
 from ._sequences import PerGroup
 from ._shard import Reduce
+from .reference import check_mix
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "foreach", "reference")
 
@@ -314,6 +315,12 @@ def sam_restore_accumulate_(
     )
 
 
+def _mix_kw(mix: Tensor | None, writeback: bool) -> dict[str, object]:
+    """The ``mix`` keywords, only when a mix is given (a backend without them still takes the
+    plain GSAM / no-combine calls)."""
+    return {} if mix is None else {"mix": mix, "mix_writeback": bool(writeback)}
+
+
 def _fused_impl(backend: str, dev: torch.device | None, op: str) -> ModuleType:
     mod = backend_module(backend, dev)
     if not hasattr(mod, op) or (mod.__name__ != "fastsam.reference" and not getattr(mod, "FUSED_UPDATES", False)):
@@ -338,19 +345,25 @@ def sam_restore_sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     gsam_alpha: float = 0.0,
+    mix: Tensor | None = None,
+    mix_writeback: bool = False,
     backend: str = "auto",
 ) -> None:
     """Fused second step with a ``torch.optim.SGD`` update: restore ``w_old``, GSAM combine,
     SGD step (weight decay, momentum, dampening, nesterov, maximize); see
     :func:`fastsam.reference.sam_restore_sgd_`. ``None`` momentum buffers are created and stored
-    into ``momentum_buffers``."""
+    into ``momentum_buffers``. ``mix = (c1, c2)`` (a 2-element float64 tensor on the parameters'
+    device, instead of GSAM): the update uses ``c1 * g + c2 * g_old`` (WSAM, LookSAM's reuse),
+    written back into ``grads`` when ``mix_writeback``."""
     dev = params[0].device if params else None
     check_not_capturing(dev)
+    check_mix(mix, gsam_alpha, g_old, dev)
     mod = _fused_impl(backend, dev, "sam_restore_sgd_")
     lr, weight_decay, momentum, dampening = _cols(mod, lr, weight_decay, momentum, dampening)
     mod.sam_restore_sgd_(
         params, grads, w_old, g_old, momentum_buffers, lr=lr, weight_decay=weight_decay, momentum=momentum,
         dampening=dampening, nesterov=nesterov, maximize=maximize, gsam_alpha=gsam_alpha,
+        **_mix_kw(mix, mix_writeback),
     )
 
 
@@ -373,16 +386,20 @@ def sam_restore_adam_(
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
     gsam_alpha: float = 0.0,
+    mix: Tensor | None = None,
+    mix_writeback: bool = False,
     backend: str = "auto",
 ) -> None:
     """Fused second step with a ``torch.optim.Adam`` / ``AdamW`` update (AdamW:
-    ``decoupled_weight_decay=True``); see :func:`fastsam.reference.sam_restore_adam_`."""
+    ``decoupled_weight_decay=True``); see :func:`fastsam.reference.sam_restore_adam_`.
+    ``mix`` / ``mix_writeback``: as in :func:`sam_restore_sgd_`."""
     dev = params[0].device if params else None
     check_not_capturing(dev)
+    check_mix(mix, gsam_alpha, g_old, dev)
     mod = _fused_impl(backend, dev, "sam_restore_adam_")
     lr, beta1, beta2, eps, weight_decay = _cols(mod, lr, beta1, beta2, eps, weight_decay)
     mod.sam_restore_adam_(
         params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay, gsam_alpha=gsam_alpha,
+        decoupled_weight_decay=decoupled_weight_decay, gsam_alpha=gsam_alpha, **_mix_kw(mix, mix_writeback),
     )

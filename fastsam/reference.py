@@ -375,6 +375,12 @@ def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
 #   P; the combine of :func:`gsam_combine_` runs over the tensors that have both ``g_old[i]`` and
 #   ``grads[i]``, writes the combined gradient back into ``grads[i]`` (as the unfused path does),
 #   and the update uses it.
+# - ``mix`` (instead of GSAM; the cheaper family, issue #17): a 2-element float64 tensor
+#   ``(c1, c2)`` on the parameters' device; the update uses ``c1 * grads[i] + c2 * g_old[i]``
+#   where both exist (``grads[i]`` elsewhere), written back into ``grads[i]`` only when
+#   ``mix_writeback``. WSAM: ``(a, 1 - a)`` with ``g_old`` the gradient at w, written back;
+#   LookSAM's non-perturbing step: ``(1, alpha |g|)`` with ``g_old`` its stored ``gv_hat``, not
+#   written back. The coefficients stay on the device (LookSAM's ``|g|`` is never read by the host).
 # - Float hyperparameters are a float (all tensors) or a sequence with one value per tensor
 #   (param groups with different lr / weight_decay share one call).
 # ---------------------------------------------------------------------------------------------
@@ -389,16 +395,47 @@ def _per_tensor(x: float | list[float] | tuple[float, ...], n: int, name: str) -
     return vals
 
 
+def check_mix(mix: Tensor | None, gsam_alpha: float, g_old: list[Tensor | None] | None,
+              device: torch.device | None) -> None:
+    """The rules of the fused updates' ``mix`` argument, shared by every backend: a 2-element
+    floating tensor on the parameters' device, with a ``g_old`` list and without GSAM."""
+    if mix is None:
+        return
+    if not isinstance(mix, Tensor) or mix.numel() != 2 or not mix.is_floating_point():
+        raise ValueError(f"mix: expected a 2-element floating tensor (c1, c2), got {mix!r}")
+    if gsam_alpha > 0:
+        raise ValueError(f"mix and gsam_alpha > 0 ({gsam_alpha}) exclude each other: one combine per update")
+    if g_old is None:
+        raise ValueError("mix needs the g_old list (the second gradient of c1 * g + c2 * g_old)")
+    if device is not None and mix.device != device:
+        raise ValueError(f"mix: expected a tensor on {device} (the parameters' device), got one on {mix.device}")
+
+
+def mix_coefficients(mix: Tensor) -> tuple[float, float]:
+    """``(c1, c2)`` of a ``mix`` tensor as host floats (the reference reads them; the fused
+    backends read the device tensor in their kernels)."""
+    c1, c2 = mix.detach().reshape(2).to(torch.float64).cpu().tolist()
+    return float(c1), float(c2)
+
+
 def _gsam_combined64(
-    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float, reduce: Reduce | None = None
+    grads: list[Tensor | None], g_old: list[Tensor | None] | None, alpha: float, reduce: Reduce | None = None,
+    mix: Tensor | None = None,
 ) -> list[Tensor | None]:
     """float64 combined gradients (None where the tensor has no gradient); GSAM when alpha > 0.
 
     ``gs' = gs - alpha * (g_old - cos * |g_old| * gs / (|gs| + 1e-12))`` over the tensors with
-    both ``g_old`` and ``grads`` (:func:`gsam_coefficients`); the others keep ``gs``.
+    both ``g_old`` and ``grads`` (:func:`gsam_coefficients`); the others keep ``gs``. With
+    ``mix = (c1, c2)`` instead: ``c1 * gs + c2 * g_old`` over the same tensors.
     """
     f64 = torch.float64
     out: list[Tensor | None] = [None if g is None else g.to(f64) for g in grads]
+    if mix is not None and g_old is not None:
+        c1, c2 = mix_coefficients(mix)
+        for i, (g, go) in enumerate(zip(grads, g_old)):
+            if g is not None and go is not None:
+                out[i] = c1 * out[i] + c2 * go.to(f64)  # type: ignore[operator]
+        return out
     if alpha <= 0 or g_old is None:
         return out
     pairs = [i for i, (g, go) in enumerate(zip(grads, g_old)) if g is not None and go is not None]
@@ -520,8 +557,10 @@ def sam_restore_sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     gsam_alpha: float = 0.0,
+    mix: Tensor | None = None,
+    mix_writeback: bool = False,
 ) -> None:
-    """Restore + GSAM combine + ``torch.optim.SGD`` step, in float64.
+    """Restore + GSAM combine (or ``mix``) + ``torch.optim.SGD`` step, in float64.
 
     Per tensor with a gradient (``w = w_old`` if perturbed, else ``w``; ``g`` the combined
     gradient, negated when ``maximize``)::
@@ -541,7 +580,9 @@ def sam_restore_sgd_(
     moms = _per_tensor(momentum, n, "momentum")
     damps = _per_tensor(dampening, n, "dampening")
     f64 = torch.float64
-    gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    check_mix(mix, gsam_alpha, g_old, params[0].device if params else None)
+    gs = _gsam_combined64(grads, g_old, gsam_alpha, mix=mix)
+    back = (gsam_alpha > 0 or (mix is not None and mix_writeback)) and g_old is not None
     writes: list[tuple[Tensor, Tensor]] = []  # computed first, written last (nothing changes on an error)
     fresh: list[tuple[int, Tensor]] = []
     for i, w in enumerate(params):
@@ -551,7 +592,7 @@ def sam_restore_sgd_(
             if w_old[i] is not None:
                 writes.append((w, src))
             continue
-        if g_old is not None and gsam_alpha > 0 and g_old[i] is not None:
+        if back and g_old[i] is not None:  # type: ignore[index]
             writes.append((grads[i], g))  # type: ignore[arg-type]  # .grad holds the combined gradient
         w64 = src.to(f64)
         d = -g if maximize else g
@@ -599,8 +640,10 @@ def sam_restore_adam_(
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
     gsam_alpha: float = 0.0,
+    mix: Tensor | None = None,
+    mix_writeback: bool = False,
 ) -> None:
-    """Restore + GSAM combine + ``torch.optim.Adam`` / ``AdamW`` step, in float64.
+    """Restore + GSAM combine (or ``mix``) + ``torch.optim.Adam`` / ``AdamW`` step, in float64.
 
     Per tensor with a gradient (state tensors exist, ``steps[i]`` a 0-dim tensor incremented
     in place first, ``t`` its new value; ``w = w_old`` if perturbed, else ``w``)::
@@ -620,7 +663,9 @@ def sam_restore_adam_(
     epss = _per_tensor(eps, n, "eps")
     wds = _per_tensor(weight_decay, n, "weight_decay")
     f64 = torch.float64
-    gs = _gsam_combined64(grads, g_old, gsam_alpha)
+    check_mix(mix, gsam_alpha, g_old, params[0].device if params else None)
+    gs = _gsam_combined64(grads, g_old, gsam_alpha, mix=mix)
+    back = (gsam_alpha > 0 or (mix is not None and mix_writeback)) and g_old is not None
     writes: list[tuple[Tensor, Tensor]] = []  # computed first, written last (nothing changes on an error)
     for i, w in enumerate(params):
         src = w_old[i] if w_old[i] is not None else w
@@ -629,7 +674,7 @@ def sam_restore_adam_(
             if w_old[i] is not None:
                 writes.append((w, src))
             continue
-        if g_old is not None and gsam_alpha > 0 and g_old[i] is not None:
+        if back and g_old[i] is not None:  # type: ignore[index]
             writes.append((grads[i], g))  # type: ignore[arg-type]  # .grad holds the combined gradient
         m_t, v_t, s_t = exp_avgs[i], exp_avg_sqs[i], steps[i]
         assert m_t is not None and v_t is not None and s_t is not None

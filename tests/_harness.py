@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
 import torch
 
 import fastsam
@@ -368,18 +369,34 @@ FUSED_SGD_KWS = {
 }
 
 
+# the cheaper family's combines (``mix = (c1, c2)``, issue #17): WSAM's (a, 1 - a) written back into
+# .grad, LookSAM's reuse (1, alpha |g|) not written back; by test id
+FUSED_MIX_KWS = {
+    "wsam-mix": {"mix": (0.7, 0.3), "mix_writeback": True},
+    "looksam-reuse": {"mix": (1.0, 2.5), "mix_writeback": False},
+}
+
+
+def _on_device(kw: dict, device: torch.device) -> dict:
+    """``kw`` with its ``mix`` pair as the float64 device tensor the ops take."""
+    if "mix" not in kw:
+        return kw
+    return {**kw, "mix": torch.tensor(kw["mix"], dtype=torch.float64, device=device)}
+
+
 def fused_sgd_run(backend: str, dtype: torch.dtype, gsam: float, kw: dict, lists: Callable[..., tuple]):
     """5 calls of sam_restore_sgd_ on ``lists(dtype, 3)`` with fresh gradients each time; returns
     (params, grads, momentum buffers)."""
     params, grads, w_old, g_old = lists(dtype, 3)
+    kw = _on_device(kw, params[0].device)
     bufs: list = [None] * len(params)
     for step in range(5):
         fresh = lists(dtype, 10 + step)
         for g, g2 in zip(grads, fresh[1]):
             if g is not None:
                 g.copy_(g2)
-        F.sam_restore_sgd_(params, grads, w_old, g_old if gsam else None, bufs, gsam_alpha=gsam, backend=backend,
-                           **kw)
+        F.sam_restore_sgd_(params, grads, w_old, g_old if gsam or "mix" in kw else None, bufs, gsam_alpha=gsam,
+                           backend=backend, **kw)
     return params, grads, bufs
 
 
@@ -387,6 +404,7 @@ def fused_adam_run(backend: str, dtype: torch.dtype, kw: dict, lists: Callable[.
     """5 calls of sam_restore_adam_ on ``lists(dtype, 4)`` with fresh gradients each time, the
     tensors starting at different steps; returns (params, grads, m, v, vmax, steps)."""
     params, grads, w_old, g_old = lists(dtype, 4)
+    kw = _on_device(kw, params[0].device)
     n = len(params)
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -419,6 +437,35 @@ def check_fused_sgd_matches_twin(backend: str, dtype: torch.dtype, gsam: float, 
     got = fused_sgd_run(backend, dtype, gsam, kw, lists)
     want = fused_sgd_run("reference", dtype, gsam, kw, lists)
     compare_fused(got, want, rtol=1e-12 if dtype == torch.float64 else 2e-6)
+
+
+def check_mix_matches_twin(backend: str, dtype: torch.dtype, mix_id: str, lists: Callable[..., tuple]) -> None:
+    """The fused SGD (momentum, Nesterov) and AdamW updates with a ``mix`` against the reference
+    twins: params, state, and ``.grad`` (which holds the mix only when written back)."""
+    kw = FUSED_MIX_KWS[mix_id]
+    check_fused_sgd_matches_twin(backend, dtype, 0.0, {**FUSED_SGD_KWS["nesterov-max"], **kw}, lists)
+    check_fused_adam_matches_twin(
+        backend, dtype, {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True, **kw}, lists)
+
+
+def check_mix_refused(backend: str, lists: Callable[..., tuple]) -> None:
+    """A bad ``mix`` (with GSAM, without g_old, not 2 elements) raises a ValueError naming it,
+    before anything is written."""
+    params, grads, w_old, g_old = lists(torch.float32, 7)
+    before = [t.clone() for t in params + [g for g in grads if g is not None]]
+    dev = params[0].device
+    good = torch.tensor([0.5, 0.5], dtype=torch.float64, device=dev)
+    bufs: list = [None] * len(params)
+    bad = [({"g_old": g_old, "gsam_alpha": 0.3, "mix": good}, "exclude each other"),
+           ({"g_old": None, "mix": good}, "needs the g_old list"),
+           ({"g_old": g_old, "mix": torch.zeros(3, dtype=torch.float64, device=dev)}, "2-element")]
+    for kw, msg in bad:
+        go = kw.pop("g_old")
+        with pytest.raises(ValueError, match=msg):
+            F.sam_restore_sgd_(params, grads, w_old, go, bufs, lr=0.1, momentum=0.9, backend=backend, **kw)
+    after = [t for t in params + [g for g in grads if g is not None]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(b is None for b in bufs)
 
 
 def check_fused_adam_matches_twin(backend: str, dtype: torch.dtype, kw: dict, lists: Callable[..., tuple]) -> None:

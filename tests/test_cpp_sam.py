@@ -325,6 +325,16 @@ def test_fused_adam_matches_twin(dtype, kw):
     check_fused_adam_matches_twin("cpp", dtype, kw, fused_lists)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mix_id", list(_harness.FUSED_MIX_KWS))
+def test_fused_mix_matches_twin(dtype, mix_id):
+    _harness.check_mix_matches_twin("cpp", dtype, mix_id, fused_lists)
+
+
+def test_fused_mix_refused_before_any_write():
+    _harness.check_mix_refused("cpp", fused_lists)
+
+
 def test_gsam_combine_matches_reference():
     for dtype, rtol in ((torch.float32, 2e-6), (torch.float64, 1e-12)):
         gen = torch.Generator().manual_seed(5)
@@ -421,6 +431,10 @@ def test_ops_schema_and_fake_kernels():
     args = (2, params, gs, [0, 1], w_old, [0, 1], g_old, [0, 1], m, [0, 1], v, [0, 1], [], [], hyp, [0, 0],
             0.3, False, False, False, True, False)
     torch.library.opcheck(ops.sam_second_step.default, args, test_utils=("test_schema", "test_faketensor"))
+    # the cheaper family's mix, written back into the gradients and not
+    for back in (True, False):
+        mix_args = args[:16] + (0.0,) + args[17:] + (torch.tensor([0.7, 0.3], dtype=torch.float64), back)
+        torch.library.opcheck(ops.sam_second_step.default, mix_args, test_utils=("test_schema", "test_faketensor"))
     acc = [torch.randn_like(p) for p in params]
     hyp4 = [0.5, 2.0, 0, 0, 0, 0, 0, 0] * 2
     args = (4, params, gs, [0, 1], w_old, [0, 1], g_old, [0, 1], acc, [0, 1], [], [], [], [], hyp4, [1, 0],
@@ -499,6 +513,15 @@ def test_cuda_fused_twins_and_threads_free_determinism():
     for x, y, z in zip(outs[0], outs[1], ref[0]):
         assert bits_equal(x, y)
         assert_close(x, z, rtol=5e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix_id", list(_harness.FUSED_MIX_KWS))
+def test_cuda_fused_mix_matches_twin(mix_id):
+    if not _ext.available("cuda"):
+        pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
+    _harness.check_mix_matches_twin("cuda", torch.float32, mix_id, partial(fused_lists, device="cuda"))
+    _harness.check_mix_refused("cuda", partial(fused_lists, device="cuda"))
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):

@@ -159,6 +159,10 @@ OPTIONS = {
     "plain-sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), {}),
     "all-adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1),
                   dict(fsam_sigma=0.5, gsam_alpha=0.3, swp_keep=0.6, adaptive=True, eta=0.01, p=3.0)),
+    # the cheaper family's fused combines (issue #17): the tested step (the third) is a LookSAM
+    # reuse step (g + alpha |g| gv_hat in the update kernel) / a WSAM step (its mix in the update)
+    "looksam-adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), dict(sam_every=3, looksam_alpha=0.7)),
+    "wsam-sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(wsam_gamma=0.8, wsam_decouple=False)),
 }
 
 
@@ -254,8 +258,17 @@ def _sam_step_calls(model, opt, i, **kw):
     return [call(0, False), call(1, True)]
 
 
+def _family_calls(model, opt, i):
+    """One sam_step per step, as the cheaper family runs (one pass on a non-perturbing step)."""
+    def cycle():
+        x, y = _batch(10 * i)
+        fastsam.sam_step(model, opt, x, y, F.cross_entropy)
+    return [cycle]
+
+
 SCENARIOS = {
     "manual": (_manual, True, {}),
+    "family": (_family_calls, False, dict(bn=True, dropout=True)),
     "perturbed": (_context, False, {}),
     "closure": (_closure, False, {}),
     "msam": (_msam, True, {}),
@@ -332,6 +345,7 @@ CASES = [
     ("manual", "all-adamw", dict(lsam=True)),
     ("perturbed", "all-adamw", {}), ("closure", "plain-sgd", {}), ("msam", "all-adamw", {}),
     ("sam_step", "all-adamw", {}), ("sam_step", "plain-sgd", dict(lsam=True)),
+    ("family", "looksam-adamw", {}), ("family", "wsam-sgd", {}), ("manual", "wsam-sgd", {}),
 ]
 
 

@@ -180,8 +180,10 @@ def test_fused_sam_step_moves_the_floor(label, base, base_kw, options, first, se
 # plain_step) in steady state (steps 2 and 3 of a k=2 schedule; None: the variant has no such step)
 CHEAP_CASES = [
     ("interval", {"sam_every": 2}, 5, 7, 7),
-    ("looksam", {"sam_every": 2, "looksam_alpha": 0.7}, 6, 20, 13),  # K2 writes g_old for the projection
-    ("wsam", {"wsam_gamma": 0.9, "wsam_decouple": False}, 6, 10, None),  # the mix: one lerp (3)
+    # K2 writes g_old for the projection; the reuse step: |g| (1) + AdamW's 7 + gv_hat read in K3 (1)
+    ("looksam", {"sam_every": 2, "looksam_alpha": 0.7}, 6, 20, 9),
+    # the mix a gs + (1 - a) g in K3: reads g_old, writes the mixed .grad back (7 + 2)
+    ("wsam", {"wsam_gamma": 0.9, "wsam_decouple": False}, 6, 9, None),
     ("wsam decoupled", {"wsam_gamma": 0.9}, 6, 15, None),  # gs - g (3), g into .grad (2), w -= c d (3)
 ]
 

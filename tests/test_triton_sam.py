@@ -272,6 +272,16 @@ def test_fused_adam_matches_twin(dtype, kw):
     check_fused_adam_matches_twin("triton", dtype, kw, fused_lists)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mix_id", list(_harness.FUSED_MIX_KWS))
+def test_fused_mix_matches_twin(dtype, mix_id):
+    _harness.check_mix_matches_twin("triton", dtype, mix_id, fused_lists)
+
+
+def test_fused_mix_refused_before_any_write():
+    _harness.check_mix_refused("triton", fused_lists)
+
+
 def test_fused_reference_twins_match_torch_float64():
     """The fp64 twins equal restore + a real torch optimizer step (SGD, Adam, AdamW) in fp64."""
     for base, kw, twin in [
@@ -615,7 +625,7 @@ def test_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-m", "fastsam.kernels._triton_aot", "90"], env=env, cwd=root,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "compiled 77 variants" in r.stdout  # 52 SAM kernel variants + 21 ascent-loss + 4 reduction variants
+    assert "compiled 85 variants" in r.stdout  # 60 SAM kernel variants + 21 ascent-loss + 4 reduction variants
     if "ptxas not found" not in r.stdout:  # ptxas -v on every variant as launched: no spills
         assert "register spills: none" in r.stdout, r.stdout[-3000:]
 

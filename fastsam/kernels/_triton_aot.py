@@ -76,18 +76,23 @@ def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             out.append((f"K2 {dt} q{qmode} fsam={fsam} asam={adaptive} gsam={gsam} esam={swp}",
                         K.perturb_apply_kernel, _sig(K.perturb_apply_kernel, ptrs, ints, c2), c2))
         out.append((f"KG {dt}", K.gsam_partials_kernel, _sig(K.gsam_partials_kernel, ptrs, ints, base), base))
-        for mode, gsam, nest, maxi, ams, dec in ((0, True, False, False, False, False),
-                                                 (1, True, True, True, False, False),
-                                                 (2, True, False, True, True, False),
-                                                 (2, False, False, False, False, True),
-                                                 (3, True, False, False, False, False),
-                                                 (3, False, False, False, False, False)):
+        # the last two: the cheaper family's mix (WSAM's, written back; LookSAM's reuse, not)
+        for mode, gsam, nest, maxi, ams, dec, mix, back in ((0, True, False, False, False, False, False, True),
+                                                            (1, True, True, True, False, False, False, True),
+                                                            (2, True, False, True, True, False, False, True),
+                                                            (2, False, False, False, False, True, False, True),
+                                                            (3, True, False, False, False, False, False, True),
+                                                            (3, False, False, False, False, False, False, True),
+                                                            (2, True, False, False, False, True, True, True),
+                                                            (1, True, False, False, False, False, True, False)):
             c4 = dict(base, MODE=mode, GSAM=gsam, NESTEROV=nest, MAXIMIZE=maxi, AMSGRAD=ams, DECOUPLED=dec,
-                      RNE_BF16=False, PBLOCK=1024)
-            # without GSAM the launcher passes the table as `part` (nothing to read there)
-            p4 = ptrs if gsam else dict(ptrs, part="*i64")
+                      RNE_BF16=False, PBLOCK=1 if mix else 1024, MIX=mix, WRITEBACK=back)
+            # without GSAM's sums the launcher passes the table as `part` (nothing to read there);
+            # a mix's coefficients are a float64 tensor
+            p4 = dict(ptrs, part="*i64", scal="*fp64") if mix else ptrs if gsam else dict(ptrs, part="*i64")
             out.append((f"K3 {dt} mode={mode} gsam={gsam} nesterov={nest} maximize={maxi} amsgrad={ams} "
-                        f"decoupled={dec}", K.second_step_kernel, _sig(K.second_step_kernel, p4, ints, c4), c4))
+                        f"decoupled={dec} mix={mix} writeback={back}", K.second_step_kernel,
+                        _sig(K.second_step_kernel, p4, ints, c4), c4))
     # the SAM kernels launch with LaunchConfig's GPU geometry (block in `base` above)
     return [(*v, _sam_config().num_warps) for v in out] + loss_variants()
 

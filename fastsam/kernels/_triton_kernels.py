@@ -680,8 +680,9 @@ def _st(p, x, mask, DT: tl.constexpr, RNE_BF16: tl.constexpr):
 
 @triton.jit
 def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.constexpr, MODE: tl.constexpr,
-              GSAM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
-              DECOUPLED: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+              GSAM: tl.constexpr, WRITEBACK: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+              AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+              ALIGNED: tl.constexpr):
     """K3 work of one block (``inb``: the lanes in bounds); see :func:`second_step_kernel`.
 
     Branch-free on purpose: the per-tensor conditions (has a gradient / w_old / g_old / a momentum
@@ -737,8 +738,8 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
         g = tl.load(pg + offs, mask=ming, other=0.0).to(CT)
         if GSAM:
             g = tl.where(has_go, coef * g - alpha * go, g)
-            # .grad holds the combined gradient afterwards, as on the unfused path
-            _st(pg + offs, g, tl.where(has_go, inb, False), DT, RNE_BF16)
+            if WRITEBACK:  # .grad holds the combined gradient afterwards, as on the unfused path
+                _st(pg + offs, g, tl.where(has_go, inb, False), DT, RNE_BF16)
         if MAXIMIZE:
             g = -g
         if MODE == 1:
@@ -801,7 +802,7 @@ def second_step_kernel(
     DT: tl.constexpr, CT: tl.constexpr, PT: tl.constexpr, MODE: tl.constexpr, GSAM: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr,
     RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, SPLIT: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, MIX: tl.constexpr = False, WRITEBACK: tl.constexpr = True,
 ):
     """K3: restore ``w = w_old`` fused with the GSAM combine and the base optimizer update.
 
@@ -813,14 +814,21 @@ def second_step_kernel(
     Tensors without a gradient are only restored. MODE 3 (m-SAM micro-batch): restore, then
     ``acc = scale * ((0 if reset else acc) + weight * g)`` into column ``S_1`` with the combined
     gradient (not written back: the caller discards ``.grad``); ``g = 0`` without a gradient.
+    MIX (MODE 1/2, with GSAM on: the combine reads ``g_old``): ``g = c1 * gs + c2 * g_old`` with
+    ``(c1, c2)`` read from ``scal`` (float64, on the device: WSAM's constants or LookSAM's
+    ``(1, alpha |g|)``), no partial sums; written back to the gradient only if WRITEBACK.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
-    alpha = tl.load(scal + 0)
-    coef = 1.0
-    if GSAM:
-        coef = _gsam_coef(part, npart, part_stride, alpha, PBLOCK, PT).to(CT)
+    if MIX:  # g = coef * gs - alpha * g_old with (coef, -alpha) = (c1, c2)
+        coef = tl.load(scal + 0).to(CT)
+        alpha = -tl.load(scal + 1).to(CT)
+    else:
+        alpha = tl.load(scal + 0)
+        coef = 1.0
+        if GSAM:
+            coef = _gsam_coef(part, npart, part_stride, alpha, PBLOCK, PT).to(CT)
     for b in range(pid, nblk, nprog):
         ent = tl.load(blocks + b)
         t = ent >> 32
@@ -830,8 +838,8 @@ def second_step_kernel(
         offs = start + lanes
         numel = tl.load(row + S_NUMEL * ntab)
         if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)
-            _k3_block(row, hrow, ntab, offs, lanes < BLOCK, coef, alpha, DT, CT, MODE, GSAM, NESTEROV, MAXIMIZE,
-                      AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)
+            _k3_block(row, hrow, ntab, offs, lanes < BLOCK, coef, alpha, DT, CT, MODE, GSAM, WRITEBACK, NESTEROV,
+                      MAXIMIZE, AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)
         else:
-            _k3_block(row, hrow, ntab, offs, offs < numel, coef, alpha, DT, CT, MODE, GSAM, NESTEROV, MAXIMIZE,
-                      AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)
+            _k3_block(row, hrow, ntab, offs, offs < numel, coef, alpha, DT, CT, MODE, GSAM, WRITEBACK, NESTEROV,
+                      MAXIMIZE, AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)

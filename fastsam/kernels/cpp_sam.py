@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .._compat import no_grad
 from .._shard import Reduce
-from ..reference import check_accumulate_args, dual_exponent
+from ..reference import check_accumulate_args, check_mix, dual_exponent
 from . import _ext
 
 FUSED_UPDATES = True  # implements sam_restore_sgd_ / sam_restore_adam_ (fastsam.optim._fused)
@@ -258,11 +258,14 @@ class CsrcBackend:
         st.finish()
 
     def _second_step(self, mode: int, params, grads, w_old, g_old, s1, s2, s3, hyp, fresh, gsam_alpha, *,
-                     nesterov=False, maximize=False, amsgrad=False, decoupled=False) -> None:
+                     nesterov=False, maximize=False, amsgrad=False, decoupled=False, mix=None,
+                     mix_writeback=False) -> None:
+        check_mix(mix, gsam_alpha, g_old, params[0].device if params else None)
         st = _Staging()
         ps = st.many(params, True)
-        use_gsam = gsam_alpha > 0 and g_old is not None
-        gd, gi = _dense(grads, st, use_gsam and mode != _MODE_ACCUM)
+        use_gsam = (gsam_alpha > 0 or mix is not None) and g_old is not None
+        back = use_gsam and (mix is None or mix_writeback) and mode != _MODE_ACCUM
+        gd, gi = _dense(grads, st, back)
         wd_, wi = _dense(w_old, st, False)
         god, goi = _dense(g_old if use_gsam else None, st, False)
         ad, ai = _dense(s1, st, True)
@@ -271,6 +274,7 @@ class CsrcBackend:
         self.ops().sam_second_step(
             mode, ps, gd, gi, wd_, wi, god, goi, ad, ai, bd, bi, cd, ci, hyp, fresh, float(gsam_alpha),
             bool(nesterov), bool(maximize), bool(amsgrad), bool(decoupled), self.stream(params),
+            None if mix is None else mix.detach().to(torch.float64).contiguous(), bool(mix_writeback),
         )
         st.finish()
 
@@ -290,8 +294,10 @@ class CsrcBackend:
         nesterov: bool = False,
         maximize: bool = False,
         gsam_alpha: float = 0.0,
+        mix: Tensor | None = None,
+        mix_writeback: bool = False,
     ) -> None:
-        """Restore + GSAM + ``torch.optim.SGD`` step in one pass (formulas:
+        """Restore + GSAM (or ``mix``) + ``torch.optim.SGD`` step in one pass (formulas:
         :func:`fastsam.reference.sam_restore_sgd_`). ``None`` momentum buffers (momentum != 0)
         are allocated here, stored into the list and initialised by the kernel (``buf = d``)."""
         n = len(params)
@@ -315,7 +321,7 @@ class CsrcBackend:
             else:
                 bufs[i] = momentum_buffers[i]
         self._second_step(_MODE_SGD, params, grads, w_old, g_old, bufs, None, None, hyp, fresh, gsam_alpha,
-                          nesterov=nesterov, maximize=maximize)
+                          nesterov=nesterov, maximize=maximize, mix=mix, mix_writeback=mix_writeback)
         for i in range(n):  # handed over once the op succeeded (an exception leaves the list as it was)
             if fresh[i]:
                 momentum_buffers[i] = bufs[i]
@@ -341,8 +347,10 @@ class CsrcBackend:
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
         gsam_alpha: float = 0.0,
+        mix: Tensor | None = None,
+        mix_writeback: bool = False,
     ) -> None:
-        """Restore + GSAM + ``torch.optim.Adam`` / ``AdamW`` step in one pass (formulas:
+        """Restore + GSAM (or ``mix``) + ``torch.optim.Adam`` / ``AdamW`` step in one pass (formulas:
         :func:`fastsam.reference.sam_restore_adam_`). ``steps`` (0-dim tensors, CPU as torch keeps
         them) are incremented here; the bias corrections travel in the per-tensor table."""
         n = len(params)
@@ -378,7 +386,8 @@ class CsrcBackend:
             torch._foreach_add_(present, 1.0)  # type: ignore[arg-type]
         try:
             self._second_step(_MODE_ADAM, params, grads, w_old, g_old, m, v, vmax, hyp, [0] * n, gsam_alpha,
-                              maximize=maximize, amsgrad=amsgrad, decoupled=decoupled_weight_decay)
+                              maximize=maximize, amsgrad=amsgrad, decoupled=decoupled_weight_decay, mix=mix,
+                              mix_writeback=mix_writeback)
         except BaseException:
             if present:
                 torch._foreach_sub_(present, 1.0)  # type: ignore[arg-type]

@@ -48,7 +48,7 @@ from torch import Tensor
 from .._compat import custom_op, eager_under_compile_on_old_torch, may_be_traced, no_grad
 from .._sequences import PerGroup
 from .._shard import Reduce
-from ..reference import check_accumulate_args, dual_exponent
+from ..reference import check_accumulate_args, check_mix, dual_exponent
 from . import _tables as T
 from . import _triton_kernels as K
 from . import triton_launch as L
@@ -393,6 +393,8 @@ def _second_step_impl(
     amsgrad: bool = False,
     decoupled: bool = False,
     params_mutated: bool = True,
+    mix: Tensor | None = None,
+    mix_writeback: bool = True,
 ) -> None:
     """Shared launcher of restore / GSAM combine / SGD / Adam / accumulate (aligned sequences,
     None = no entry).
@@ -405,18 +407,23 @@ def _second_step_impl(
     ``w_old``, then the error propagates. With several dtype groups the update modes launch the
     largest group last and keep copies of what the smaller groups' launches write to state and
     to parameters that have no ``w_old``; the accumulators of MODE_ACCUM and gradients are not
-    kept (the caller's buffers: fastsam.SAM writes new sums out of place and recomputes .grad)."""
+    kept (the caller's buffers: fastsam.SAM writes new sums out of place and recomputes .grad).
+    ``mix`` (MODE_SGD / MODE_ADAM): ``c1 * g + c2 * g_old`` from the device tensor instead of
+    GSAM (no partial sums), written back only with ``mix_writeback``."""
     n = len(params)
     if n == 0:
         return
-    gsam = gsam_alpha > 0 and g_old is not None and any(
+    gsam = (gsam_alpha > 0 or mix is not None) and g_old is not None and any(
         go is not None and g is not None for go, g in zip(g_old, grads))
+    use_mix = gsam and mix is not None
+    writeback = gsam and (mix_writeback if use_mix else True)
     updates = mode != K.MODE_RESTORE
     accum = mode == K.MODE_ACCUM
-    cols: list[P.Col] = [(params, params_mutated, "param"), (grads, gsam and not accum, "like"),
+    cols: list[P.Col] = [(params, params_mutated, "param"), (grads, writeback and not accum, "like"),
                          (w_old, False, "like"), (g_old if gsam else None, False, "like"), (s1, updates, "like"),
                          (s2, updates and not accum, "like"), (s3, updates, "like")]
-    fit = (mode, gsam, nesterov, maximize, amsgrad, decoupled, params_mutated, L._CONFIG)
+    fit = (mode, gsam, nesterov, maximize, amsgrad, decoupled, params_mutated, L._CONFIG) + (
+        (use_mix, writeback) if use_mix else ())
     statics = (params, w_old, g_old if gsam else None, s1, s2, s3)
     key = P.plan_key(("second",) + fit, *statics)
     dense = not any(map(_is_none, grads))
@@ -448,14 +455,17 @@ def _second_step_impl(
             tab = gp.table(dyn, hrow if gp.idx is None else [hrow[i] for i in gp.idx], len(cols),
                            K.S_HROW.value, ())
             hyp_t = P.row_table("second", fit, g.device, ct, rows)
-            scal = P.CACHE.mirror(("second", g.device, g.dtype, "scal"), ct).get((float(gsam_alpha),), g.device)
+            if use_mix:
+                scal = mix.to(device=g.device, dtype=torch.float64)  # type: ignore[union-attr]  # (c1, c2), read by K3
+            else:
+                scal = P.CACHE.mirror(("second", g.device, g.dtype, "scal"), ct).get((float(gsam_alpha),), g.device)
             fit_key = gp.fit_base + (gp.vec.get("ALIGNED", False),)
             nprog, warps = P.fit_geometry(gp, fit_key)
             launches.append((gp, tab, hyp_t, scal, nprog, warps, fit_key))
         total = sum(x[4] for x in launches)
         bufs: dict[torch.device, Tensor] = {}
         pt = L._TL_DTYPE[plan.acc]
-        if gsam:
+        if gsam and not use_mix:
             bases, b = [], 0
             for x in launches:
                 bases.append(b)
@@ -469,15 +479,17 @@ def _second_step_impl(
                           total, DT=L._TL_DTYPE[g.dtype], CT=L._TL_DTYPE[g.compute_dtype], PT=pt, BLOCK=gp.block,
                           num_warps=warps, fit_key=fit_key, **gp.vec)
             _gather_partials(bufs, [(x[0].group.device, bb, x[4]) for x, bb in zip(launches, bases)], 5, total)
-        pblock = _pblock(plan) if gsam else 1  # read only by GSAM's combine: constant otherwise (no recompile)
+        # read only by GSAM's combine: constant otherwise (no recompile)
+        pblock = _pblock(plan) if gsam and not use_mix else 1
+        extra = {"MIX": True, "WRITEBACK": writeback} if use_mix else {}
         for gp, tab, hyp_t, scal, nprog, warps, fit_key in launches:
             g = gp.group
-            part = bufs[g.device] if gsam else tab
+            part = bufs[g.device] if gsam and not use_mix else tab
             L._launch(
                 K.second_step_kernel, (nprog,), tab, gp.n, hyp_t, scal, gp.blocks, gp.nblk, part, total, total,
                 DT=L._TL_DTYPE[g.dtype], CT=L._TL_DTYPE[g.compute_dtype], PT=pt, MODE=mode, GSAM=gsam,
                 NESTEROV=nesterov, MAXIMIZE=maximize, AMSGRAD=amsgrad, DECOUPLED=decoupled, RNE_BF16=L._rne_bf16(g),
-                BLOCK=gp.block, PBLOCK=pblock, num_warps=warps, fit_key=fit_key, **gp.vec,
+                BLOCK=gp.block, PBLOCK=pblock, num_warps=warps, fit_key=fit_key, **gp.vec, **extra,
             )
         if st is not None:
             st.finish()
@@ -560,6 +572,7 @@ def _second_step_body(
     g_old: Sequence[Tensor | None] | None, s1: Sequence[Tensor | None], s2: Sequence[Tensor | None],
     s3: Sequence[Tensor | None], steps: Sequence[Tensor | None], hyper: tuple, fresh: Sequence[bool],
     mode: int, gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+    mix: Tensor | None = None, mix_writeback: bool = False,
 ) -> None:
     """Aligned sequences (None = no entry). ``hyper``: the optimizer's raw values as per-tensor
     columns, each a float for every tensor or one value per tensor (SGD: lr, weight_decay,
@@ -569,7 +582,8 @@ def _second_step_body(
     else:
         rows_fn = _adam_rows_fn(hyper[:5], steps)
     _second_step_impl(params, grads, w_old, g_old, s1, s2, s3, rows_fn, mode=mode, gsam_alpha=gsam_alpha,
-                      nesterov=nesterov, maximize=maximize, amsgrad=amsgrad, decoupled=decoupled)
+                      nesterov=nesterov, maximize=maximize, amsgrad=amsgrad, decoupled=decoupled, mix=mix,
+                      mix_writeback=mix_writeback)
 
 
 def _flat_hyper(hyper: Sequence[float], n: int) -> tuple:
@@ -583,6 +597,7 @@ def _second_step_dense(
     state2: list[Tensor], state2_idx: list[int], state3: list[Tensor], state3_idx: list[int],
     steps: list[Tensor], steps_idx: list[int], hyper: list[float], fresh: list[bool], mode: int,
     gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+    mix: Tensor | None = None, mix_writeback: bool = False,
 ) -> None:
     """Custom-op form: optional entries as dense lists plus index lists (torch.compile cannot
     functionalize a mutated ``Tensor?[]`` holding None)."""
@@ -591,7 +606,7 @@ def _second_step_dense(
                       _scatter(n, g_old, g_old_idx), _scatter(n, state1, state1_idx),
                       _scatter(n, state2, state2_idx), _scatter(n, state3, state3_idx),
                       _scatter(n, steps, steps_idx), _flat_hyper(hyper, n), fresh, mode, gsam_alpha, nesterov,
-                      maximize, amsgrad, decoupled)
+                      maximize, amsgrad, decoupled, mix, mix_writeback)
 
 
 @custom_op("fastsam::sam_second_step", mutates_args=("params", "state1", "state2", "state3", "steps"))
@@ -601,11 +616,12 @@ def _op_second_step(
     state2: list[Tensor], state2_idx: list[int], state3: list[Tensor], state3_idx: list[int],
     steps: list[Tensor], steps_idx: list[int], hyper: list[float], fresh: list[bool], mode: int,
     gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+    mix: Optional[Tensor] = None,  # noqa: UP045
 ) -> None:
-    """Restore (+ SGD / Adam update); ``grads`` are only read (no GSAM)."""
+    """Restore (+ SGD / Adam update); ``grads`` are only read (no GSAM; a ``mix`` not written back)."""
     _second_step_dense(params, grads, grad_idx, w_old, w_old_idx, g_old, g_old_idx, state1, state1_idx, state2,
                        state2_idx, state3, state3_idx, steps, steps_idx, hyper, fresh, mode, 0.0, nesterov,
-                       maximize, amsgrad, decoupled)
+                       maximize, amsgrad, decoupled, mix, False)
 
 
 @custom_op("fastsam::sam_second_step_gsam",
@@ -616,11 +632,12 @@ def _op_second_step_gsam(
     state2: list[Tensor], state2_idx: list[int], state3: list[Tensor], state3_idx: list[int],
     steps: list[Tensor], steps_idx: list[int], hyper: list[float], fresh: list[bool], mode: int,
     gsam_alpha: float, nesterov: bool, maximize: bool, amsgrad: bool, decoupled: bool,
+    mix: Optional[Tensor] = None,  # noqa: UP045
 ) -> None:
-    """GSAM variant: the combined gradient is written back into ``grads``."""
+    """GSAM (or written-back ``mix``) variant: the combined gradient is written back into ``grads``."""
     _second_step_dense(params, grads, grad_idx, w_old, w_old_idx, g_old, g_old_idx, state1, state1_idx, state2,
                        state2_idx, state3, state3_idx, steps, steps_idx, hyper, fresh, mode, gsam_alpha, nesterov,
-                       maximize, amsgrad, decoupled)
+                       maximize, amsgrad, decoupled, mix, True)
 
 
 @_op_second_step.register_fake
@@ -791,24 +808,30 @@ def _floats(x: float | Sequence[float], n: int, name: str) -> float | Sequence[f
 
 
 def _second_step_call(params, grads, w_old, g_old, s1, s2, s3, steps, hyper: tuple, fresh, *, mode, gsam_alpha,
-                      nesterov=False, maximize=False, amsgrad=False, decoupled=False) -> None:
+                      nesterov=False, maximize=False, amsgrad=False, decoupled=False, mix=None,
+                      mix_writeback=False) -> None:
     n = len(params)
     if n == 0:
         return
-    if g_old is None or gsam_alpha <= 0:
-        g_old = None
+    check_mix(mix, gsam_alpha, g_old, params[0].device)
+    if g_old is None or (gsam_alpha <= 0 and mix is None):
+        g_old, mix = None, None
     gsam = g_old is not None and any(go is not None and g is not None for go, g in zip(g_old, grads))
+    if not gsam:
+        mix = None
+    back = gsam and (mix is None or mix_writeback)  # .grad receives the combined gradient
     if not _traced(params[0]):
         _second_step_body(params, grads, w_old, g_old, s1, s2, s3, steps, hyper, fresh, mode,
-                          float(gsam_alpha) if gsam else 0.0, nesterov, maximize, amsgrad, decoupled)
-        _bump_versions(list(params) + ([g for g in grads if g is not None] if gsam else []))
+                          float(gsam_alpha) if gsam and mix is None else 0.0, nesterov, maximize, amsgrad, decoupled,
+                          mix, back)
+        _bump_versions(list(params) + ([g for g in grads if g is not None] if back else []))
         return
-    op = torch.ops.fastsam.sam_second_step_gsam if gsam else torch.ops.fastsam.sam_second_step
+    op = torch.ops.fastsam.sam_second_step_gsam if back else torch.ops.fastsam.sam_second_step
     dense = [x for lst in (grads, w_old, g_old if gsam else None, s1, s2, s3, steps) for x in _dense(lst)]
     cols = (tuple(hyper) + (0.0,) * 5)[:5]
     flat = [float(c if isinstance(c, (int, float)) else c[i]) for i in range(n) for c in cols]
-    op(list(params), *dense, flat, [bool(f) for f in fresh], mode, float(gsam_alpha),
-       bool(nesterov), bool(maximize), bool(amsgrad), bool(decoupled))
+    op(list(params), *dense, flat, [bool(f) for f in fresh], mode, float(gsam_alpha) if mix is None else 0.0,
+       bool(nesterov), bool(maximize), bool(amsgrad), bool(decoupled), mix)
 
 
 @eager_under_compile_on_old_torch
@@ -827,8 +850,11 @@ def sam_restore_sgd_(
     nesterov: bool = False,
     maximize: bool = False,
     gsam_alpha: float = 0.0,
+    mix: Tensor | None = None,
+    mix_writeback: bool = False,
 ) -> None:
-    """Triton twin of :func:`fastsam.reference.sam_restore_sgd_`: one K3 launch per group (GSAM +1).
+    """Triton twin of :func:`fastsam.reference.sam_restore_sgd_`: one K3 launch per group (GSAM +1;
+    ``mix``: none, the kernel reads ``g_old`` and the two coefficients).
 
     ``None`` momentum buffers (momentum != 0) are allocated here (``empty_like``, no launch),
     stored into the list, and initialised by the kernel with the first ``d``.
@@ -854,7 +880,8 @@ def sam_restore_sgd_(
             else:
                 bufs[i] = momentum_buffers[i]  # type: ignore[index]
     _second_step_call(params, grads, w_old, g_old, bufs, None, None, None, (lrs, wds, moms, damps), fresh,
-                      mode=K.MODE_SGD, gsam_alpha=gsam_alpha, nesterov=nesterov, maximize=maximize)
+                      mode=K.MODE_SGD, gsam_alpha=gsam_alpha, nesterov=nesterov, maximize=maximize, mix=mix,
+                      mix_writeback=mix_writeback)
     for i in range(n) if any(fresh) else ():  # handed over once the op succeeded (an exception changes nothing)
         if fresh[i]:
             momentum_buffers[i] = bufs[i]
@@ -881,8 +908,11 @@ def sam_restore_adam_(
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
     gsam_alpha: float = 0.0,
+    mix: Tensor | None = None,
+    mix_writeback: bool = False,
 ) -> None:
-    """Triton twin of :func:`fastsam.reference.sam_restore_adam_`: one K3 launch per group (GSAM +1).
+    """Triton twin of :func:`fastsam.reference.sam_restore_adam_`: one K3 launch per group (GSAM +1,
+    ``mix`` +0).
 
     ``steps`` are 0-dim tensors (torch keeps them on the CPU, so reading them is no device
     sync); they are incremented in place (one op when they are views of one buffer, as
@@ -895,7 +925,7 @@ def sam_restore_adam_(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     _second_step_call(params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
                       steps, cols, (False,) * n, mode=K.MODE_ADAM, gsam_alpha=gsam_alpha, maximize=maximize,
-                      amsgrad=amsgrad, decoupled=decoupled_weight_decay)
+                      amsgrad=amsgrad, decoupled=decoupled_weight_decay, mix=mix, mix_writeback=mix_writeback)
 
 
 @eager_under_compile_on_old_torch

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -115,15 +116,22 @@ class _Plan:
                  "flags")
 
 
+# a combine of the cheaper family: (the second gradient per updated tensor, None: layout.g_old;
+# (c1, c2) as a float64 device tensor; whether .grad receives c1 * g + c2 * other)
+Mix = tuple["Callable[[Sequence[Tensor]], Sequence[Tensor | None]] | None", Tensor, bool]
+
 _MAX_PLANS = 8  # per optimizer: a few layouts (P varies with frozen parts) x base_step / second_step
 
 
 def fused_second_step(opt: SAM, layout: _Layout | None, txn: _Txn | None = None,
                       params: list[Tensor] | None = None, grads: list[Tensor | None] | None = None,
-                      ptrs: tuple[int, ...] | None = None) -> bool:
+                      ptrs: tuple[int, ...] | None = None, mix: Mix | None = None) -> bool:
     """The fused second step (see the module doc); ``params`` / ``grads``: every parameter of the
     optimizer and its gradient now (read here when not given); ``ptrs``: the addresses of
-    ``layout.params`` just read by the caller."""
+    ``layout.params`` just read by the caller. ``mix = (others, coef, writeback)``: the update
+    uses ``c1 * g + c2 * other`` (the cheaper family's combines, issue #17) with ``coef`` the
+    device tensor ``(c1, c2)`` and ``others(ws)`` the second gradient of each updated tensor (None:
+    ``layout.g_old``, WSAM); nothing is combined when False is returned."""
     if getattr(opt, "_sharding", None) is not None:
         return False  # DTensor parameters: torch's optimizers update them (their state is DTensors too)
     base = opt.base_optimizer
@@ -145,7 +153,8 @@ def fused_second_step(opt: SAM, layout: _Layout | None, txn: _Txn | None = None,
         grads = list(map(_grad_of, params))
     nones = tuple(map(_is_none, grads))
     state = base.state
-    key = (kind, id(layout), nones, id(state), len(state), tuple(map(id, groups)), opt.backend)
+    key = (kind, id(layout), nones, id(state), len(state), tuple(map(id, groups)), opt.backend,
+           None if mix is None else mix[0] is None)
     plans = opt._fused_plans  # on the optimizer: the plans die with it (they hold its tensors)
     plan = plans.get(key)
     if plan is not None:
@@ -159,7 +168,7 @@ def fused_second_step(opt: SAM, layout: _Layout | None, txn: _Txn | None = None,
                 _values(plan.svals), plan.entries):
             plan = None  # a state dict, or a tensor in one, was replaced (load_state_dict, user code)
     if plan is None:
-        plan = _build(opt, base, kind, layout, params, grads, groups, txn)
+        plan = _build(opt, base, kind, layout, params, grads, groups, txn, mix is not None and mix[0] is None)
         if plan is None:
             return False
         if plan.key is not None:
@@ -171,13 +180,15 @@ def fused_second_step(opt: SAM, layout: _Layout | None, txn: _Txn | None = None,
     else:
         plans.move_to_end(key)
     trusted = ptrs if layout is not None and plan.ws is layout.params else None
-    return _run(opt, base, plan, txn, plan.pick(grads), trusted)
+    return _run(opt, base, plan, txn, plan.pick(grads), trusted, mix)
 
 
 def _build(opt: SAM, base: torch.optim.Optimizer, kind: type, layout: _Layout | None, params: list[Tensor],
-           grads: list[Tensor | None], groups: list[dict[str, Any]], txn: _Txn | None) -> _Plan | None:
+           grads: list[Tensor | None], groups: list[dict[str, Any]], txn: _Txn | None,
+           mix_g_old: bool = False) -> _Plan | None:
     """The plan of a fused update, or None when this update cannot be fused (the caller then
-    runs restore + GSAM + base_optimizer.step())."""
+    runs restore + GSAM + base_optimizer.step()). ``mix_g_old``: the update mixes in
+    ``layout.g_old`` (WSAM), which the plan keeps as GSAM's."""
     in_p: dict[int, int] = {} if layout is None else {id(w): i for i, w in enumerate(layout.params)}
     ws: list[Tensor] = []
     wgrads: list[Tensor | None] = []
@@ -232,7 +243,7 @@ def _build(opt: SAM, base: torch.optim.Optimizer, kind: type, layout: _Layout | 
         plan.pick = operator.itemgetter(*sel)
     plan.w_old = tuple(layout.w_old[in_p[id(w)]] if id(w) in in_p else None for w in ws)  # type: ignore[union-attr]
     plan.g_old = None
-    if opt.gsam_alpha > 0 and layout is not None and layout.g_old is not None:
+    if (opt.gsam_alpha > 0 or mix_g_old) and layout is not None and layout.g_old is not None:
         plan.g_old = tuple(layout.g_old[in_p[id(w)]] if id(w) in in_p else None for w in ws)
     # group index per tensor among the groups with updates (restore-only tensors: group 0, unused)
     plan.gidx = tuple(used)
@@ -336,14 +347,14 @@ def _adopt_adam_state(state: Any, ws: list[Tensor], upd: tuple[bool, ...], amsgr
 
 
 def _run(opt: SAM, base: torch.optim.Optimizer, plan: _Plan, txn: _Txn | None, grads: tuple,
-         ptrs: tuple[int, ...] | None) -> bool:
+         ptrs: tuple[int, ...] | None, mix: Mix | None = None) -> bool:
     groups = base.param_groups
     glist = [groups[gi] for gi in plan.gidx]
     go = plan.group_of
     if ptrs is not None:
         plan.ws.__dict__[TRUSTED_PTRS] = ptrs
     try:
-        _update(opt, base, plan, txn, grads, glist, go)
+        _update(opt, base, plan, txn, grads, glist, go, mix)
     finally:
         if ptrs is not None:
             plan.ws.__dict__.pop(TRUSTED_PTRS, None)
@@ -352,21 +363,26 @@ def _run(opt: SAM, base: torch.optim.Optimizer, plan: _Plan, txn: _Txn | None, g
 
 
 def _update(opt: SAM, base: torch.optim.Optimizer, plan: _Plan, txn: _Txn | None, grads: tuple,
-            glist: list[dict[str, Any]], go: tuple[int, ...]) -> None:
+            glist: list[dict[str, Any]], go: tuple[int, ...], mix: Mix | None = None) -> None:
 
     def col(get: Any) -> PerGroup:
         return PerGroup(tuple(float(get(g)) for g in glist), go)
 
+    g_old, gsam_alpha, kw = plan.g_old, opt.gsam_alpha, {}
+    if mix is not None:
+        others, coef, writeback = mix
+        g_old = plan.g_old if others is None else others(plan.ws)
+        gsam_alpha, kw = 0.0, {"mix": coef, "mix_writeback": writeback}
     if plan.kind is torch.optim.SGD:
         nesterov, maximize = plan.flags
         # the plan's tuple as it is when every buffer exists (the Triton launcher caches its tables
         # per tuple); a list the op can fill when some are created now
         bufs = list(plan.bufs) if plan.fresh else plan.bufs
         F.sam_restore_sgd_(
-            plan.ws, grads, plan.w_old, plan.g_old, bufs,
+            plan.ws, grads, plan.w_old, g_old, bufs,
             lr=col(lambda g: g["lr"]), weight_decay=col(lambda g: g.get("weight_decay", 0.0)),
             momentum=col(lambda g: g.get("momentum", 0.0)), dampening=col(lambda g: g.get("dampening", 0.0)),
-            nesterov=nesterov, maximize=maximize, gsam_alpha=opt.gsam_alpha, backend=opt.backend,
+            nesterov=nesterov, maximize=maximize, gsam_alpha=gsam_alpha, backend=opt.backend, **kw,
         )
         state = base.state
         for w, b, old in zip(plan.ws, bufs, plan.bufs) if plan.fresh else ():
@@ -381,9 +397,9 @@ def _update(opt: SAM, base: torch.optim.Optimizer, plan: _Plan, txn: _Txn | None
     else:
         amsgrad, maximize, decoupled = plan.flags
         F.sam_restore_adam_(
-            plan.ws, grads, plan.w_old, plan.g_old, plan.m, plan.v, plan.vmax, plan.steps,
+            plan.ws, grads, plan.w_old, g_old, plan.m, plan.v, plan.vmax, plan.steps,
             lr=col(lambda g: g["lr"]), beta1=col(lambda g: g["betas"][0]), beta2=col(lambda g: g["betas"][1]),
             eps=col(lambda g: g["eps"]), weight_decay=col(lambda g: g.get("weight_decay", 0.0)),
             amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled,
-            gsam_alpha=opt.gsam_alpha, backend=opt.backend,
+            gsam_alpha=gsam_alpha, backend=opt.backend, **kw,
         )

@@ -12,7 +12,7 @@ import itertools
 import operator
 import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from .._validate import (
     overlapping_pair,
 )
 from ..functional import BACKENDS
-from . import _cheap
+from . import _cheap, _fused
 from ._cheap import PERTURB_FROM, AESAMPolicy
 from ._fused import fused_second_step
 
@@ -455,6 +455,10 @@ class SAM(torch.optim.Optimizer):
         self._layout: _Layout | None = None  # ... and their layout (saved w, ...)
         self._layouts: OrderedDict[tuple, _Layout] = OrderedDict()  # recent layouts (a few: P may vary)
         self._fused_plans: OrderedDict[tuple, Any] = OrderedDict()  # fastsam.optim._fused plans
+        self._mix_cache: dict[tuple, Tensor] = {}  # constant (c1, c2) device tensors of the fused mixes
+        # LookSAM's stored directions as the last fused reuse passed them (the same tuple while
+        # they do not change, so the Triton launcher keeps its tables)
+        self._gv_tuple: tuple[Tensor | None, ...] = ()
         self._closure_used = False  # step(closure) tracks which gradients are fresh from then on
         self._perturb_ok: Tensor | None = None
         # transient per-parameter buffers (w_old, g_old, partial sums, spare EMA buffers), never saved
@@ -907,11 +911,13 @@ class SAM(torch.optim.Optimizer):
             self._check_base_hyper()
             lay = self._layout
             assert lay is not None
-            self._family_combine(lay, txn)
+            mix = self._family_combine(lay, txn, defer_mix=True)
             grads = list(map(_grad_of, params))
-            if fused_second_step(self, lay, txn, params, grads, ptrs):
-                self._set_perturbed(None)
+            if fused_second_step(self, lay, txn, params, grads, ptrs, mix=mix):
+                self._set_perturbed(None)  # WSAM's mix, if any, was the fused update's own
             else:
+                if mix is not None:
+                    self._wsam_mix(lay)
                 self._restore_and_combine()
                 self.base_optimizer.step()
                 grads = None  # the base optimizer's step may have replaced them
@@ -938,29 +944,52 @@ class SAM(torch.optim.Optimizer):
                 txn.gv_old[w] = st.get("looksam_gv")
             st["looksam_gv"] = gv
 
-    def _family_combine(self, lay: _Layout, txn: _Txn) -> None:
+    def _family_combine(self, lay: _Layout, txn: _Txn, defer_mix: bool = False) -> _fused.Mix | None:
         """Before a perturbing step's update, with ``gs`` in ``.grad`` and ``g`` in ``g_old``:
         LookSAM keeps ``gv_hat``; WSAM writes the gradient the base optimizer steps with into
         ``.grad`` (``a gs + (1 - a) g``; decoupled: ``g``, with ``gs - g`` kept for the correction
-        after the update). GSAM's combine is the fused update's own."""
+        after the update). GSAM's combine is the fused update's own. ``defer_mix``: WSAM's
+        ``a gs + (1 - a) g`` is returned as the fused update's mix instead of written here (the
+        caller runs :meth:`_wsam_mix` if the update is not fused)."""
         if lay.g_old is None or not lay.params or txn.combined:
-            return
+            return None
         txn.combined = True
         if self.looksam_alpha is not None:
             self._looksam_store(lay, txn)
         if self.wsam_gamma is None:
-            return
+            return None
         a = self.wsam_gamma / (1.0 - self.wsam_gamma)
+        if not self.wsam_decouple:
+            if defer_mix:
+                return None, self._mix_coef(lay.params[0].device, a, 1.0 - a), True
+            self._wsam_mix(lay)
+            return None
         ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
         gs = [w.grad for w, _ in ws]
         g = [go for _, go in ws]
-        if self.wsam_decouple:
-            d = torch._foreach_sub(gs, g)  # gs - g, for the correction after the update
-            torch._foreach_copy_(gs, g)
-            lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
-            txn.wsam_pending = ([w for w, _ in ws], d, [lr_of[id(w)] * a for w, _ in ws])
-        else:
-            _cheap.wsam_mix(gs, g, a, gs)
+        d = torch._foreach_sub(gs, g)  # gs - g, for the correction after the update
+        torch._foreach_copy_(gs, g)
+        lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
+        txn.wsam_pending = ([w for w, _ in ws], d, [lr_of[id(w)] * a for w, _ in ws])
+        return None
+
+    def _wsam_mix(self, lay: _Layout) -> None:
+        """WSAM (not decoupled), unfused: ``.grad <- a gs + (1 - a) g`` (one lerp)."""
+        assert lay.g_old is not None and self.wsam_gamma is not None
+        a = self.wsam_gamma / (1.0 - self.wsam_gamma)
+        ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
+        gs = [w.grad for w, _ in ws]
+        _cheap.wsam_mix(gs, [go for _, go in ws], a, gs)
+
+    def _mix_coef(self, device: torch.device, c1: float, c2: float) -> Tensor:
+        """``(c1, c2)`` as a float64 tensor on ``device``, kept for constant coefficients (WSAM's)."""
+        key = (device, c1, c2)
+        t = self._mix_cache.get(key)
+        if t is None:
+            if len(self._mix_cache) > 8:
+                self._mix_cache.clear()
+            t = self._mix_cache[key] = torch.tensor([c1, c2], dtype=torch.float64, device=device)
+        return t
 
     def _wsam_correct(self, txn: _Txn) -> None:
         """Decoupled WSAM after the base update: ``w -= lr a (gs - g)``."""
@@ -1259,6 +1288,11 @@ class SAM(torch.optim.Optimizer):
                     gs.append(w.grad)
                     st = self.state.get(w)
                     gvs.append(None if not st else st.get("looksam_gv"))
+            if any(v is not None for v in gvs) and self._fused_reuse(params, gs, gvs, alpha, txn):
+                txn.updated = True
+                self._end_call(txn)
+                self._after_base_step()
+                return
             outs = _cheap.looksam_reuse(gs, gvs, alpha)
             for w, d in zip(params, outs):  # the reused gradient stands in for g during the update
                 w.grad = d
@@ -1273,6 +1307,29 @@ class SAM(torch.optim.Optimizer):
             raise
         self._end_call(txn)
         self._after_base_step()
+
+    def _fused_reuse(self, params: list[Tensor], gs: list[Tensor], gvs: list[Tensor | None], alpha: float,
+                     txn: _Txn) -> bool:
+        """LookSAM's non-perturbing step as one fused update: ``g + alpha |g| gv_hat`` formed in the
+        update kernel from the device scalar ``alpha |g|`` (one norm pass, then the update reads
+        ``gv_hat`` beside ``g``; ``.grad`` keeps ``g``). False when the update is not fused (the
+        caller then combines with foreach ops and runs the base optimizer)."""
+        if not F.supports_fused_updates(self.backend, params[0].device):
+            return False
+        c2 = alpha * _cheap.sq_norm(gs).sqrt()
+        coef = torch.stack([torch.ones_like(c2), c2]).to(params[0].device)
+        by_id = {id(w): v for w, v in zip(params, gvs)}
+
+        def others(ws: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+            out = tuple(by_id.get(id(w)) for w in ws)
+            old = self._gv_tuple
+            if len(old) == len(out) and all(map(operator.is_, old, out)):
+                return old
+            self._gv_tuple = out
+            return out
+
+        self._check_base_hyper()
+        return fused_second_step(self, None, txn, mix=(others, coef, False))
 
     def _base_update(self, txn: _Txn) -> None:
         """The base optimizer's update with the gradients in ``.grad`` at unperturbed weights: the
