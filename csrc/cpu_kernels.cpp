@@ -533,6 +533,8 @@ struct StepConst {
   double alpha;
   bool nesterov, maximize, decoupled, nt;
   bool writeback;  // SGD / Adam: the combined gradient is stored back into g
+  bool correct;    // then w <- w - corr * (g - g_old) (decoupled WSAM)
+  double corr;
 };
 
 // torch.optim.SGD (see fastsam.reference.sam_restore_sgd_), restore and GSAM fused in.
@@ -548,7 +550,7 @@ void sgd_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
   S* buf = static_cast<S*>(r.s1);
   const C lr = static_cast<C>(r.hyp[0]), wd = static_cast<C>(r.hyp[1]);
   const C mom = static_cast<C>(r.hyp[2]), one_m_damp = static_cast<C>(r.hyp[3]);
-  const C coef = static_cast<C>(k.coef), alpha = static_cast<C>(k.alpha);
+  const C coef = static_cast<C>(k.coef), alpha = static_cast<C>(k.alpha), corr = static_cast<C>(k.corr);
   const bool has_wd = r.hyp[1] != 0.0, maximize = k.maximize, nesterov = k.nesterov;
   const bool stream = k.nt && r.w_old != nullptr;  // w is only written: stream it
   alignas(64) S tmp[kSub];
@@ -563,6 +565,7 @@ void sgd_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
     for (int64_t j = 0; j < len; ++j) {
       const C wv = io::ld(sp, j);
       C gv = io::ld(gp, j);
+      const C graw = gv;
       if constexpr (GS) {
         gv = coef * gv - alpha * io::ld(gop, j);
         if (k.writeback) io::st(gp, j, gv);  // .grad holds the combined gradient, as on the unfused path
@@ -579,7 +582,11 @@ void sgd_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
         io::st(bp, j, bv);
         gv = nesterov ? gv + mom * bv : bv;
       }
-      io::st(out, j, wv - lr * gv);
+      C wn = wv - lr * gv;
+      if constexpr (GS) {
+        if (k.correct) wn = wn - corr * (graw - io::ld(gop, j));  // decoupled WSAM, after the update
+      }
+      io::st(out, j, wn);
     }
     if (stream) copy_bytes(w + sb, tmp, len * sizeof(S), true);
   }
@@ -603,7 +610,7 @@ void adam_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
   const C eps = static_cast<C>(r.hyp[4]), step_size = static_cast<C>(r.hyp[5]);
   // 1 / sqrt(1 - beta2^t) as a multiplier: one divide per element (m / denom) instead of two
   const C inv_bc2_sqrt = static_cast<C>(1.0 / r.hyp[6]), decay = static_cast<C>(r.hyp[7]);
-  const C coef = static_cast<C>(k.coef), alpha = static_cast<C>(k.alpha);
+  const C coef = static_cast<C>(k.coef), alpha = static_cast<C>(k.alpha), corr = static_cast<C>(k.corr);
   const bool has_wd = r.hyp[0] != 0.0;
   const bool dec = has_wd && k.decoupled, coupled = has_wd && !k.decoupled, maximize = k.maximize;
   const bool stream = k.nt && r.w_old != nullptr;
@@ -621,6 +628,7 @@ void adam_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
     for (int64_t j = 0; j < len; ++j) {
       C wv = io::ld(sp, j);
       C gv = io::ld(gp, j);
+      const C graw = gv;
       if constexpr (GS) {
         gv = coef * gv - alpha * io::ld(gop, j);
         if (k.writeback) io::st(gp, j, gv);
@@ -639,7 +647,11 @@ void adam_item(const StepRow& r, int64_t b, int64_t e, const StepConst& k) {
         vv = vm > vv ? vm : vv;
         io::st(vmp, j, vv);
       }
-      io::st(out, j, wv - step_size * (mv / (std::sqrt(vv) * inv_bc2_sqrt + eps)));
+      C wn = wv - step_size * (mv / (std::sqrt(vv) * inv_bc2_sqrt + eps));
+      if constexpr (GS) {
+        if (k.correct) wn = wn - corr * (graw - io::ld(gop, j));  // decoupled WSAM, after the update
+      }
+      io::st(out, j, wn);
     }
     if (stream) copy_bytes(w + sb, tmp, len * sizeof(S), true);
   }
@@ -857,7 +869,7 @@ void second_step(const StepRow* rows, int64_t n, const StepScalars& s, double co
   // mix: (c1, c2) read here (CPU memory), g <- c1 * gs - (-c2) * g_old
   const double alpha = s.mix ? -s.mixc[1] : s.alpha;
   const StepConst k{s.mix ? s.mixc[0] : coef, alpha, s.nesterov != 0, s.maximize != 0, s.decoupled != 0, s.nt != 0,
-                    s.writeback != 0};
+                    s.writeback != 0, s.correct != 0, s.correct ? s.mixc[2] : 0.0};
   for_items(items, total, nthreads, [&](const Item& it, int64_t) {
     const StepRow& r = rows[it.row];
     switch (r.dtype) {

@@ -603,6 +603,7 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
     coef_d = gsam_coef(g.dot, g.ssn, g.sso, g.es, g.eo, s.alpha);
   }
   const C coef = static_cast<C>(coef_d), alpha = static_cast<C>(alpha_d);
+  const C corr = static_cast<C>(s.correct ? s.mixc[2] : 0.0);  // decoupled WSAM's c3
   for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
     const Item it = items[k];
     const StepRow& r = rows[it.row];
@@ -670,6 +671,7 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
         for (int j = 0; j < N; ++j) {
           const C wv = io::cv(wp.v[j]);
           C gv = io::cv(gp.v[j]);
+          const C graw = gv;
           if (gs) {
             gv = coef * gv - alpha * io::cv(gop.v[j]);
             gp.v[j] = io::to(gv);
@@ -681,7 +683,9 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
             bp.v[j] = io::to(bv);
             gv = s.nesterov ? gv + mom * bv : bv;
           }
-          wp.v[j] = io::to(wv - lr * gv);
+          C wn = wv - lr * gv;
+          if (gs && s.correct) wn = wn - corr * (graw - io::cv(gop.v[j]));  // decoupled WSAM, after the update
+          wp.v[j] = io::to(wn);
         }
         stp(w, i, end, vec, wp);
         if (gs && s.writeback) stp(g, i, end, vec, gp);
@@ -706,6 +710,7 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
         for (int j = 0; j < N; ++j) {
           C wv = io::cv(wp.v[j]);
           C gv = io::cv(gp.v[j]);
+          const C graw = gv;
           if (gs) {
             gv = coef * gv - alpha * io::cv(gop.v[j]);
             gp.v[j] = io::to(gv);
@@ -723,7 +728,9 @@ __global__ void __launch_bounds__(kThreads) second_step_kernel(const StepRow* ro
             vv = vm > vv ? vm : vv;
             vmp.v[j] = io::to(vv);
           }
-          wp.v[j] = io::to(wv - step_size * (mv / (sqrt(vv) * inv_bc2_sqrt + eps)));
+          C wn = wv - step_size * (mv / (sqrt(vv) * inv_bc2_sqrt + eps));
+          if (gs && s.correct) wn = wn - corr * (graw - io::cv(gop.v[j]));  // decoupled WSAM, after the update
+          wp.v[j] = io::to(wn);
         }
         stp(w, i, end, vec, wp);
         stp(ms, i, end, vec, mp);

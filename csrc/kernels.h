@@ -210,8 +210,8 @@ struct StepScalars {
   int32_t nt;          // CPU: non-temporal stores for w when it is restored from w_old
   int32_t mix;         // SGD / Adam: g <- c1 * gs + c2 * g_old with (c1, c2) = mixc[0..1] instead of GSAM
   int32_t writeback;   // the combined gradient is stored back into g (GSAM always; mix when asked)
-  int32_t pad_;
-  const double* mixc;  // mix: (c1, c2), float64, on the rows' device (CUDA reads it in the kernel)
+  int32_t correct;     // mix with c3 = mixc[2]: w <- w - c3 * (g - g_old) after the update (decoupled WSAM)
+  const double* mixc;  // mix: (c1, c2[, c3]), float64, on the rows' device (CUDA reads it in the kernel)
 };
 
 // GSAM: from the global sums (dot = <g_old, gs>, ss_new = |gs|^2, ss_old = |g_old|^2),

@@ -24,9 +24,9 @@
 //     params are the gradients themselves and only g <- coef * g - alpha * g_old is done; in
 //     kModeAccum s1 holds the accumulators (grads only read), hyp[0..1] = weight, scale, fresh = reset,
 //     s2 (optional) the running sums to add to (default: s1, in place). mix (kModeSGD / kModeAdam,
-//     alpha 0): a 2-element float64 tensor (c1, c2) on the parameters' device; rows with g and
-//     g_old update with c1 * g + c2 * g_old (WSAM, LookSAM's reuse), stored back into g only if
-//     mix_writeback.
+//     alpha 0): a float64 tensor (c1, c2) or (c1, c2, c3) on the parameters' device; rows with g
+//     and g_old update with c1 * g + c2 * g_old (WSAM, LookSAM's reuse), stored back into g only if
+//     mix_writeback; with c3, the updated w then gets w - c3 * (g - g_old) (decoupled WSAM).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -269,13 +269,15 @@ inline StepArgs step_rows(int64_t mode, at::TensorList params, at::TensorList gr
   if (use_mix) {
     TORCH_CHECK(mode == kModeSGD || mode == kModeAdam, "fastsam: mix needs an SGD or Adam update");
     TORCH_CHECK(alpha == 0.0, "fastsam: mix and GSAM (alpha > 0) exclude each other");
-    TORCH_CHECK(mix->scalar_type() == at::kDouble && mix->numel() == 2 && mix->is_contiguous(),
-                "fastsam: mix must be a contiguous float64 tensor of 2 elements (c1, c2)");
+    TORCH_CHECK(mix->scalar_type() == at::kDouble && (mix->numel() == 2 || mix->numel() == 3) &&
+                    mix->is_contiguous(),
+                "fastsam: mix must be a contiguous float64 tensor (c1, c2) or (c1, c2, c3)");
     TORCH_CHECK(mix->device().type() == dev, "fastsam: mix must be on the parameters' device");
   }
   s.gsam = (alpha > 0.0 || use_mix) && any_pair;
   s.mix = use_mix && s.gsam;
   s.writeback = s.mix ? mix_writeback : 1;
+  s.correct = s.mix && mix->numel() == 3;
   s.mixc = s.mix ? mix->data_ptr<double>() : nullptr;
   s.alpha = alpha;
   s.nesterov = nesterov;

@@ -375,12 +375,15 @@ def sam_restore_(params: list[Tensor], w_old: list[Tensor]) -> None:
 #   P; the combine of :func:`gsam_combine_` runs over the tensors that have both ``g_old[i]`` and
 #   ``grads[i]``, writes the combined gradient back into ``grads[i]`` (as the unfused path does),
 #   and the update uses it.
-# - ``mix`` (instead of GSAM; the cheaper family, issue #17): a 2-element float64 tensor
-#   ``(c1, c2)`` on the parameters' device; the update uses ``c1 * grads[i] + c2 * g_old[i]``
+# - ``mix`` (instead of GSAM; the cheaper family, issue #17): a float64 tensor ``(c1, c2)`` or
+#   ``(c1, c2, c3)`` on the parameters' device; the update uses ``c1 * grads[i] + c2 * g_old[i]``
 #   where both exist (``grads[i]`` elsewhere), written back into ``grads[i]`` only when
-#   ``mix_writeback``. WSAM: ``(a, 1 - a)`` with ``g_old`` the gradient at w, written back;
-#   LookSAM's non-perturbing step: ``(1, alpha |g|)`` with ``g_old`` its stored ``gv_hat``, not
-#   written back. The coefficients stay on the device (LookSAM's ``|g|`` is never read by the host).
+#   ``mix_writeback``, and with ``c3`` the updated weight is then corrected by
+#   ``w <- w - c3 * (grads[i] - g_old[i])`` (the gradients as given). WSAM: ``(a, 1 - a)`` with
+#   ``g_old`` the gradient at w, written back; decoupled WSAM: ``(0, 1, lr a)`` written back (the
+#   base step with g, then ``w -= lr a (gs - g)``); LookSAM's non-perturbing step:
+#   ``(1, alpha |g|)`` with ``g_old`` its stored ``gv_hat``, not written back. The coefficients
+#   stay on the device (LookSAM's ``|g|`` is never read by the host).
 # - Float hyperparameters are a float (all tensors) or a sequence with one value per tensor
 #   (param groups with different lr / weight_decay share one call).
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +404,8 @@ def check_mix(mix: Tensor | None, gsam_alpha: float, g_old: list[Tensor | None] 
     floating tensor on the parameters' device, with a ``g_old`` list and without GSAM."""
     if mix is None:
         return
-    if not isinstance(mix, Tensor) or mix.numel() != 2 or not mix.is_floating_point():
-        raise ValueError(f"mix: expected a 2-element floating tensor (c1, c2), got {mix!r}")
+    if not isinstance(mix, Tensor) or mix.numel() not in (2, 3) or not mix.is_floating_point():
+        raise ValueError(f"mix: expected a floating tensor (c1, c2) or (c1, c2, c3) (2 or 3 elements), got {mix!r}")
     if gsam_alpha > 0:
         raise ValueError(f"mix and gsam_alpha > 0 ({gsam_alpha}) exclude each other: one combine per update")
     if g_old is None:
@@ -411,11 +414,11 @@ def check_mix(mix: Tensor | None, gsam_alpha: float, g_old: list[Tensor | None] 
         raise ValueError(f"mix: expected a tensor on {device} (the parameters' device), got one on {mix.device}")
 
 
-def mix_coefficients(mix: Tensor) -> tuple[float, float]:
-    """``(c1, c2)`` of a ``mix`` tensor as host floats (the reference reads them; the fused
-    backends read the device tensor in their kernels)."""
-    c1, c2 = mix.detach().reshape(2).to(torch.float64).cpu().tolist()
-    return float(c1), float(c2)
+def mix_coefficients(mix: Tensor) -> tuple[float, float, float]:
+    """``(c1, c2, c3)`` of a ``mix`` tensor as host floats, ``c3 = 0`` for a 2-element one (the
+    reference reads them; the fused backends read the device tensor in their kernels)."""
+    vals = mix.detach().reshape(-1).to(torch.float64).cpu().tolist() + [0.0]
+    return float(vals[0]), float(vals[1]), float(vals[2])
 
 
 def _gsam_combined64(
@@ -431,7 +434,7 @@ def _gsam_combined64(
     f64 = torch.float64
     out: list[Tensor | None] = [None if g is None else g.to(f64) for g in grads]
     if mix is not None and g_old is not None:
-        c1, c2 = mix_coefficients(mix)
+        c1, c2, _ = mix_coefficients(mix)
         for i, (g, go) in enumerate(zip(grads, g_old)):
             if g is not None and go is not None:
                 out[i] = c1 * out[i] + c2 * go.to(f64)  # type: ignore[operator]
@@ -446,6 +449,14 @@ def _gsam_combined64(
         gs64, go64 = out[i], g_old[i].to(f64)  # type: ignore[union-attr]
         out[i] = gs64 - alpha * (go64 - cos * ratio * gs64)  # type: ignore[operator]
     return out
+
+
+def _corrected(w64: Tensor, g: Tensor | None, g_old: list[Tensor | None] | None, i: int, corr: float) -> Tensor:
+    """``w - c3 (g - g_old)`` (decoupled WSAM's correction after the update) where ``c3 != 0``
+    and the tensor has both gradients, else ``w``."""
+    if corr == 0.0 or g is None or g_old is None or g_old[i] is None:
+        return w64
+    return w64 - corr * (g.to(torch.float64) - g_old[i].to(torch.float64))  # type: ignore[union-attr]
 
 
 class _Undo:
@@ -583,6 +594,7 @@ def sam_restore_sgd_(
     check_mix(mix, gsam_alpha, g_old, params[0].device if params else None)
     gs = _gsam_combined64(grads, g_old, gsam_alpha, mix=mix)
     back = (gsam_alpha > 0 or (mix is not None and mix_writeback)) and g_old is not None
+    corr = mix_coefficients(mix)[2] if mix is not None else 0.0
     writes: list[tuple[Tensor, Tensor]] = []  # computed first, written last (nothing changes on an error)
     fresh: list[tuple[int, Tensor]] = []
     for i, w in enumerate(params):
@@ -608,7 +620,7 @@ def sam_restore_sgd_(
                 b64 = moms[i] * buf.to(f64) + (1.0 - damps[i]) * d
             writes.append((buf, b64))
             d = d + moms[i] * b64 if nesterov else b64
-        writes.append((w, w64 - lrs[i] * d))
+        writes.append((w, _corrected(w64 - lrs[i] * d, grads[i], g_old, i, corr)))
     undo = _Undo()
     try:
         for dst, val in writes:
@@ -666,6 +678,7 @@ def sam_restore_adam_(
     check_mix(mix, gsam_alpha, g_old, params[0].device if params else None)
     gs = _gsam_combined64(grads, g_old, gsam_alpha, mix=mix)
     back = (gsam_alpha > 0 or (mix is not None and mix_writeback)) and g_old is not None
+    corr = mix_coefficients(mix)[2] if mix is not None else 0.0
     writes: list[tuple[Tensor, Tensor]] = []  # computed first, written last (nothing changes on an error)
     for i, w in enumerate(params):
         src = w_old[i] if w_old[i] is not None else w
@@ -700,7 +713,7 @@ def sam_restore_adam_(
         bc1 = 1.0 - b1s[i] ** t
         bc2 = 1.0 - b2s[i] ** t
         denom = v64.sqrt() / math.sqrt(bc2) + epss[i]
-        writes.append((w, w64 - (lrs[i] / bc1) * m64 / denom))
+        writes.append((w, _corrected(w64 - (lrs[i] / bc1) * m64 / denom, grads[i], g_old, i, corr)))
     undo = _Undo()
     try:
         for dst, val in writes:

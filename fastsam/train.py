@@ -182,10 +182,6 @@ def _check_family(optimizer: SAM, plan: _Plan, ascent_loss_fn: Any, sds_keep: fl
     if plan.mode == "adaptive" and ascent_loss_fn is not None:
         raise ValueError("ascent_loss_fn with AE-SAM: its decision reads the training gradient at w, which the "
                          "first pass would not compute")
-    if plan.mode in ("sam", "adaptive") and (len(plan.bounds) > 1 or not plan.update or accum is not None) and (
-            optimizer.looksam_alpha is not None or (optimizer.wsam_gamma is not None and optimizer.wsam_decouple)):
-        raise ValueError("LookSAM and decoupled WSAM combine the two gradients of one batch: micro_batch and "
-                         "update=False accumulation are not supported with them (WSAM(decouple=False) is)")
 
 
 @contextlib.contextmanager

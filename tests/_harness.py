@@ -369,11 +369,13 @@ FUSED_SGD_KWS = {
 }
 
 
-# the cheaper family's combines (``mix = (c1, c2)``, issue #17): WSAM's (a, 1 - a) written back into
-# .grad, LookSAM's reuse (1, alpha |g|) not written back; by test id
+# the cheaper family's combines (``mix = (c1, c2[, c3])``, issue #17): WSAM's (a, 1 - a) written back
+# into .grad, LookSAM's reuse (1, alpha |g|) not written back, decoupled WSAM's (0, 1, lr a): the
+# update with g_old (written back), then w -= lr a (g - g_old); by test id
 FUSED_MIX_KWS = {
     "wsam-mix": {"mix": (0.7, 0.3), "mix_writeback": True},
     "looksam-reuse": {"mix": (1.0, 2.5), "mix_writeback": False},
+    "wsam-decoupled": {"mix": (0.0, 1.0, 0.05), "mix_writeback": True},
 }
 
 
@@ -458,7 +460,7 @@ def check_mix_refused(backend: str, lists: Callable[..., tuple]) -> None:
     bufs: list = [None] * len(params)
     bad = [({"g_old": g_old, "gsam_alpha": 0.3, "mix": good}, "exclude each other"),
            ({"g_old": None, "mix": good}, "needs the g_old list"),
-           ({"g_old": g_old, "mix": torch.zeros(3, dtype=torch.float64, device=dev)}, "2-element")]
+           ({"g_old": g_old, "mix": torch.zeros(4, dtype=torch.float64, device=dev)}, "2 or 3 elements")]
     for kw, msg in bad:
         go = kw.pop("g_old")
         with pytest.raises(ValueError, match=msg):

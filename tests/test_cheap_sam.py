@@ -72,8 +72,20 @@ def _perturb64(params, grads, t: int, opts: dict, rho: float, fsam: dict | None)
     return w_old
 
 
-def reference_run(variant: str, base: str, opts: dict, rho: float = 0.1, **v) -> tuple[list[torch.Tensor], int]:
-    """The variant's rule, by hand, in float64. Returns (weights, forward passes)."""
+def _mean_grads(model, x, y, micro: int | None) -> tuple[list[torch.Tensor], list[tuple]]:
+    """The batch's gradient at the current weights: one pass, or the size-weighted mean over
+    micro-batches of ``micro`` examples; also the micro-batches."""
+    chunks = [(x, y)] if micro is None else [(x[i:i + micro], y[i:i + micro]) for i in range(0, len(y), micro)]
+    gs = [_grad(model, a, b) for a, b in chunks]
+    n = len(y)
+    return [sum(g[j] * (len(c[1]) / n) for g, c in zip(gs, chunks)) for j in range(len(gs[0]))], chunks
+
+
+def reference_run(variant: str, base: str, opts: dict, rho: float = 0.1, micro: int | None = None,
+                  **v) -> tuple[list[torch.Tensor], int]:
+    """The variant's rule, by hand, in float64. Returns (weights, forward passes). ``micro``:
+    m-sharpness over micro-batches of that size (each perturbed from its own gradient; the SAM
+    step's ``gs`` and ``g`` are the size-weighted means over them, a plain step's ``g`` too)."""
     model = _model(dtype=torch.float64)
     params = list(model.parameters())
     cls, kw = BASES[base]
@@ -100,8 +112,8 @@ def reference_run(variant: str, base: str, opts: dict, rho: float = 0.1, **v) ->
                 p.grad = gg
             opt.step()
             continue
-        g = _grad(model, x, y)
-        passes += 1
+        g, chunks = _mean_grads(model, x, y, micro)
+        passes += len(chunks)
         if variant in ("interval", "looksam"):
             perturb = t % v["k"] == 0
         elif variant == "aesam":
@@ -127,12 +139,23 @@ def reference_run(variant: str, base: str, opts: dict, rho: float = 0.1, **v) ->
                 p.grad = dd
             opt.step()
             continue
-        w_old = _perturb64(params, g, t, opts, rho, fsam)
-        gs = _grad(model, x, y)
-        passes += 1
-        with torch.no_grad():
-            for p, w in zip(params, w_old):
-                p.copy_(w)
+        if micro is None:
+            w_old = _perturb64(params, g, t, opts, rho, fsam)
+            gs = _grad(model, x, y)
+            passes += 1
+            with torch.no_grad():
+                for p, w in zip(params, w_old):
+                    p.copy_(w)
+        else:  # every micro-batch perturbed from its own gradient at w
+            gs = [torch.zeros_like(p) for p in params]
+            for a, b in chunks:
+                w_old = _perturb64(params, _grad(model, a, b), t, opts, rho, fsam)
+                for acc, gk in zip(gs, _grad(model, a, b)):
+                    acc += gk * (len(b) / len(y))
+                passes += 1
+                with torch.no_grad():
+                    for p, w in zip(params, w_old):
+                        p.copy_(w)
         if variant == "looksam":
             coef = _dot(gs, g) / _sq(g)
             gv = [a - coef * b for a, b in zip(gs, g)]
@@ -168,7 +191,10 @@ PRESETS = {
 PASSES = {"interval": 10, "looksam": 10, "msam": 7, "wsam": 14, "wsam-mixed": 14}
 
 
-def fastsam_run(variant: str, base: str, backend: str, opts: dict, rho: float = 0.1):
+def fastsam_run(variant: str, base: str, backend: str, opts: dict, rho: float = 0.1, micro: int | None = None,
+                accumulate: bool = False):
+    """``accumulate``: each step as sam_step calls of ``micro`` examples, all but the last with
+    update=False (the same m-sharpness as ``micro_batch=micro`` in one call)."""
     model = _model()
     cls, kw = BASES[base]
     make, _ = PRESETS[variant]
@@ -176,7 +202,13 @@ def fastsam_run(variant: str, base: str, backend: str, opts: dict, rho: float = 
     passes = [0]
     model.register_forward_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
     for x, y in _batches():
-        r = fastsam.sam_step(model, opt, x, y, F.cross_entropy)
+        if accumulate:
+            assert micro is not None
+            for i in range(0, len(y), micro):
+                r = fastsam.sam_step(model, opt, x[i:i + micro], y[i:i + micro], F.cross_entropy,
+                                     update=i + micro >= len(y))
+        else:
+            r = fastsam.sam_step(model, opt, x, y, F.cross_entropy, micro_batch=micro)
         assert not r.skipped
     return model, opt, passes[0]
 
@@ -193,6 +225,22 @@ def test_variant_matches_its_formula(variant, base, backend):
     for a, b in zip(model.parameters(), ref):
         torch.testing.assert_close(a.detach().double(), b, rtol=2e-5, atol=2e-6)
     assert opt.step_count == STEPS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["micro_batch", "accumulate"])
+@pytest.mark.parametrize("variant", ["looksam", "wsam", "wsam-mixed", "interval"])
+def test_micro_batches_and_accumulation_match_their_formula(variant, how, backend):
+    """m-sharpness (micro-batches of 4 out of 12, each perturbed from its own gradient) and
+    accumulation over sam_step calls: LookSAM's direction from the means of gs and g, decoupled
+    WSAM's update with the mean of g and correction with the means' difference."""
+    base = "adamw" if variant == "looksam" else "sgd"
+    model, opt, passes = fastsam_run(variant, base, backend, {}, micro=4, accumulate=how == "accumulate")
+    ref, ref_passes = reference_run(variant.split("-")[0], base, {}, micro=4, **PRESETS[variant][1])
+    assert passes == ref_passes
+    for a, b in zip(model.parameters(), ref):
+        torch.testing.assert_close(a.detach().double(), b, rtol=2e-5, atol=2e-6)
+    assert opt.step_count == STEPS and not opt.has_accumulated and not opt._pair_g
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -345,9 +393,6 @@ def test_msam_needs_a_momentum_and_sam_step_refuses_what_one_pass_cannot_do():
         fastsam.sam_step(m, opt, x, y, F.cross_entropy, sds_keep=0.5)
     with pytest.raises(ValueError, match="ascent_loss_fn"):
         fastsam.sam_step(m, opt, x, y, F.cross_entropy, ascent_loss_fn=F.cross_entropy)
-    look = fastsam.LookSAM(m.parameters(), torch.optim.SGD, lr=0.1)
-    with pytest.raises(ValueError, match="micro_batch"):
-        fastsam.sam_step(m, look, x, y, F.cross_entropy, micro_batch=4)
 
 
 def test_msam_keeps_w_between_steps():

@@ -163,6 +163,10 @@ OPTIONS = {
     # reuse step (g + alpha |g| gv_hat in the update kernel) / a WSAM step (its mix in the update)
     "looksam-adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), dict(sam_every=3, looksam_alpha=0.7)),
     "wsam-sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(wsam_gamma=0.8, wsam_decouple=False)),
+    # ... and their accumulated SAM steps (sam_step scenario: micro-batches over two calls; the
+    # tested step perturbs): LookSAM's direction and decoupled WSAM's update from the sums of g
+    "looksam2-adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), dict(sam_every=2, looksam_alpha=0.7)),
+    "wsamd-sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(wsam_gamma=0.8)),
 }
 
 
@@ -346,6 +350,7 @@ CASES = [
     ("perturbed", "all-adamw", {}), ("closure", "plain-sgd", {}), ("msam", "all-adamw", {}),
     ("sam_step", "all-adamw", {}), ("sam_step", "plain-sgd", dict(lsam=True)),
     ("family", "looksam-adamw", {}), ("family", "wsam-sgd", {}), ("manual", "wsam-sgd", {}),
+    ("sam_step", "looksam2-adamw", {}), ("sam_step", "wsamd-sgd", {}),
 ]
 
 
@@ -368,6 +373,11 @@ def _available(backend: str) -> bool:
 def test_an_exception_at_every_call_site_changes_nothing(backend, scenario, options, extra):
     if not _available(backend):
         pytest.skip(f"backend {backend!r} not available here")
+    if options == "wsamd-sgd" and not Fn.supports_fused_updates(backend, "cpu"):
+        # decoupled WSAM's correction runs after base_optimizer.step() on the unfused backends: a
+        # fault in it leaves that update applied (README "What fastsam guarantees"); fused, it is
+        # part of the update kernel
+        pytest.skip("decoupled WSAM: the unfused correction after the base step is documented as not atomic")
     build, arm_methods, model_kw = SCENARIOS[scenario]
     model, opt = _make(backend, options, **{**model_kw, **extra})
     for i in range(2):  # warm-up: base state, F-SAM EMA, partial sums exist before the tested step

@@ -184,7 +184,8 @@ CHEAP_CASES = [
     ("looksam", {"sam_every": 2, "looksam_alpha": 0.7}, 6, 20, 9),
     # the mix a gs + (1 - a) g in K3: reads g_old, writes the mixed .grad back (7 + 2)
     ("wsam", {"wsam_gamma": 0.9, "wsam_decouple": False}, 6, 9, None),
-    ("wsam decoupled", {"wsam_gamma": 0.9}, 6, 15, None),  # gs - g (3), g into .grad (2), w -= c d (3)
+    # the update with g_old, then w -= lr a (gs - g_old), in K3; g written back into .grad (7 + 2)
+    ("wsam decoupled", {"wsam_gamma": 0.9}, 6, 9, None),
 ]
 
 

@@ -84,9 +84,11 @@ def variants() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
                                                             (3, True, False, False, False, False, False, True),
                                                             (3, False, False, False, False, False, False, True),
                                                             (2, True, False, False, False, True, True, True),
-                                                            (1, True, False, False, False, False, True, False)):
+                                                            (1, True, False, False, False, False, True, False),
+                                                            (2, True, False, False, False, True, True, "correct")):
             c4 = dict(base, MODE=mode, GSAM=gsam, NESTEROV=nest, MAXIMIZE=maxi, AMSGRAD=ams, DECOUPLED=dec,
-                      RNE_BF16=False, PBLOCK=1 if mix else 1024, MIX=mix, WRITEBACK=back)
+                      RNE_BF16=False, PBLOCK=1 if mix else 1024, MIX=mix, WRITEBACK=bool(back),
+                      CORRECT=back == "correct")  # decoupled WSAM: written back and corrected
             # without GSAM's sums the launcher passes the table as `part` (nothing to read there);
             # a mix's coefficients are a float64 tensor
             p4 = dict(ptrs, part="*i64", scal="*fp64") if mix else ptrs if gsam else dict(ptrs, part="*i64")

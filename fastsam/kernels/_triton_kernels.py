@@ -679,10 +679,10 @@ def _st(p, x, mask, DT: tl.constexpr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.constexpr, MODE: tl.constexpr,
-              GSAM: tl.constexpr, WRITEBACK: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-              AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK: tl.constexpr,
-              ALIGNED: tl.constexpr):
+def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, corr, DT: tl.constexpr, CT: tl.constexpr,
+              MODE: tl.constexpr, GSAM: tl.constexpr, WRITEBACK: tl.constexpr, CORRECT: tl.constexpr,
+              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr,
+              RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """K3 work of one block (``inb``: the lanes in bounds); see :func:`second_step_kernel`.
 
     Branch-free on purpose: the per-tensor conditions (has a gradient / w_old / g_old / a momentum
@@ -736,6 +736,7 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
         w = w_raw.to(CT)
         ming = tl.where(has_g, inb, False)
         g = tl.load(pg + offs, mask=ming, other=0.0).to(CT)
+        g_raw = g
         if GSAM:
             g = tl.where(has_go, coef * g - alpha * go, g)
             if WRITEBACK:  # .grad holds the combined gradient afterwards, as on the unfused path
@@ -788,6 +789,8 @@ def _k3_block(row, hrow, ntab, offs, inb, coef, alpha, DT: tl.constexpr, CT: tl.
             else:
                 sq = tl.sqrt_rn(v)
             w = w - step_size * (m / (sq / bc2_sqrt + eps))
+        if CORRECT:  # decoupled WSAM: w <- w - c3 (gs - g_old) after the update
+            w = tl.where(has_go, w - corr * (g_raw - go), w)
         # no gradient: only the restore (w_old -> w, raw bits), and only where there is a w_old
         if RNE_BF16:
             w_new = tl.where(has_g, _bf16_rne(w), w_raw)
@@ -802,7 +805,7 @@ def second_step_kernel(
     DT: tl.constexpr, CT: tl.constexpr, PT: tl.constexpr, MODE: tl.constexpr, GSAM: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr,
     RNE_BF16: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, SPLIT: tl.constexpr,
-    ALIGNED: tl.constexpr, MIX: tl.constexpr = False, WRITEBACK: tl.constexpr = True,
+    ALIGNED: tl.constexpr, MIX: tl.constexpr = False, WRITEBACK: tl.constexpr = True, CORRECT: tl.constexpr = False,
 ):
     """K3: restore ``w = w_old`` fused with the GSAM combine and the base optimizer update.
 
@@ -817,13 +820,17 @@ def second_step_kernel(
     MIX (MODE 1/2, with GSAM on: the combine reads ``g_old``): ``g = c1 * gs + c2 * g_old`` with
     ``(c1, c2)`` read from ``scal`` (float64, on the device: WSAM's constants or LookSAM's
     ``(1, alpha |g|)``), no partial sums; written back to the gradient only if WRITEBACK.
+    CORRECT (with MIX, decoupled WSAM): then ``w <- w - c3 * (gs - g_old)``, ``c3 = scal[2]``.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
+    corr = 0.0
     if MIX:  # g = coef * gs - alpha * g_old with (coef, -alpha) = (c1, c2)
         coef = tl.load(scal + 0).to(CT)
         alpha = -tl.load(scal + 1).to(CT)
+        if CORRECT:
+            corr = tl.load(scal + 2).to(CT)
     else:
         alpha = tl.load(scal + 0)
         coef = 1.0
@@ -838,8 +845,8 @@ def second_step_kernel(
         offs = start + lanes
         numel = tl.load(row + S_NUMEL * ntab)
         if SPLIT and start + BLOCK <= numel:  # full block: all-true mask, vectorizable (see K1)
-            _k3_block(row, hrow, ntab, offs, lanes < BLOCK, coef, alpha, DT, CT, MODE, GSAM, WRITEBACK, NESTEROV,
-                      MAXIMIZE, AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)
+            _k3_block(row, hrow, ntab, offs, lanes < BLOCK, coef, alpha, corr, DT, CT, MODE, GSAM, WRITEBACK,
+                      CORRECT, NESTEROV, MAXIMIZE, AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)
         else:
-            _k3_block(row, hrow, ntab, offs, offs < numel, coef, alpha, DT, CT, MODE, GSAM, WRITEBACK, NESTEROV,
-                      MAXIMIZE, AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)
+            _k3_block(row, hrow, ntab, offs, offs < numel, coef, alpha, corr, DT, CT, MODE, GSAM, WRITEBACK,
+                      CORRECT, NESTEROV, MAXIMIZE, AMSGRAD, DECOUPLED, RNE_BF16, BLOCK, ALIGNED)

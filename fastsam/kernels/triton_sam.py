@@ -423,7 +423,7 @@ def _second_step_impl(
                          (w_old, False, "like"), (g_old if gsam else None, False, "like"), (s1, updates, "like"),
                          (s2, updates and not accum, "like"), (s3, updates, "like")]
     fit = (mode, gsam, nesterov, maximize, amsgrad, decoupled, params_mutated, L._CONFIG) + (
-        (use_mix, writeback) if use_mix else ())
+        (use_mix, writeback, mix.numel()) if use_mix else ())  # type: ignore[union-attr]
     statics = (params, w_old, g_old if gsam else None, s1, s2, s3)
     key = P.plan_key(("second",) + fit, *statics)
     dense = not any(map(_is_none, grads))
@@ -481,7 +481,7 @@ def _second_step_impl(
             _gather_partials(bufs, [(x[0].group.device, bb, x[4]) for x, bb in zip(launches, bases)], 5, total)
         # read only by GSAM's combine: constant otherwise (no recompile)
         pblock = _pblock(plan) if gsam and not use_mix else 1
-        extra = {"MIX": True, "WRITEBACK": writeback} if use_mix else {}
+        extra = {"MIX": True, "WRITEBACK": writeback, "CORRECT": mix.numel() == 3} if use_mix else {}  # type: ignore
         for gp, tab, hyp_t, scal, nprog, warps, fit_key in launches:
             g = gp.group
             part = bufs[g.device] if gsam and not use_mix else tab

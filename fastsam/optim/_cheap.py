@@ -35,8 +35,11 @@ products global over the perturbed parameters P, summed in float64):
 
 The ops here are torch foreach ops in the tensors' own dtype (per-tensor norms and dot products,
 summed over tensors in float64; a float32 tensor whose own norm exceeds ~3.4e38 reads as inf, and
-the step is then skipped as non-finite), run on every backend; the existing fused ops do the rest
-of each step (MSAM's perturbation is the fused first step with the momentum as its direction).
+the step is then skipped as non-finite). The foreach and reference backends use them for every
+combine; the fused backends (triton, cpp, cuda) fold LookSAM's reuse and both WSAM forms into
+the fused update (its ``mix`` argument, :func:`fastsam.reference.sam_restore_adam_`) and use
+:func:`sq_norm` / :func:`looksam_project` only for ``|g|`` and LookSAM's projection. MSAM's
+perturbation is the fused first step with the momentum as its direction.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class _Txn:
     """
 
     __slots__ = ("outer", "ema_old", "acc_old", "acc_live0", "base_len0", "created", "updated", "params", "grads0",
-                 "perturbed", "gv_old", "combined", "wsam_pending")
+                 "perturbed", "gv_old", "combined", "wsam_pending", "pair0")
 
     def __init__(self, opt: SAM, outer: bool, params: list[Tensor] | None = None,
                  grads: list[Tensor | None] | None = None) -> None:
@@ -119,6 +119,8 @@ class _Txn:
         self.gv_old: dict[Tensor, Tensor | None] = {}  # param -> LookSAM direction before the step
         self.combined = False  # LookSAM / WSAM have taken this step's two gradients
         self.wsam_pending: tuple | None = None  # decoupled WSAM's correction, applied after the update
+        # LookSAM / decoupled WSAM under accumulation: (running sums of g, loaded sums of g) before the step
+        self.pair0: tuple[dict, dict] | None = None
 
 
 class _Layout:
@@ -466,6 +468,10 @@ class SAM(torch.optim.Optimizer):
         self._grad_marks: tuple[list[Tensor], list[int], list[int | None]] | None = None
         # ids of the parameters whose scratch "acc" buffer holds a partial sum (see accumulate())
         self._acc_live: set[int] = set()
+        # LookSAM / decoupled WSAM with micro-batches or accumulation: the gradients at w summed
+        # beside the perturbed ones (param -> sum), and the sums load_accumulated handed to the update
+        self._acc_g: dict[Tensor, Tensor] = {}
+        self._pair_g: dict[Tensor, Tensor] = {}
         self._txn: _Txn | None = None
         self._layout_key: tuple | None = None  # data pointers the aliasing check last passed
         self._layout_meta: tuple | None = None  # their sizes (see _param_meta)
@@ -730,6 +736,8 @@ class SAM(torch.optim.Optimizer):
                 sc["acc"] = old_acc
         if txn.acc_live0 is not None:
             self._acc_live = txn.acc_live0
+        if txn.pair0 is not None:
+            self._acc_g, self._pair_g = txn.pair0
         for w, g in zip(txn.params, txn.grads0):
             w.grad = g
         base_state = self.base_optimizer.state
@@ -917,7 +925,7 @@ class SAM(torch.optim.Optimizer):
                 self._set_perturbed(None)  # WSAM's mix, if any, was the fused update's own
             else:
                 if mix is not None:
-                    self._wsam_mix(lay)
+                    self._wsam_unfused(lay, txn)
                 self._restore_and_combine()
                 self.base_optimizer.step()
                 grads = None  # the base optimizer's step may have replaced them
@@ -937,7 +945,10 @@ class SAM(torch.optim.Optimizer):
         assert lay.g_old is not None
         idx = [i for i, w in enumerate(lay.params) if w.grad is not None]
         ws = [lay.params[i] for i in idx]
-        outs = _cheap.looksam_project([w.grad for w in ws], [lay.g_old[i] for i in idx])
+        self._looksam_store_from(ws, [w.grad for w in ws], [lay.g_old[i] for i in idx], txn)
+
+    def _looksam_store_from(self, ws: list[Tensor], gs: list[Tensor], g: list[Tensor], txn: _Txn) -> None:
+        outs = _cheap.looksam_project(gs, g)
         for w, gv in zip(ws, outs):
             st = self.state[w]
             if w not in txn.gv_old:
@@ -950,7 +961,9 @@ class SAM(torch.optim.Optimizer):
         ``.grad`` (``a gs + (1 - a) g``; decoupled: ``g``, with ``gs - g`` kept for the correction
         after the update). GSAM's combine is the fused update's own. ``defer_mix``: WSAM's
         ``a gs + (1 - a) g`` is returned as the fused update's mix instead of written here (the
-        caller runs :meth:`_wsam_mix` if the update is not fused)."""
+        caller runs :meth:`_wsam_unfused` if the update is not fused); decoupled WSAM's too, as
+        ``(0, 1, lr a)`` (the update with g, then ``w -= lr a (gs - g)``), when the perturbed
+        groups share one float lr."""
         if lay.g_old is None or not lay.params or txn.combined:
             return None
         txn.combined = True
@@ -959,11 +972,25 @@ class SAM(torch.optim.Optimizer):
         if self.wsam_gamma is None:
             return None
         a = self.wsam_gamma / (1.0 - self.wsam_gamma)
+        dev = lay.params[0].device
+        if defer_mix and not self.wsam_decouple:
+            return None, self._mix_coef(dev, a, 1.0 - a), True
+        if defer_mix:
+            lrs = {g["lr"] for g in self.param_groups if g["rho"] > 0}
+            lr = next(iter(lrs)) if len(lrs) == 1 else None
+            if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
+                return None, self._mix_coef(dev, 0.0, 1.0, float(lr) * a), True
+        self._wsam_unfused(lay, txn)
+        return None
+
+    def _wsam_unfused(self, lay: _Layout, txn: _Txn) -> None:
+        """WSAM with foreach ops: ``.grad <- a gs + (1 - a) g`` (one lerp); decoupled: ``.grad <- g``
+        with ``gs - g`` kept for :meth:`_wsam_correct` after the base update."""
+        assert lay.g_old is not None and self.wsam_gamma is not None
+        a = self.wsam_gamma / (1.0 - self.wsam_gamma)
         if not self.wsam_decouple:
-            if defer_mix:
-                return None, self._mix_coef(lay.params[0].device, a, 1.0 - a), True
             self._wsam_mix(lay)
-            return None
+            return
         ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
         gs = [w.grad for w, _ in ws]
         g = [go for _, go in ws]
@@ -981,14 +1008,15 @@ class SAM(torch.optim.Optimizer):
         gs = [w.grad for w, _ in ws]
         _cheap.wsam_mix(gs, [go for _, go in ws], a, gs)
 
-    def _mix_coef(self, device: torch.device, c1: float, c2: float) -> Tensor:
-        """``(c1, c2)`` as a float64 tensor on ``device``, kept for constant coefficients (WSAM's)."""
-        key = (device, c1, c2)
+    def _mix_coef(self, device: torch.device, *cs: float) -> Tensor:
+        """``(c1, c2[, c3])`` as a float64 tensor on ``device``, kept for constant coefficients
+        (WSAM's; decoupled WSAM's ``lr a`` changes with a scheduler: a few are kept)."""
+        key = (device, *cs)
         t = self._mix_cache.get(key)
         if t is None:
             if len(self._mix_cache) > 8:
                 self._mix_cache.clear()
-            t = self._mix_cache[key] = torch.tensor([c1, c2], dtype=torch.float64, device=device)
+            t = self._mix_cache[key] = torch.tensor(cs, dtype=torch.float64).to(device, non_blocking=True)
         return t
 
     def _wsam_correct(self, txn: _Txn) -> None:
@@ -1074,13 +1102,11 @@ class SAM(torch.optim.Optimizer):
         txn = self._begin()
         try:
             lay = self._layout
+            if self._needs_pair():
+                self._accumulate_g(lay, txn, float(weight), float(scale))
             if lay is not None and lay.params and lay.g_old is not None:
-                if self.looksam_alpha is not None or (self.wsam_gamma is not None and self.wsam_decouple):
-                    raise ValueError(
-                        "accumulate() after a perturbing step of LookSAM or decoupled WSAM: their update needs the "
-                        "two gradients of one batch (m-sharpness micro-batches and accumulated SAM steps are not "
-                        "supported with them); use micro_batch=None and update=True, or WSAM(decouple=False)")
-                if self.wsam_gamma is not None:  # WSAM per micro-batch: a gs + (1 - a) g, then summed
+                # WSAM per micro-batch: a gs + (1 - a) g, then summed
+                if self.wsam_gamma is not None and not self.wsam_decouple:
                     a = self.wsam_gamma / (1.0 - self.wsam_gamma)
                     ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
                     gs = [w.grad for w, _ in ws]
@@ -1165,6 +1191,9 @@ class SAM(torch.optim.Optimizer):
                 else:
                     w.grad = None
         self._acc_live = set()
+        if self._acc_g or self._pair_g:  # LookSAM / decoupled WSAM: the sums of g go with gs to the update
+            self._save_pair(txn)
+            self._pair_g, self._acc_g = self._acc_g, {}
 
     def clear_accumulated(self) -> None:
         """Drop the partial sums of :meth:`accumulate` (the next call starts from 0)."""
@@ -1172,6 +1201,47 @@ class SAM(torch.optim.Optimizer):
         if txn is not None and txn.acc_live0 is None:
             txn.acc_live0 = set(self._acc_live)
         self._acc_live = set()
+        if self._acc_g or self._pair_g:
+            self._save_pair(txn)
+            self._acc_g, self._pair_g = {}, {}
+
+    def _needs_pair(self) -> bool:
+        """LookSAM and decoupled WSAM combine the step's two gradients after the update's gradient is
+        known: under accumulation the gradients at w are summed beside the perturbed ones."""
+        return self.looksam_alpha is not None or (self.wsam_gamma is not None and self.wsam_decouple)
+
+    def _save_pair(self, txn: _Txn | None) -> None:
+        if txn is not None and txn.pair0 is None:
+            txn.pair0 = (self._acc_g, self._pair_g)  # replaced, never written in place: references suffice
+
+    def _accumulate_g(self, lay: _Layout | None, txn: _Txn, weight: float, scale: float) -> None:
+        """``acc_g <- scale * (acc_g + weight * g)`` beside :meth:`accumulate`'s sum of gs, with ``g``
+        the micro-batch's gradient at w (``g_old``) on the perturbed tensors, into new tensors (the
+        old sums are kept for a rollback). A non-perturbed micro-batch adds nothing (its gradient is
+        the sum's own: LookSAM's plain steps take the mean of g as it is)."""
+        old = self._acc_g
+        new = dict(old)
+        hit: set[int] = set()
+        if lay is not None and lay.params and lay.g_old is not None:
+            pairs = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
+            if pairs:
+                ws = [w for w, _ in pairs]
+                vals = torch._foreach_mul([go for _, go in pairs], weight)
+                have = [i for i, w in enumerate(ws) if w in old]
+                if have:
+                    torch._foreach_add_([vals[i] for i in have], [old[ws[i]] for i in have])
+                if scale != 1.0:
+                    torch._foreach_mul_(vals, scale)
+                for w, v in zip(ws, vals):
+                    new[w] = v
+                    hit.add(id(w))
+        if scale != 1.0:  # sums this micro-batch did not touch are scaled too, as accumulate() scales them
+            for w, v in old.items():
+                if id(w) not in hit:
+                    new[w] = v * scale
+        if new or old:
+            self._save_pair(txn)
+            self._acc_g = new
 
     @property
     def has_accumulated(self) -> bool:
@@ -1194,7 +1264,10 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("base_step() while the weights are perturbed; call restore() first")
         txn = self._begin()
         try:
-            self._base_update(txn)
+            if self._pair_g:
+                self._pair_update(txn)
+            else:
+                self._base_update(txn)
             self._wsam_correct(txn)
             txn.updated = True
         except BaseException:
@@ -1202,6 +1275,38 @@ class SAM(torch.optim.Optimizer):
             raise
         self._end_call(txn)
         self._after_base_step()
+
+    def _pair_update(self, txn: _Txn) -> None:
+        """The update of a LookSAM / decoupled WSAM step whose gradients were accumulated: ``gs``
+        (the loaded sum) in ``.grad``, ``g`` in the loaded sums of the gradients at w. LookSAM keeps
+        ``gv_hat`` from them (with GSAM the sums are GSAM's combined gs, whose part orthogonal to g
+        is gs's own times ``1 + alpha cos |g| / |gs|``: the same direction); decoupled WSAM updates
+        with g, then ``w -= lr a (gs - g)``."""
+        pair = self._pair_g
+        self._save_pair(txn)
+        self._pair_g = {}
+        ws = [w for w in pair if w.grad is not None]
+        if self.looksam_alpha is not None:
+            self._looksam_store_from(ws, [w.grad for w in ws], [pair[w] for w in ws], txn)
+        mix = None
+        if self.wsam_gamma is not None and self.wsam_decouple and ws:
+            a = self.wsam_gamma / (1.0 - self.wsam_gamma)
+            lrs = {g["lr"] for g in self.param_groups if g["rho"] > 0}
+            lr = next(iter(lrs)) if len(lrs) == 1 else None
+            if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+                mix = (lambda us: tuple(pair.get(u) for u in us), self._mix_coef(ws[0].device, 0.0, 1.0, float(lr) * a),
+                       True)
+            self._check_base_hyper()
+            if mix is None or not fused_second_step(self, None, txn, mix=mix):
+                gs = [w.grad for w in ws]
+                g = [pair[w] for w in ws]
+                d = torch._foreach_sub(gs, g)
+                torch._foreach_copy_(gs, g)
+                lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
+                txn.wsam_pending = (ws, d, [lr_of[id(w)] * a for w in ws])
+                self.base_optimizer.step()
+            return
+        self._base_update(txn)
 
     def _needs_g_old(self) -> bool:
         """The first step keeps the gradient at w (GSAM, LookSAM and WSAM combine it with gs)."""
@@ -1613,6 +1718,7 @@ class SAM(torch.optim.Optimizer):
         self._grad_marks = None
         # partial sums (SAM.accumulate, sam_step(update=False)) belong to the run being replaced
         self._acc_live = set()
+        self._acc_g, self._pair_g = {}, {}
         self.__dict__.pop("_fastsam_accum", None)
         for sc in self._scratch.values():
             for k in ("ema_spare", "ready_spare", "acc", "acc_spare"):
@@ -1769,7 +1875,7 @@ class SAM(torch.optim.Optimizer):
                          self._acc_live}
         d["_acc_live_params"] = [w for g in self.param_groups for w in g["params"] if id(w) in self._acc_live]
         for k in ("_acc_live", "_grad_marks", "_layout_key", "_layout_meta", "_perturb_ok", "_layouts", "_fused_plans",
-                  "_layout", "_perturbed", "_decision", "_sharding"):
+                  "_layout", "_perturbed", "_decision", "_sharding", "_mix_cache", "_gv_tuple"):
             d.pop(k, None)
         # an LR scheduler wraps this instance's step (an attribute bound to this object): a copy
         # keeps the class's own (as torch.optim.Optimizer's copies do), or it would step the original
@@ -1787,6 +1893,10 @@ class SAM(torch.optim.Optimizer):
         self._perturb_ok = None
         self._layouts = OrderedDict()
         self._fused_plans = OrderedDict()
+        self._mix_cache = {}
+        self._gv_tuple = ()
+        self.__dict__.setdefault("_acc_g", {})  # (pickles of an older fastsam)
+        self.__dict__.setdefault("_pair_g", {})
         self._layout = None
         self._perturbed = None
         self._decision = None
