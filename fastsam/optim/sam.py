@@ -975,30 +975,42 @@ class SAM(torch.optim.Optimizer):
         dev = lay.params[0].device
         if defer_mix and not self.wsam_decouple:
             return None, self._mix_coef(dev, a, 1.0 - a), True
-        if defer_mix:
-            lrs = {g["lr"] for g in self.param_groups if g["rho"] > 0}
-            lr = next(iter(lrs)) if len(lrs) == 1 else None
-            if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
-                return None, self._mix_coef(dev, 0.0, 1.0, float(lr) * a), True
+        coef = self._decoupled_coef(dev) if defer_mix else None
+        if coef is not None:
+            return None, coef, True
         self._wsam_unfused(lay, txn)
         return None
+
+    def _decoupled_coef(self, device: torch.device) -> Tensor | None:
+        """Decoupled WSAM's fused mix ``(0, 1, lr a)``: the update with g, then ``w -= lr a (gs - g)``;
+        None (foreach ops) unless the perturbed groups share one float lr."""
+        assert self.wsam_gamma is not None
+        lrs = {g["lr"] for g in self.param_groups if g["rho"] > 0}
+        lr = next(iter(lrs)) if len(lrs) == 1 else None
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+            return None
+        return self._mix_coef(device, 0.0, 1.0, float(lr) * self.wsam_gamma / (1.0 - self.wsam_gamma))
+
+    def _wsam_decoupled_prep(self, ws: list[Tensor], g: list[Tensor], txn: _Txn) -> None:
+        """Decoupled WSAM with foreach ops: ``.grad <- g`` (the base update's gradient), ``gs - g``
+        kept for :meth:`_wsam_correct` after the update."""
+        assert self.wsam_gamma is not None
+        a = self.wsam_gamma / (1.0 - self.wsam_gamma)
+        gs = [w.grad for w in ws]
+        d = torch._foreach_sub(gs, g)
+        torch._foreach_copy_(gs, g)
+        lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
+        txn.wsam_pending = (ws, d, [lr_of[id(w)] * a for w in ws])
 
     def _wsam_unfused(self, lay: _Layout, txn: _Txn) -> None:
         """WSAM with foreach ops: ``.grad <- a gs + (1 - a) g`` (one lerp); decoupled: ``.grad <- g``
         with ``gs - g`` kept for :meth:`_wsam_correct` after the base update."""
         assert lay.g_old is not None and self.wsam_gamma is not None
-        a = self.wsam_gamma / (1.0 - self.wsam_gamma)
         if not self.wsam_decouple:
             self._wsam_mix(lay)
             return
         ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
-        gs = [w.grad for w, _ in ws]
-        g = [go for _, go in ws]
-        d = torch._foreach_sub(gs, g)  # gs - g, for the correction after the update
-        torch._foreach_copy_(gs, g)
-        lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
-        txn.wsam_pending = ([w for w, _ in ws], d, [lr_of[id(w)] * a for w, _ in ws])
-        return None
+        self._wsam_decoupled_prep([w for w, _ in ws], [go for _, go in ws], txn)
 
     def _wsam_mix(self, lay: _Layout) -> None:
         """WSAM (not decoupled), unfused: ``.grad <- a gs + (1 - a) g`` (one lerp)."""
@@ -1288,22 +1300,12 @@ class SAM(torch.optim.Optimizer):
         ws = [w for w in pair if w.grad is not None]
         if self.looksam_alpha is not None:
             self._looksam_store_from(ws, [w.grad for w in ws], [pair[w] for w in ws], txn)
-        mix = None
         if self.wsam_gamma is not None and self.wsam_decouple and ws:
-            a = self.wsam_gamma / (1.0 - self.wsam_gamma)
-            lrs = {g["lr"] for g in self.param_groups if g["rho"] > 0}
-            lr = next(iter(lrs)) if len(lrs) == 1 else None
-            if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-                mix = (lambda us: tuple(pair.get(u) for u in us), self._mix_coef(ws[0].device, 0.0, 1.0, float(lr) * a),
-                       True)
+            coef = self._decoupled_coef(ws[0].device)
             self._check_base_hyper()
-            if mix is None or not fused_second_step(self, None, txn, mix=mix):
-                gs = [w.grad for w in ws]
-                g = [pair[w] for w in ws]
-                d = torch._foreach_sub(gs, g)
-                torch._foreach_copy_(gs, g)
-                lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
-                txn.wsam_pending = (ws, d, [lr_of[id(w)] * a for w in ws])
+            if coef is None or not fused_second_step(
+                    self, None, txn, mix=(lambda us: tuple(pair.get(u) for u in us), coef, True)):
+                self._wsam_decoupled_prep(ws, [pair[w] for w in ws], txn)
                 self.base_optimizer.step()
             return
         self._base_update(txn)
