@@ -243,6 +243,29 @@ def test_micro_batches_and_accumulation_match_their_formula(variant, how, backen
     assert opt.step_count == STEPS and not opt.has_accumulated and not opt._pair_g
 
 
+def test_accumulated_perturbing_step_must_end_in_base_step():
+    """The sums of a LookSAM SAM step's micro-batches are for base_step(): plain_step() is refused
+    before anything changes, base_step() then completes the step."""
+    m = _model()
+    opt = fastsam.LookSAM(m.parameters(), torch.optim.SGD, 0.1, k=2, lr=0.1)
+    x, y = _batches(1)[0]
+    for lo in (0, 6):
+        opt.zero_grad()
+        F.cross_entropy(m(x[lo:lo + 6]), y[lo:lo + 6]).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(m(x[lo:lo + 6]), y[lo:lo + 6]).backward()
+        opt.accumulate(0.5)
+    opt.zero_grad()
+    opt.load_accumulated()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(RuntimeError, match="finish it with base_step"):
+        opt.plain_step()
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before)) and opt.step_count == 0
+    opt.base_step()
+    assert opt.step_count == 1 and not opt._pair_g
+    assert all(opt.state[p].get("looksam_gv") is not None for p in m.parameters())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant,opts", [
     ("looksam", {"adaptive": True, "eta": 0.01}),  # LookSAM + ASAM

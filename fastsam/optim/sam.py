@@ -1378,6 +1378,9 @@ class SAM(torch.optim.Optimizer):
         self._own()
         if self._perturbed is not None:
             raise RuntimeError("plain_step() while the weights are perturbed: finish the SAM step with second_step()")
+        if self._pair_g:
+            raise RuntimeError("plain_step() after load_accumulated() of perturbed micro-batches: LookSAM / decoupled "
+                               "WSAM need both gradients of that step; finish it with base_step()")
         alpha = self.looksam_alpha
         if alpha is None:
             self.base_step()
