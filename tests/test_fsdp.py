@@ -323,6 +323,76 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
         dist.destroy_process_group()
 
 
+RESHARD_OPTS = dict(adaptive=True, eta=0.01, fsam_sigma=0.5, swp_keep=0.7, seed=3, gsam_alpha=0.2)
+RESHARD_AT = 3  # steps before the checkpoint; STEPS - RESHARD_AT after the resume
+
+
+def _reshard_model(seed: int = 0, shard: bool = False) -> tuple[torch.nn.Module, fastsam.SAM]:
+    """The model of :func:`_model` (uneven 7-row shards, a 1-row parameter; other initial weights
+    for ``seed`` != 0) with every per-parameter state fastsam keeps on a sharded run: AdamW's
+    moments, F-SAM's EMA; ESAM's mask (keyed by the global index and the step counter), ASAM and
+    GSAM read it."""
+    model = _model()
+    if seed:
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)
+    if shard:
+        _shard(model)
+    return model, fastsam.SAM(model.parameters(), torch.optim.AdamW, lr=0.01, weight_decay=0.1, **RESHARD_OPTS)
+
+
+def _reshard_worker(rank: int, world: int, init: str, out_path: str, ckpt: str, phase: str) -> None:
+    """phase "save": RESHARD_AT sam_steps on this rank's rows, then a DCP save to ``ckpt``;
+    phase "load": a fresh model (other weights) and optimizer on ``world`` ranks, loaded from
+    ``ckpt`` (saved by another world size), then the remaining steps; the full weights after each."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    result: dict = {}
+    try:
+        def full(p):
+            return p.full_tensor() if isinstance(p, DTensor) else p
+
+        x, y = _data()
+        per = BATCH // world
+        xs, ys = x[:, rank * per:(rank + 1) * per], y[:, rank * per:(rank + 1) * per]
+        mse = torch.nn.functional.mse_loss
+        if phase == "save":
+            model, opt = _reshard_model(shard=True)
+            for s in range(RESHARD_AT):
+                fastsam.sam_step(model, opt, xs[s], ys[s], mse)
+            dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=ckpt)
+        else:
+            model, opt = _reshard_model(seed=7, shard=True)
+            sd = {"model": model.state_dict(), "optim": fastsam.checkpoint.load_target(opt)}
+            dcp.load(sd, checkpoint_id=ckpt)
+            model.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["optim"])
+            result["step"] = opt.step_count
+            base = opt.base_optimizer.state
+            result["placements"] = [tuple(str(q) for q in base[p]["exp_avg"].placements) for p in model.parameters()]
+            result["local_rows"] = [base[p]["exp_avg"].to_local().shape[0] for p in model.parameters()]
+            result["ema_rows"] = [opt.state[p]["fsam_ema"].to_local().shape[0] for p in model.parameters()]
+            out = []
+            for s in range(RESHARD_AT, STEPS):
+                r = fastsam.sam_step(model, opt, xs[s], ys[s], mse)
+                assert r.updated and not r.skipped
+                out.append([full(p).detach().clone() for p in model.parameters()])
+            result["weights"] = out
+        del model, opt
+    except BaseException:
+        result["error"] = traceback.format_exc()
+    finally:
+        if rank == 0:
+            torch.save(result, out_path)
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def _count_collectives(rank: int, world: int, xs: torch.Tensor, ys: torch.Tensor) -> dict:
     """Collectives issued inside first_step / second_step (every torch.distributed entry point
     counted, and the hook's own counter), for SAM and for ASAM+GSAM+ESAM+F-SAM."""
@@ -408,14 +478,18 @@ def _errors(world: int) -> dict:
     return out
 
 
-def _spawn(world: int) -> dict:
+def _spawn(world: int, target=None, extra: tuple = ()) -> dict:
+    """Run ``target(rank, world, init, out_path, *extra)`` (default :func:`_worker`) on ``world``
+    spawned ranks; rank 0's result dict, read back from ``out_path``."""
+    target = _worker if target is None else target
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.pt")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world, f"tcp://127.0.0.1:{port}", out)) for r in range(world)]
+        procs = [ctx.Process(target=target, args=(r, world, f"tcp://127.0.0.1:{port}", out) + tuple(extra))
+                 for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -545,3 +619,30 @@ def test_clear_errors():
     assert errs["mixed"].startswith("ValueError") and "mixes DTensor" in errs["mixed"], errs["mixed"]
     assert errs["partial"].startswith("NotImplementedError") and "Partial" in errs["partial"], errs["partial"]
     assert errs["replicate_reduce"] is None
+
+
+@pytest.mark.parametrize("worlds", [(2, 3), (3, 2)])
+def test_dcp_resume_onto_another_world_size(worlds, tmp_path):
+    """A DCP checkpoint of a sharded SAM saved by ``worlds[0]`` ranks loads into ``worlds[1]``
+    ranks (other shard boundaries: DCP reshards the DTensor state, ``load_target`` allocates it with
+    the new mesh's placements), and the continued run equals one process on the global batch over
+    all STEPS steps, within RTOL: AdamW moments, F-SAM's EMA, ESAM's step counter and seed all come
+    back whatever the sharding (ESAM's mask is keyed by the global element index)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo not available")
+    ckpt = str(tmp_path / "ckpt")
+    _spawn(worlds[0], _reshard_worker, (ckpt, "save"))
+    res = _spawn(worlds[1], _reshard_worker, (ckpt, "load"))
+    assert res["step"] == RESHARD_AT
+    assert all(pl == ("S(0)",) for pl in res["placements"]), res["placements"]
+    # 7 rows over the loading world: 4/3 (2 ranks) or 3/3/1 (3 ranks): rank 0's share
+    assert res["local_rows"][0] == res["ema_rows"][0] == (4 if worlds[1] == 2 else 3), res
+    model, opt = _reshard_model()
+    x, y = _data()
+    ref = []
+    for s in range(STEPS):
+        fastsam.sam_step(model, opt, x[s], y[s], torch.nn.functional.mse_loss)
+        ref.append([p.detach().clone() for p in model.parameters()])
+    for k, got in enumerate(res["weights"]):
+        for i, (a, b) in enumerate(zip(got, ref[RESHARD_AT + k])):
+            assert _close(a, b) <= RTOL, f"{worlds} step {RESHARD_AT + k} param {i}: {_close(a, b):.3g}"
