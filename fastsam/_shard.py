@@ -69,6 +69,16 @@ def locals_(ts: Sequence[Tensor | None] | None) -> list | None:
     return [local(t) for t in ts]
 
 
+def like(ref: Tensor, t: Tensor) -> Tensor:
+    """``t`` (a local tensor shaped as ``ref``'s local shard) as a DTensor with ``ref``'s mesh,
+    placements, global shape and stride; no collective (``run_check=False``): ``t`` is this
+    rank's shard by construction. ``t`` itself when ``ref`` is not a DTensor."""
+    if not is_dtensor(ref):
+        return t
+    return dtensor_type().from_local(t, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
+                                     stride=ref.stride())
+
+
 class GatherReduce:
     """The ``reduce`` hook: ``all_gather_into_tensor`` of a small float64 vector over ``group``.
 

@@ -22,9 +22,12 @@ zero) and returns the state dict to load into::
     opt.load_state_dict(sd["optim"])
 
 The resumed run is bit-identical to the uninterrupted one (step counter, ESAM seed, F-SAM EMA and
-the base optimizer's state all come back). The target has an entry for every parameter that
-will have one: a checkpoint saved before some parameter ever had a gradient (so without its
-state) cannot be loaded into it; save after the first step.
+the base optimizer's state all come back). The world size may change between save and load: the
+target's DTensors are sharded over the loading mesh and DCP reshards the saved shards into them
+(tests/test_fsdp.py resumes 2 -> 3 and 3 -> 2 ranks; equal to one process within float rounding).
+The target has an entry for every parameter that will have one: a checkpoint saved before some
+parameter ever had a gradient (so without its state) cannot be loaded into it; save after the
+first step.
 """
 
 from __future__ import annotations

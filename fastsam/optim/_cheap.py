@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _shard
 from .._validate import check_int, check_real
 
 PERTURB_FROM = ("gradient", "momentum")
@@ -147,16 +148,67 @@ def looksam_project(gs: Sequence[Tensor], g: Sequence[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
-def looksam_reuse(g: Sequence[Tensor], gv_hat: Sequence[Tensor | None], alpha: float) -> list[Tensor]:
+def looksam_project_sharded(gs: Sequence[Tensor], g: Sequence[Tensor], reduce: _shard.Reduce) -> list[Tensor]:
+    """:func:`looksam_project` on sharded (DTensor) tensors with ONE collective: the result is
+    DTensors like ``gs``, computed on the local shards.
+
+    The sequential form needs two global sums one after the other (``<gs, g>, |g|^2`` for the
+    coefficient, then ``|gv|^2`` of the projected shards): two collectives. Instead each rank sends
+    ``A = |gs_r|^2``, ``B = <gs_r, g_r>``, ``C = |g_r|^2`` and every rank forms, from the same table,
+    ``c = B / C`` and ``|gv|^2 = A - 2 c B + c^2 C`` (the expansion of ``|gs - c g|^2``). Its
+    cancellation is why :func:`looksam_project` does not use it; here the three sums are float64
+    sums of products formed in float64 (exact for float32 / bf16 / fp16 inputs), so the expansion
+    loses accuracy only where ``|gv| / |gs|`` is below ~1e-8, where the float32 ``gv`` itself is
+    rounding noise. Costs a float64 copy of one parameter's shard at a time (LookSAM's SAM steps
+    only)."""
+    if not gs:
+        return []
+    gs, g = list(gs), list(g)
+    lgs, lg = _shard.locals_(gs), _shard.locals_(g)
+    f64 = torch.float64
+    dev = lgs[0].device
+    a = b = c = torch.zeros((), dtype=f64, device=dev)
+    for x, y in zip(lgs, lg):
+        if x.numel() == 0:
+            continue
+        x64, y64 = x.detach().reshape(-1).to(f64), y.detach().reshape(-1).to(f64)
+        a = a + torch.dot(x64, x64)
+        b = b + torch.dot(x64, y64)
+        c = c + torch.dot(y64, y64)
+    table = reduce(torch.stack([a, b, c])).to(dev)
+    a, b, c = table[:, 0].sum(), table[:, 1].sum(), table[:, 2].sum()  # the same rank order everywhere
+    coef = torch.where(c > 0, b / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(c))
+    n = (a - 2 * coef * b + coef * coef * c).clamp_min(0).sqrt()
+    out = torch._foreach_sub(lgs, torch._foreach_mul(lg, coef.to(torch.float32)))
+    inv = torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+    torch._foreach_mul_(out, inv.to(torch.float32))
+    return [_shard.like(ref, t) for ref, t in zip(gs, out)]
+
+
+@torch.no_grad()
+def looksam_reuse(g: Sequence[Tensor], gv_hat: Sequence[Tensor | None], alpha: float,
+                  reduce: _shard.Reduce | None = None) -> list[Tensor]:
     """LookSAM's non-perturbing gradient: ``g + alpha |g| gv_hat`` (``|g|`` over all of ``g``; ``g``
     itself, not a copy, where no direction is stored). One norm, a scale and an add (6 passes where
-    every tensor has a direction), no host sync."""
+    every tensor has a direction), no host sync.
+
+    ``reduce`` (sharded DTensor tensors, :mod:`fastsam._shard`): the work is on the local shards,
+    ``|g|^2`` is the sum of every rank's partial sum (one collective of one float64 per rank; the
+    partial squares are float64, so no scaling is needed), and the new tensors are DTensors."""
     g = list(g)
     has = [i for i, v in enumerate(gv_hat) if v is not None]
     if not has:
         return g
-    scale = (alpha * sq_norm(g).sqrt()).to(torch.float32).to(g[0].device)
-    sums = torch._foreach_add([g[i] for i in has], torch._foreach_mul([gv_hat[i] for i in has], scale))
+    if reduce is None:
+        scale = (alpha * sq_norm(g).sqrt()).to(torch.float32).to(g[0].device)
+        sums = torch._foreach_add([g[i] for i in has], torch._foreach_mul([gv_hat[i] for i in has], scale))
+    else:
+        lg = _shard.locals_(g)
+        part = sq_norm(lg).to(lg[0].device)
+        scale = (alpha * reduce(part.reshape(1))[:, 0].sum().sqrt()).to(torch.float32).to(lg[0].device)
+        lsum = torch._foreach_add([lg[i] for i in has],
+                                  torch._foreach_mul(_shard.locals_([gv_hat[i] for i in has]), scale))
+        sums = [_shard.like(g[i], t) for i, t in zip(has, lsum)]
     out = list(g)
     for i, x in zip(has, sums):
         out[i] = x

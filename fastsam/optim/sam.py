@@ -606,8 +606,6 @@ class SAM(torch.optim.Optimizer):
         sh = self._sharding
         if sh is None:
             return
-        if self.looksam_alpha is not None or self.wsam_gamma is not None:
-            raise NotImplementedError("LookSAM and WSAM do not support sharded (DTensor / FSDP2) parameters yet")
         if self.swp_keep < 1.0 and not sh.contiguous_shards():
             raise NotImplementedError(
                 f"ESAM masks (swp_keep < 1) need each local shard to be a contiguous range of its parameter's "
@@ -948,7 +946,9 @@ class SAM(torch.optim.Optimizer):
         self._looksam_store_from(ws, [w.grad for w in ws], [lay.g_old[i] for i in idx], txn)
 
     def _looksam_store_from(self, ws: list[Tensor], gs: list[Tensor], g: list[Tensor], txn: _Txn) -> None:
-        outs = _cheap.looksam_project(gs, g)
+        # sharded: the global <gs, g>, |g|, |gv| in one collective (DTensor ops would issue several)
+        reduce = self._reduce
+        outs = _cheap.looksam_project(gs, g) if reduce is None else _cheap.looksam_project_sharded(gs, g, reduce)
         for w, gv in zip(ws, outs):
             st = self.state[w]
             if w not in txn.gv_old:
@@ -996,11 +996,14 @@ class SAM(torch.optim.Optimizer):
         kept for :meth:`_wsam_correct` after the update."""
         assert self.wsam_gamma is not None
         a = self.wsam_gamma / (1.0 - self.wsam_gamma)
-        gs = [w.grad for w in ws]
+        lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
+        scales = [lr_of[id(w)] * a for w in ws]
+        loc = self._loc  # sharded: elementwise on the local shards (DTensor has no foreach copy)
+        gs = loc([w.grad for w in ws])
+        g = loc(g)
         d = torch._foreach_sub(gs, g)
         torch._foreach_copy_(gs, g)
-        lr_of = {id(w): float(grp["lr"]) for grp in self.param_groups for w in grp["params"]}
-        txn.wsam_pending = (ws, d, [lr_of[id(w)] * a for w in ws])
+        txn.wsam_pending = (loc(ws), d, scales)
 
     def _wsam_unfused(self, lay: _Layout, txn: _Txn) -> None:
         """WSAM with foreach ops: ``.grad <- a gs + (1 - a) g`` (one lerp); decoupled: ``.grad <- g``
@@ -1017,8 +1020,8 @@ class SAM(torch.optim.Optimizer):
         assert lay.g_old is not None and self.wsam_gamma is not None
         a = self.wsam_gamma / (1.0 - self.wsam_gamma)
         ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
-        gs = [w.grad for w, _ in ws]
-        _cheap.wsam_mix(gs, [go for _, go in ws], a, gs)
+        gs = self._loc([w.grad for w, _ in ws])  # sharded: elementwise on the local shards
+        _cheap.wsam_mix(gs, self._loc([go for _, go in ws]), a, gs)
 
     def _mix_coef(self, device: torch.device, *cs: float) -> Tensor:
         """``(c1, c2[, c3])`` as a float64 tensor on ``device``, kept for constant coefficients
@@ -1121,8 +1124,8 @@ class SAM(torch.optim.Optimizer):
                 if self.wsam_gamma is not None and not self.wsam_decouple:
                     a = self.wsam_gamma / (1.0 - self.wsam_gamma)
                     ws = [(w, go) for w, go in zip(lay.params, lay.g_old) if w.grad is not None]
-                    gs = [w.grad for w, _ in ws]
-                    _cheap.wsam_mix(gs, [go for _, go in ws], a, gs)
+                    gs = self._loc([w.grad for w, _ in ws])  # sharded: on the local shards
+                    _cheap.wsam_mix(gs, self._loc([go for _, go in ws]), a, gs)
             perturbed = {} if lay is None else {id(w): i for i, w in enumerate(lay.params)}
             live = self._acc_live
             params: list[Tensor] = []
@@ -1403,7 +1406,7 @@ class SAM(torch.optim.Optimizer):
                 self._end_call(txn)
                 self._after_base_step()
                 return
-            outs = _cheap.looksam_reuse(gs, gvs, alpha)
+            outs = _cheap.looksam_reuse(gs, gvs, alpha, reduce=self._reduce)  # sharded: |g| in one collective
             for w, d in zip(params, outs):  # the reused gradient stands in for g during the update
                 w.grad = d
             try:
@@ -1424,8 +1427,8 @@ class SAM(torch.optim.Optimizer):
         update kernel from the device scalar ``alpha |g|`` (one norm pass, then the update reads
         ``gv_hat`` beside ``g``; ``.grad`` keeps ``g``). False when the update is not fused (the
         caller then combines with foreach ops and runs the base optimizer)."""
-        if not F.supports_fused_updates(self.backend, params[0].device):
-            return False
+        if self._sharding is not None or not F.supports_fused_updates(self.backend, params[0].device):
+            return False  # sharded: no fused update (fused_second_step), and |g| needs the reduce hook
         c2 = alpha * _cheap.sq_norm(gs).sqrt()
         coef = torch.stack([torch.ones_like(c2), c2]).to(params[0].device)
         by_id = {id(w): v for w, v in zip(params, gvs)}
