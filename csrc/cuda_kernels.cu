@@ -370,6 +370,23 @@ __global__ void __launch_bounds__(kThreads) perturb_norm_kernel(const PerturbRow
   }
 }
 
+// Sharded first step (FSDP2), phase 1: this rank's K1 partials reduced to one (S, E) pair (the
+// scaled sum every K2 block forms), gathered across ranks by the caller. One block.
+__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const double* part, int64_t nslots, double w,
+                                                                   double* out) {
+  const Scaled t = sum_scaled_partials(part, nslots, w);
+  if (threadIdx.x == 0) {
+    out[0] = t.s;
+    out[1] = t.e;
+  }
+}
+
+// Sharded first step, phase 2: the F-SAM flag snapshot that K1 takes in an unsplit step.
+__global__ void __launch_bounds__(kThreads) snap_kernel(const PerturbRow* rows, int64_t nrows, int32_t* snap) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (r < nrows) snap[r] = (rows[r].ready != nullptr && *rows[r].ready != 0.0f) ? 1 : 0;
+}
+
 // ------------------------------------------------------------------------------ K2: perturbation
 // e from the scaled global norm (kernels.h DualNorm): q = 2: rho T (u inv) / denom; p = inf:
 // rho fac sign(u) T; general q: rho fac sign(u) 2^((q-1) (log2(|u| 2^-fi) - c0)) T with u as K1 forms it
@@ -889,6 +906,37 @@ int64_t gsam_slots(const Group* groups, int ngroups, int sms) {
   int64_t t = 0;
   for (int k = 0; k < ngroups; ++k) t += grid_of(groups[k].count, sms, per_sm);
   return t;
+}
+
+void perturb_partial(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups,
+                     const PerturbScalars& s, double* part, int32_t* snap, double* out, int sms, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int per_sm = norm_per_sm_q(s.qmode);
+  const int64_t nslots = perturb_slots(groups, ngroups, sms, s.qmode);
+  int64_t slot = 0;
+  for (int k = 0; k < ngroups; ++k) {
+    const Group& gr = groups[k];
+    const int64_t grid = grid_of(gr.count, sms, per_sm);
+    by_dtype<LaunchNorm>(gr.dtype, grid, st, rows, items + gr.begin, gr.count, s, part, nslots, slot, snap);
+    slot += grid;
+  }
+  const double w = s.qmode == 2 ? 2.0 : (s.qmode == 1 ? 1.0 : s.q);
+  reduce_partials_kernel<<<dim3(1), dim3(kThreads), 0, st>>>(part, nslots, w, out);
+}
+
+void perturb_apply_global(const PerturbRow* rows, int64_t nrows, const Item* items, const Group* groups,
+                          int ngroups, const PerturbScalars& s, const double* table, int64_t nranks, int32_t* snap,
+                          bool* ok, int sms, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (s.fsam) {  // K1 took the snapshot in phase 1, in another call: again (nothing wrote the flags since)
+    const int64_t blocks = (nrows + kThreads - 1) / kThreads;
+    snap_kernel<<<dim3(static_cast<unsigned>(blocks > 0 ? blocks : 1)), dim3(kThreads), 0, st>>>(rows, nrows, snap);
+  }
+  for (int k = 0; k < ngroups; ++k) {
+    const Group& gr = groups[k];
+    by_dtype<LaunchApply>(gr.dtype, sms, st, rows, items + gr.begin, gr.count, s, table, nranks,
+                          static_cast<const int32_t*>(snap), ok);
+  }
 }
 
 void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups, const PerturbScalars& s,

@@ -295,6 +295,16 @@ int64_t gsam_slots(const Group* groups, int ngroups, int sms);
 // `stream` (a cudaStream_t).
 void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups, const PerturbScalars& s,
              double* part, int32_t* snap, bool* ok, int sms, void* stream);
+// The first step split at its global sum (sharded parameters, FSDP2; no host sync): phase 1 runs K1
+// on this rank's rows and reduces its partials on the device to out[0..1] = (S, E) of this rank;
+// phase 2 (after the caller gathered every rank's pair into table = S_0..S_{n-1}, E_0..E_{n-1})
+// snapshots the F-SAM flags and runs K2 with the table as its partials, so every rank combines
+// the same numbers in the same order.
+void perturb_partial(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups,
+                     const PerturbScalars& s, double* part, int32_t* snap, double* out, int sms, void* stream);
+void perturb_apply_global(const PerturbRow* rows, int64_t nrows, const Item* items, const Group* groups,
+                          int ngroups, const PerturbScalars& s, const double* table, int64_t nranks, int32_t* snap,
+                          bool* ok, int sms, void* stream);
 // Second step (restore / combine / SGD / Adam / accumulate); with s.gsam, a partial pass first (5 slots
 // per block: <g_old, gs>, |gs|^2, |g_old|^2, and their two exponents in part[k * slots + block]).
 void second_step(const StepRow* rows, const Item* items, const Group* groups, int ngroups, const StepScalars& s,

@@ -47,7 +47,8 @@ at::Tensor sam_perturb_sharded_cpu(int64_t phase, at::TensorList params, at::Ten
                                    at::IntArrayRef adaptive, at::IntArrayRef offsets, double q, bool fsam,
                                    double sigma, double lam, double beta, int64_t seed, int64_t step, bool nt,
                                    at::TensorList ema_out, at::TensorList ready_out, double norm_s,
-                                   double norm_e) {
+                                   double norm_e, const c10::optional<at::Tensor>& table) {
+  (void)table;  // the CUDA op's device-side table; here the caller combined the ranks on the host
   TORCH_CHECK(phase == 1 || phase == 2, "fastsam: sam_perturb_sharded phase must be 1 or 2, got ", phase);
   PerturbArgs a = perturb_rows(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam,
                                sigma, lam, beta, seed, step, nt, ema_out, ready_out, c10::DeviceType::CPU);
@@ -107,7 +108,7 @@ TORCH_LIBRARY(fastsam_cpu, m) {
       "sam_perturb_sharded(int phase, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, Tensor(c!)[] ema, "
       "Tensor(d!)[] ema_ready, Tensor(e!)[] g_old, float[] rhos, float[] etas, int[] adaptive, int[] offsets, "
       "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt, Tensor(f!)[] ema_out, "
-      "Tensor(g!)[] ready_out, float norm_s, float norm_e) -> Tensor");
+      "Tensor(g!)[] ready_out, float norm_s, float norm_e, Tensor? table=None) -> Tensor");
   m.def(
       "sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx, Tensor[] w_old, "
       "int[] w_old_idx, Tensor[] g_old, int[] g_old_idx, Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, "

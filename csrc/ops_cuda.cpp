@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -119,6 +120,78 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   return ok;
 }
 
+// The first step split at its global sum, for sharded parameters (FSDP2: fastsam/_shard.py), with no
+// host sync: phase 1 runs K1 on this rank's shards and returns its (S, E) as a float64 [2] device
+// tensor (an empty rank: (0, -inf)); the caller gathers every rank's pair and passes them as `table`
+// (float64 [2, world]: S row, then E row) to phase 2, which runs K2 with them as its partials and
+// returns the device bool "N finite". norm_s / norm_e (the CPU op's host values) are not used.
+at::Tensor sam_perturb_sharded_cuda(int64_t phase, at::TensorList params, at::TensorList grads,
+                                    at::TensorList w_old, at::TensorList ema, at::TensorList ema_ready,
+                                    at::TensorList g_old, at::ArrayRef<double> rhos, at::ArrayRef<double> etas,
+                                    at::IntArrayRef adaptive, at::IntArrayRef offsets, double q, bool fsam,
+                                    double sigma, double lam, double beta, int64_t seed, int64_t step, bool nt,
+                                    at::TensorList ema_out, at::TensorList ready_out, double norm_s, double norm_e,
+                                    const c10::optional<at::Tensor>& table) {
+  (void)norm_s;
+  (void)norm_e;
+  TORCH_CHECK(phase == 1 || phase == 2, "fastsam: sam_perturb_sharded phase must be 1 or 2, got ", phase);
+  TORCH_CHECK(!params.empty(), "fastsam: sam_perturb_sharded needs at least one tensor");
+  const at::Device dev = params[0].device();
+  check_one_device(params, dev);
+  if (phase == 2) {
+    TORCH_CHECK(table.has_value() && table->defined() && table->scalar_type() == at::kDouble &&
+                    table->dim() == 2 && table->size(0) == 2 && table->size(1) >= 1 && table->is_contiguous() &&
+                    table->device() == dev,
+                "fastsam: sam_perturb_sharded phase 2 needs the gathered (S, E) table: a contiguous float64 "
+                "[2, world] tensor on the parameters' device");
+  }
+  PerturbArgs a = perturb_rows(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam,
+                               sigma, lam, beta, seed, step, nt, ema_out, ready_out, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(dev);
+  for (auto& r : a.rows) r.vec = aligned16(r.w) && aligned16(r.g) && aligned16(r.w_old) && aligned16(r.ema) &&
+                                 aligned16(r.ema_out) && aligned16(r.g_old);
+  std::vector<cuda::Item> items;
+  std::vector<cuda::Group> groups;
+  make_items(a.rows, &items, &groups);
+  const int sms = sm_count(dev);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(dev);
+  if (phase == 1) {
+    at::Tensor out = at::empty({2}, f64);
+    if (groups.empty()) {  // nothing on this rank: a sum of 0 at no scale
+      out.select(0, 0).fill_(0.0);
+      out.select(0, 1).fill_(-std::numeric_limits<double>::infinity());
+      return out;
+    }
+    const int64_t nslots = cuda::perturb_slots(groups.data(), static_cast<int>(groups.size()), sms, a.s.qmode);
+    at::Tensor part = at::empty({2 * nslots}, f64);
+    at::Tensor snap = at::empty({static_cast<int64_t>(a.rows.size())}, f64.dtype(at::kInt));
+    const PerturbRow* d_rows = nullptr;
+    const cuda::Item* d_items = nullptr;
+    at::Tensor tables = upload(a.rows, items, dev, &d_rows, &d_items);
+    cuda::perturb_partial(d_rows, d_items, groups.data(), static_cast<int>(groups.size()), a.s,
+                          part.data_ptr<double>(), snap.data_ptr<int32_t>(), out.data_ptr<double>(), sms,
+                          c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+  at::Tensor ok = at::empty({}, at::TensorOptions().dtype(at::kBool).device(dev));
+  if (groups.empty()) {  // this rank perturbs nothing; N (every rank's) finite or not
+    const at::Tensor s = table->select(0, 0);
+    ok.copy_(s.isfinite().all());
+    return ok;
+  }
+  at::Tensor snap = at::empty({static_cast<int64_t>(a.rows.size())}, f64.dtype(at::kInt));
+  const PerturbRow* d_rows = nullptr;
+  const cuda::Item* d_items = nullptr;
+  at::Tensor tables = upload(a.rows, items, dev, &d_rows, &d_items);
+  cuda::perturb_apply_global(d_rows, static_cast<int64_t>(a.rows.size()), d_items, groups.data(),
+                             static_cast<int>(groups.size()), a.s, table->data_ptr<double>(), table->size(1),
+                             snap.data_ptr<int32_t>(), ok.data_ptr<bool>(), sms,
+                             c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ok;
+}
+
 void sam_second_step_cuda(int64_t mode, at::TensorList params, at::TensorList grads, at::IntArrayRef grad_idx,
                           at::TensorList w_old, at::IntArrayRef w_old_idx, at::TensorList g_old,
                           at::IntArrayRef g_old_idx, at::TensorList s1, at::IntArrayRef s1_idx, at::TensorList s2,
@@ -164,6 +237,11 @@ TORCH_LIBRARY(fastsam_cuda, m) {
       "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt, Tensor(f!)[] ema_out, "
       "Tensor(g!)[] ready_out) -> Tensor");
   m.def(
+      "sam_perturb_sharded(int phase, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, Tensor(c!)[] ema, "
+      "Tensor(d!)[] ema_ready, Tensor(e!)[] g_old, float[] rhos, float[] etas, int[] adaptive, int[] offsets, "
+      "float q, bool fsam, float sigma, float lam, float beta, int seed, int step, bool nt, Tensor(f!)[] ema_out, "
+      "Tensor(g!)[] ready_out, float norm_s, float norm_e, Tensor? table=None) -> Tensor");
+  m.def(
       "sam_second_step(int mode, Tensor(a!)[] params, Tensor(b!)[] grads, int[] grad_idx, Tensor[] w_old, "
       "int[] w_old_idx, Tensor[] g_old, int[] g_old_idx, Tensor(c!)[] s1, int[] s1_idx, Tensor(d!)[] s2, "
       "int[] s2_idx, Tensor(e!)[] s3, int[] s3_idx, float[] hyp, int[] fresh, float alpha, bool nesterov, "
@@ -172,5 +250,6 @@ TORCH_LIBRARY(fastsam_cuda, m) {
 
 TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
   m.impl("sam_perturb", &fastsam::sam_perturb_cuda);
+  m.impl("sam_perturb_sharded", &fastsam::sam_perturb_sharded_cuda);
   m.impl("sam_second_step", &fastsam::sam_second_step_cuda);
 }

@@ -195,16 +195,14 @@ def _impl(backend: str) -> ModuleType:
     return mod
 
 
-SHARDED_BACKENDS = ("triton", "cpp", "foreach", "reference")  # the backends whose ops take reduce= (fastsam._shard)
+SHARDED_BACKENDS = ("triton", "cuda", "cpp", "foreach", "reference")  # ops that take reduce= (fastsam._shard)
 
 
 def _sharded_impl(backend: str, dev: torch.device | None, reduce: object) -> ModuleType:
     """The module of ``backend`` for an op that may get a ``reduce`` hook (sharded parameters:
     their norms are global, see :mod:`fastsam._shard`). With a hook, ``"auto"`` keeps its choice
-    when that backend supports sharding (``SHARDED``: triton, cpp, foreach, reference) and
-    otherwise picks foreach (the csrc CUDA kernels reduce their partials on the device with no
-    cross-rank step yet); an explicit backend without it is a NotImplementedError, never a
-    silent fallback."""
+    when that backend supports sharding (``SHARDED``: every backend now) and otherwise picks
+    foreach; an explicit backend without it is a NotImplementedError, never a silent fallback."""
     name = resolve_backend(backend, dev)
     mod = _impl(name)
     if reduce is None or getattr(mod, "SHARDED", False):

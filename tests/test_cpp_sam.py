@@ -14,6 +14,8 @@ foreach backend and torch's own optimizer), plus one unit in the last place of t
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from functools import partial
 
@@ -522,6 +524,71 @@ def test_cuda_fused_mix_matches_twin(mix_id):
         pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
     _harness.check_mix_matches_twin("cuda", torch.float32, mix_id, partial(fused_lists, device="cuda"))
     _harness.check_mix_refused("cuda", partial(fused_lists, device="cuda"))
+
+
+def check_sharded_first_step(backend: str, device: str, opts: dict) -> None:
+    """The sharded first step (FSDP2), two "ranks" in one process: each runs K1 on its tensors, the
+    reduce hook hands it both ranks' (S, E) as the collective would, and K2 perturbs with the global
+    norm: the same weights as one unsharded step over all tensors (the reference), and a non-finite
+    gradient on one rank stops both."""
+    shapes = [(40000,), (7, 9), (1,), (0,), (33,)]
+    fsam = opts.get("fsam", False)
+    kw = {"p": opts.get("p", 2.0)} | ({"fsam_sigma": 0.5, "fsam_lambda": 0.8} if fsam else {})
+    adaptive = [opts.get("adaptive", False)] * len(shapes)
+    offsets = [0] + list(itertools.accumulate(math.prod(sh) for sh in shapes))[:-1]
+
+    def step(idx, reduce, be=backend, bad=False):
+        g = torch.Generator().manual_seed(7)
+        mk = lambda: [torch.randn(sh, generator=g).to(device) for sh in shapes]  # noqa: E731
+        ps, gs = mk(), mk()
+        ema = mk() if fsam else None
+        rdy = [torch.ones((), device=device) for _ in shapes] if fsam else None
+        if bad:
+            gs[4][3] = float("inf")
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        ps = pick(ps)
+        wo = [torch.empty_like(p) for p in ps]
+        ok = F.sam_perturb_(ps, pick(gs), wo, pick(ema), pick(rdy), None, [0.1] * len(idx), [0.01] * len(idx),
+                            [adaptive[i] for i in idx], [offsets[i] for i in idx], backend=be, reduce=reduce, **kw)
+        return ps, ok
+
+    for bad in (False, True):
+        parts = {}
+
+        def keep(name, parts=parts):
+            def hook(part):
+                parts[name] = part.reshape(-1).to(torch.float64).clone()
+                return torch.stack([parts[name], parts[name]])
+            return hook
+
+        a, b = [0, 2, 3], [1, 4]
+        step(a, keep("a"), bad=bad)
+        step(b, keep("b"), bad=bad)
+        table = torch.stack([parts["a"], parts["b"]])
+        got_a, ok_a = step(a, lambda part, t=table: t, bad=bad)
+        got_b, ok_b = step(b, lambda part, t=table: t, bad=bad)
+        want, ok = step(list(range(len(shapes))), None, be="reference", bad=bad)
+        assert bool(ok_a) == bool(ok_b) == bool(ok) == (not bad)
+        got = dict(zip(a, got_a)) | dict(zip(b, got_b))
+        for i, w in enumerate(want):
+            assert_close(got[i], w, rtol=2e-6, name=f"tensor {i}")
+
+
+SHARDED_OPTS = {"sam": {}, "p3-asam": {"p": 3.0, "adaptive": True}, "fsam": {"fsam": True}}
+
+
+@pytest.mark.parametrize("opts", list(SHARDED_OPTS.values()), ids=list(SHARDED_OPTS))
+def test_sharded_first_step_matches_unsharded(opts):
+    check_sharded_first_step("cpp", "cpu", opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", list(SHARDED_OPTS.values()), ids=list(SHARDED_OPTS))
+def test_cuda_sharded_first_step_matches_unsharded(opts):
+    """The same on the cuda backend: the gathered table goes to K2 on the device (no host sync)."""
+    if not _ext.available("cuda"):
+        pytest.skip(f"CUDA extension not available: {_ext.status('cuda').reason}")
+    check_sharded_first_step("cuda", "cuda", opts)
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):

@@ -186,9 +186,11 @@ class CsrcBackend:
         the EMA and flags keep their values and ``g_old`` is zeroed. One call into the
         extension, which validates every tensor before it writes any: an exception changes nothing.
 
-        ``reduce`` (sharded parameters, CPU only): the call is split at the global sum (K1 on
-        this rank's shards -> its partial ``(S, E)`` -> one ``reduce`` -> the global ``(S, E)``,
-        combined as the kernels combine their work items -> K2); see :mod:`fastsam._shard`.
+        ``reduce`` (sharded parameters): the call is split at the global sum (K1 on this rank's
+        shards -> its partial ``(S, E)`` -> one ``reduce`` -> the global ``(S, E)``, combined as the
+        kernels combine their work items -> K2); see :mod:`fastsam._shard`. CPU combines the
+        gathered pairs on the host; CUDA passes the gathered table to K2 on the device (no host
+        sync, as the unsplit step).
         """
         if not params:
             return torch.ones((), dtype=torch.bool)
@@ -196,8 +198,6 @@ class CsrcBackend:
         fsam = fsam_sigma is not None
         if fsam and (ema is None or ema_ready is None):
             raise ValueError("F-SAM (fsam_sigma set) needs ema and ema_ready lists")
-        if reduce is not None and self.device_type != "cpu":
-            raise NotImplementedError(f"backend={self.name!r} does not support sharded (DTensor) parameters yet")
         st = _Staging()
         q = float(dual_exponent(p))
         args = (
@@ -212,10 +212,14 @@ class CsrcBackend:
         )
         if reduce is None:
             ok = self.ops().sam_perturb(*args)
-        else:
+        elif self.device_type == "cpu":
             part = self.ops().sam_perturb_sharded(1, *args, 0.0, 0.0)
             s_g, e_g = combine_scaled(reduce, part, q)
             ok = self.ops().sam_perturb_sharded(2, *args, s_g, e_g)
+        else:  # every rank's (S, E) gathered on the device: [world, 2] -> the S row, then the E row
+            part = self.ops().sam_perturb_sharded(1, *args, 0.0, 0.0)
+            table = reduce(part).to(torch.float64).t().contiguous()
+            ok = self.ops().sam_perturb_sharded(2, *args, 0.0, 0.0, table)
         st.finish()
         return ok
 

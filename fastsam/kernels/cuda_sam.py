@@ -26,6 +26,7 @@ from . import _ext
 from .cpp_sam import SUPPORTED_DTYPES, CsrcBackend
 
 FUSED_UPDATES = True
+SHARDED = True  # sam_perturb_ / gsam_combine_ / sam_restore_accumulate_ take reduce= (fastsam._shard)
 __all__ = ["FUSED_UPDATES", "SUPPORTED_DTYPES", "available", "gsam_combine_", "sam_perturb_", "sam_restore_",
            "sam_restore_accumulate_", "sam_restore_adam_", "sam_restore_sgd_"]
 
