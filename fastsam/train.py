@@ -364,9 +364,21 @@ def _decide_skip(plan: _Plan, bad: Tensor, scaler: Any, keys: list) -> bool:
     """The step's one host sync: a non-finite gradient, a first pass that could not perturb or a
     scaler overflow in any pass (on any DDP rank) skips the update."""
     dev = bad.device
-    if scaler is not None:
-        for fi in _amp.found_inf(scaler, keys):
-            bad = bad | (fi.to(dev) > 0)
+    flags = _amp.found_inf(scaler, keys) if scaler is not None else []
+    for fi in flags:
+        bad = bad | (fi.to(dev) > 0)
+    if plan.sharded and flags:
+        # FSDP2 + GradScaler: each rank unscaled only its own gradient shards, and scaler.update()
+        # (next) reads this rank's flags. torch >= 2.5 max-reduces them inside the unscale (DTensor's
+        # found_inf handler), an older torch or another scaler may not: the group's overflow flag
+        # rides along in the same collective and is written back, so every rank's scale and growth
+        # tracker move alike (an overflow in one rank's shard backs off the scale everywhere).
+        inf = torch.stack([(fi.to(dev) > 0).reshape(()) for fi in flags]).any()
+        b = torch.stack([bad.reshape(()), inf]).to(torch.int32)
+        dist.all_reduce(b, op=dist.ReduceOp.MAX, group=plan.group)
+        for fi in flags:
+            fi.copy_(torch.maximum(fi, b[1].to(fi)))
+        return bool(b[0])
     if plan.ddp or plan.sharded:  # (FSDP2: the shard group; this rank's shards / scaler saw their part)
         b = bad.to(torch.int32)
         dist.all_reduce(b, op=dist.ReduceOp.MAX, group=plan.group)
