@@ -5,9 +5,10 @@
 #
 #     FASTSAM_BUILD_EXT=1 pip install --no-build-isolation -e .
 #
-# builds fastsam/_C_cpu*.so (backend="cpp"), and fastsam/_C_cuda*.so (backend="cuda") when torch
-# is a CUDA build and nvcc is found. --no-build-isolation: the build needs the installed torch
-# (an isolated build environment would download another one). Without the flag nothing is
+# builds fastsam/_C_cpu*.so (backend="cpp"), fastsam/_C_host*.so (fastsam._host), and
+# fastsam/_C_cuda*.so (backend="cuda") when torch is a CUDA build and nvcc is found.
+# --no-build-isolation: the build needs the installed torch (an isolated build environment would
+# download another one). Without the flag nothing is
 # compiled and torch is not imported here, so a plain `pip install -e .` stays as fast as before.
 # FASTSAM_EXT_MARCH=native tunes the CPU library for this machine (default: portable, no -march).
 import os
@@ -57,7 +58,14 @@ def _extension_kwargs() -> dict:
             include_dirs=[csrc],
             extra_compile_args=cflags,
             extra_link_args=["-fopenmp"],
-        )
+        ),
+        # the host helpers (a Python module: fastsam._host; same flags as the JIT build, _ext.HOST_CFLAGS)
+        CppExtension(
+            "fastsam._C_host",
+            ["csrc/host.cpp"],
+            include_dirs=[csrc],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"] + [arg for p in include_paths() for arg in ("-isystem", p)],
+        ),
     ]
     if torch.version.cuda is not None and CUDA_HOME is not None:
         exts.append(

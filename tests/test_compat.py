@@ -87,9 +87,11 @@ def test_bump_versions_both_forms():
     (torch >= 2.5) and the per-tensor form (torch 2.4) both change every tensor's version (newer
     torch iterates a single tensor argument, bumping once per row: still a change)."""
     pytest.importorskip("triton")
+    from fastsam import _host
     from fastsam.kernels import triton_sam as TS
 
-    saved = TS._BUMP_LIST[0]
+    saved, saved_host = TS._BUMP_LIST[0], _host._M
+    _host._M = None  # the torch forms, not the C++ host helpers (tests/test_host_ext.py)
     try:
         for mode in (None, False):
             ts = [torch.randn(3), torch.randn(2)]
@@ -99,3 +101,4 @@ def test_bump_versions_both_forms():
             assert all(t._version > v for t, v in zip(ts, v0))
     finally:
         TS._BUMP_LIST[0] = saved
+        _host._M = saved_host

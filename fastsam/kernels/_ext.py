@@ -9,6 +9,9 @@ kind      sources                                     built when
 ``cpu``   ``ops_cpu.cpp``, ``cpu_kernels.cpp``        a C++ compiler and ninja exist
 ``cuda``  ``ops_cuda.cpp``, ``cuda_kernels.cu``       also: torch is a CUDA build, nvcc is found,
                                                       and a CUDA device is visible
+``host``  ``host.cpp`` (a Python module, not ops:     as ``cpu``; loaded by :mod:`fastsam._host`
+          the per-tensor reads of a step's host       for the fused backends (~20 s to build)
+          code, issue #16)
 ========  ==========================================  ============================================
 
 How a kind is loaded, on first use only (``import fastsam`` never builds anything):
@@ -51,12 +54,14 @@ from typing import Any
 import torch
 
 ENV_DISABLE = "FASTSAM_DISABLE_EXT"
-KINDS = ("cpu", "cuda")
+KINDS = ("cpu", "cuda", "host")
 
 _SOURCES = {
     "cpu": ("ops_cpu.cpp", "cpu_kernels.cpp"),
     "cuda": ("ops_cuda.cpp", "cuda_kernels.cu"),
+    "host": ("host.cpp",),
 }
+HOST_CFLAGS = ("-O2", "-Wall", "-Wextra")  # a few loops over Python lists: no vectorizer needed
 _HEADERS = ("fastsam_common.h", "kernels.h", "ops_common.h")
 
 # -O3: the kernels rely on the vectorizer. -fno-math-errno: sqrt / pow may not set errno, or
@@ -84,6 +89,7 @@ class ExtStatus:
 _LOCK = threading.RLock()
 _STATUS: dict[str, ExtStatus] = {}
 _WARNED: set[str] = set()
+_MODULES: dict[str, Any] = {}  # the "host" kind's Python module
 
 
 def disabled() -> bool:
@@ -130,6 +136,8 @@ def _build_name(kind: str) -> str:
         key += cpu_cflags() + list(CPU_LDFLAGS)
         if _march() == "native":
             key.append(_cpu_signature())
+    elif kind == "host":
+        key += list(HOST_CFLAGS)
     else:
         key += list(CUDA_CFLAGS) + list(NVCC_FLAGS) + [str(torch.version.cuda),
                                                        os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
@@ -153,6 +161,8 @@ def could_build(kind: str = "cpu") -> tuple[bool, str]:
             return False, "no CUDA device is visible"
         if not all((src / f).is_file() for f in _SOURCES["cuda"]):
             return False, "the CUDA sources are not found"
+    if kind == "host" and not (src / _SOURCES["host"][0]).is_file():
+        return False, "csrc/host.cpp is not found"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return False, f"no C++ compiler ({cxx!r} is not on PATH; install g++ or set CXX)"
@@ -183,20 +193,41 @@ def _jit_build(kind: str, verbose: bool) -> str:
         build_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(src / f) for f in _SOURCES[kind]]
     kw: dict[str, Any] = dict(
-        name=name, sources=sources, extra_include_paths=[str(src)], is_python_module=False, verbose=verbose,
-        build_directory=None if build_dir is None else str(build_dir),
+        name=name, sources=sources, extra_include_paths=[str(src)], is_python_module=kind == "host",
+        verbose=verbose, build_directory=None if build_dir is None else str(build_dir),
     )
     if kind == "cpu":
         kw.update(extra_cflags=cpu_cflags(), extra_ldflags=list(CPU_LDFLAGS))
+    elif kind == "host":
+        kw.update(extra_cflags=list(HOST_CFLAGS))
     else:
         kw.update(extra_cflags=list(CUDA_CFLAGS), extra_cuda_cflags=list(NVCC_FLAGS))
-    out = ce.load(**kw)  # builds if needed and loads the library (torch.ops.load_library)
+    out = ce.load(**kw)  # builds if needed and loads the library (torch.ops.load_library) / the module
+    if kind == "host":
+        _MODULES[kind] = out
+        return str(getattr(out, "__file__", name))
     if isinstance(out, str):  # the library path (is_python_module=False)
         return out
     try:  # older torch returned None: report the build directory instead
         return str(build_dir or ce._get_build_directory(name, verbose=False))
     except Exception:
         return name
+
+
+def _built_before(kind: str) -> bool:
+    """Whether the JIT build directory of ``kind`` already holds a built library (a load, not a
+    build, then follows)."""
+    name = _build_name(kind)
+    try:
+        if os.environ.get("FASTSAM_EXT_DIR"):
+            d = Path(os.environ["FASTSAM_EXT_DIR"]) / name
+        else:
+            from torch.utils import cpp_extension as ce
+
+            d = Path(ce._get_build_directory(name, verbose=False))
+        return any(d.glob(f"{name}*.so")) or any(d.glob(f"{name}*.pyd"))
+    except Exception:
+        return True  # unknown: no message
 
 
 def _summary(err: BaseException) -> str:
@@ -212,10 +243,11 @@ def _warn_once(kind: str, reason: str) -> None:
     if kind in _WARNED:
         return
     _WARNED.add(kind)
-    fallback = "foreach" if kind == "cpu" else "triton/foreach"
-    what = "C++ (CPU)" if kind == "cpu" else "CUDA"
+    fallback = {"cpu": "foreach backend", "cuda": "triton/foreach backend",
+                "host": "Python twins of the host helpers (same results, more host time per step)"}[kind]
+    what = {"cpu": "C++ (CPU)", "cuda": "CUDA", "host": "C++ host-helper"}[kind]
     warnings.warn(
-        f"fastsam: the {what} extension is not available ({reason}); using the {fallback} backend. "
+        f"fastsam: the {what} extension is not available ({reason}); using the {fallback}. "
         f"Set {ENV_DISABLE}=1 to silence this, FASTSAM_EXT_VERBOSE=1 to see the build.",
         RuntimeWarning,
         stacklevel=3,
@@ -232,7 +264,7 @@ def load(kind: str = "cpu") -> Any | None:
         if st is None:
             st = _STATUS[kind] = _load_uncached(kind)
         if st.available:
-            return getattr(torch.ops, f"fastsam_{kind}")
+            return _MODULES[kind] if kind == "host" else getattr(torch.ops, f"fastsam_{kind}")
         return None
 
 
@@ -248,7 +280,12 @@ def _load_uncached(kind: str) -> ExtStatus:
     aot = _aot_library(kind)
     if aot is not None:
         try:
-            torch.ops.load_library(aot)
+            if kind == "host":
+                import importlib
+
+                _MODULES[kind] = importlib.import_module("fastsam._C_host")
+            else:
+                torch.ops.load_library(aot)
             st.available, st.how, st.path = True, "aot", aot
             st.seconds = time.perf_counter() - t0
             return st
@@ -260,6 +297,10 @@ def _load_uncached(kind: str) -> ExtStatus:
         _warn_once(kind, why)
         return st
     verbose = os.environ.get("FASTSAM_EXT_VERBOSE", "") not in ("", "0")
+    if not verbose and not _built_before(kind):  # a one-time wait of 20 s to minutes: say so
+        what = {"cpu": "C++ (CPU) backend", "cuda": "CUDA backend", "host": "C++ host helpers"}[kind]
+        print(f"fastsam: building the {what} (once per machine and torch version, cached; "
+              f"{ENV_DISABLE}=1 skips it)...", file=sys.stderr, flush=True)
     try:
         st.path = _jit_build(kind, verbose)
     except Exception as err:

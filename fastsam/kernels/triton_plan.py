@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import _host
 from .._sequences import TRUSTED_PTRS
 from . import _tables as T
 from . import triton_launch as L
@@ -241,9 +242,8 @@ def lookup(key: tuple | None, params: Sequence[Tensor]) -> "Plan | None":
     plan = None if plans is None else plans.get(key)
     if plan is None:
         return None
-    if ptrs is None:
-        ptrs = tuple(map(_data_ptr, params))
-    if plan.epoch != _EPOCH[0] or ptrs != plan.pptrs:
+    if plan.epoch != _EPOCH[0] or (ptrs != plan.pptrs if ptrs is not None else
+                                   not _host.layout_equal(params, plan.pptrs)):
         del plans[key]
         return None
     plans.move_to_end(key)
@@ -438,7 +438,11 @@ _BUMP_LIST: list[bool | None] = [None]  # does _increment_version take a tuple? 
 
 def bump_versions(tensors: Sequence[Tensor]) -> None:
     """Bump the version counters of tensors written by a kernel (autograd then sees the in-place
-    writes); one call for the list on torch >= 2.5, one per tensor on torch 2.4."""
+    writes); one C loop with the host helpers (fastsam._host), else one call for the list on
+    torch >= 2.5, one per tensor on torch 2.4."""
+    if _host.active():
+        _host.bump_versions(tensors)
+        return
     if _BUMP_LIST[0] is not False:
         try:
             torch._C._increment_version(tuple(tensors))

@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _host
 from .._compat import custom_op, eager_under_compile_on_old_torch, may_be_traced, no_grad
 from .._sequences import PerGroup
 from .._shard import Reduce
@@ -68,8 +69,11 @@ _is_none = functools.partial(operator.is_, None)
 
 
 def _ptrs(ts: Sequence[Tensor | None], dense: bool | None = None) -> list[int]:
-    """Addresses, 0 for a missing entry (one C-level pass when nothing is missing; ``dense``:
-    whether the caller knows that nothing is)."""
+    """Addresses, 0 for a missing entry (one C loop with the host helpers, fastsam._host; else one
+    C-level pass when nothing is missing; ``dense``: whether the caller knows that nothing is).
+    A list: the launch plans compare it with the last call's at C speed."""
+    if _host.active():
+        return list(_host.addresses(ts))
     if dense if dense is not None else not any(map(_is_none, ts)):
         return list(map(_data_ptr, ts))
     return [0 if t is None else t.data_ptr() for t in ts]
@@ -77,6 +81,8 @@ def _ptrs(ts: Sequence[Tensor | None], dense: bool | None = None) -> list[int]:
 
 def _all_contiguous(ts: Sequence[Tensor | None], dense: bool | None = None) -> bool:
     """Every present tensor is contiguous (a sparse one is a ValueError)."""
+    if _host.active() and _host.all_contiguous(ts):  # one C loop; otherwise the checks below say why
+        return True
     try:
         if dense if dense is not None else not any(map(_is_none, ts)):
             return all(map(_contig, ts))
@@ -426,7 +432,7 @@ def _second_step_impl(
         (use_mix, writeback, mix.numel()) if use_mix else ())  # type: ignore[union-attr]
     statics = (params, w_old, g_old if gsam else None, s1, s2, s3)
     key = P.plan_key(("second",) + fit, *statics)
-    dense = not any(map(_is_none, grads))
+    dense = not _host.count_none(grads)
     plan, st = _plan(key, statics[1:], "second", fit, params, cols, [K.S_G.value], None, fit, dense=dense)
     order = sorted(plan.groups, key=lambda gp: gp.total_numel) if len(plan.groups) > 1 else plan.groups
     saved: list[tuple[Tensor, Tensor]] = []

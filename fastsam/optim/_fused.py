@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from torch.optim import optimizer as _optimizer_module  # its global step hooks
 
+from .. import _host
 from .. import functional as F
 from .._sequences import TRUSTED_PTRS, PerGroup, Tensors
 
@@ -104,10 +105,6 @@ def _values(dicts: tuple) -> tuple | None:
         return None
 
 
-def _same(now: tuple | None, saved: tuple | None) -> bool:
-    return now is not None and saved is not None and len(now) == len(saved) and all(map(_is, now, saved))
-
-
 class _Plan:
     """What a fused update over one set of tensors keeps from step to step (see the module doc)."""
 
@@ -150,22 +147,20 @@ def fused_second_step(opt: SAM, layout: _Layout | None, txn: _Txn | None = None,
     if params is None:
         params = opt._all_params()
     if grads is None:
-        grads = list(map(_grad_of, params))
-    nones = tuple(map(_is_none, grads))
+        grads = _host.grads(params)
+    # which parameters have no gradient (part of the plan's key): "none missing" on the usual step
+    nones = () if not _host.count_none(grads) else tuple(map(_is_none, grads))
     state = base.state
     key = (kind, id(layout), nones, id(state), len(state), tuple(map(id, groups)), opt.backend,
            None if mix is None else mix[0] is None)
     plans = opt._fused_plans  # on the optimizer: the plans die with it (they hold its tensors)
     plan = plans.get(key)
     if plan is not None:
-        # the base state as the plan saw it: the same parameters mapping to the same dicts, holding
-        # the same tensors (C-level passes in the dict's order, no tensor hashing)
         # the base state as the plan saw it: the same parameters mapping to the same state dicts
-        # holding the same objects (C-level identity passes in the dicts' order, no tensor hashing)
-        if plan.refs[0] is not layout or plan.refs[1] is not state or len(params) != len(plan.everyone) or not all(
-                map(_is, params, plan.everyone)) or len(state) != len(plan.skeys) or not all(
-                map(_is, state, plan.skeys)) or not all(map(_is, state.values(), plan.svals)) or not _same(
-                _values(plan.svals), plan.entries):
+        # holding the same objects (identity passes in the dicts' order, no tensor hashing; one C
+        # loop each with the host helpers, fastsam._host)
+        if plan.refs[0] is not layout or plan.refs[1] is not state or not _host.same(params, plan.everyone) or (
+                plan.entries is None or not _host.state_same(state, plan.skeys, plan.svals, plan.entries)):
             plan = None  # a state dict, or a tensor in one, was replaced (load_state_dict, user code)
     if plan is None:
         plan = _build(opt, base, kind, layout, params, grads, groups, txn, mix is not None and mix[0] is None)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _shard
+from .. import _host, _shard
 from .. import functional as F
 from .._compat import no_grad
 from .._sequences import TRUSTED_PTRS, PerGroup, Tensors
@@ -68,13 +68,6 @@ _is_none = functools.partial(operator.is_, None)
 _dtype_of = operator.attrgetter("dtype")
 
 
-def _param_meta(ts: list[Tensor]) -> tuple:
-    """Besides the addresses, what the cached parameter checks, layouts and launch plans depend
-    on: the sizes. ``p.data = ...`` can keep the address with another size (a view of the same
-    storage: ``p.data[:2]``, ``p.data.view(torch.complex64)``), so the address alone is not
-    enough. One C-level pass (~0.04 us a tensor); a view of the same storage as another dtype of
-    the same element size (fp16 <-> bf16, float32 -> int32) is the case it does not see."""
-    return tuple(map(Tensor.numel, ts))
 _is_sparse = operator.attrgetter("is_sparse")
 _version_of = operator.attrgetter("_version")
 
@@ -458,6 +451,7 @@ class SAM(torch.optim.Optimizer):
         self._layouts: OrderedDict[tuple, _Layout] = OrderedDict()  # recent layouts (a few: P may vary)
         self._fused_plans: OrderedDict[tuple, Any] = OrderedDict()  # fastsam.optim._fused plans
         self._mix_cache: dict[tuple, Tensor] = {}  # constant (c1, c2) device tensors of the fused mixes
+        self._host_tried = False  # the C++ host helpers (fastsam._host) were tried for this optimizer
         # LookSAM's stored directions as the last fused reuse passed them (the same tuple while
         # they do not change, so the Triton launcher keeps its tables)
         self._gv_tuple: tuple[Tensor | None, ...] = ()
@@ -474,7 +468,10 @@ class SAM(torch.optim.Optimizer):
         self._pair_g: dict[Tensor, Tensor] = {}
         self._txn: _Txn | None = None
         self._layout_key: tuple | None = None  # data pointers the aliasing check last passed
-        self._layout_meta: tuple | None = None  # their sizes (see _param_meta)
+        # their sizes: p.data = ... can keep the address with another size (a view of the same storage:
+        # p.data[:2], p.data.view(torch.complex64)), so the address alone is not enough; a view as
+        # another dtype of the same element size (fp16 <-> bf16, float32 -> int32) is not seen
+        self._layout_meta: tuple | None = None
         self._sharding: _shard.Sharding | None = None  # DTensor parameters (FSDP2): see fastsam._shard
 
     # ------------------------------------------------------------------ param_groups: one list
@@ -562,10 +559,10 @@ class SAM(torch.optim.Optimizer):
         sh = self._sharding
         # DTensors report data_ptr 0: their local shards' addresses stand for them
         locs = params if sh is None else _shard.locals_(params)
-        key = tuple(map(Tensor.data_ptr, locs))  # type: ignore[arg-type]
-        meta = _param_meta(locs)  # type: ignore[arg-type]
-        if key == self._layout_key and meta == self._layout_meta:  # (DTensors <-> plain tensors change the key)
+        # addresses and sizes as the last check saw them (DTensors <-> plain tensors change them): one C loop
+        if self._layout_key is not None and _host.layout_equal(locs, self._layout_key, self._layout_meta):
             return params
+        key, meta = _host.layout(locs)  # type: ignore[arg-type]
         self._layouts.clear()
         self._fused_plans.clear()
         for i, w in enumerate(params):
@@ -573,8 +570,7 @@ class SAM(torch.optim.Optimizer):
         self._sharding = sh = self._make_sharding(params)
         if sh is not None:
             locs = _shard.locals_(params)
-            key = tuple(map(Tensor.data_ptr, locs))  # type: ignore[arg-type]
-            meta = _param_meta(locs)  # type: ignore[arg-type]
+            key, meta = _host.layout(locs)  # type: ignore[arg-type]
         pair = overlapping_pair(locs)  # type: ignore[arg-type]
         if pair is not None:
             i, j = pair
@@ -625,7 +621,8 @@ class SAM(torch.optim.Optimizer):
         perturbing groups give the same object, and with it the backends' cached plans)."""
         groups = self.param_groups
         # (the layouts are dropped whenever the parameters' addresses change: see _check_params)
-        key = (tuple(map(_is_none, grads)), tuple(g["rho"] > 0 for g in groups),
+        # which parameters have no gradient: "none missing" (one C loop) on the usual step
+        key = (() if not _host.count_none(grads) else tuple(map(_is_none, grads)), tuple(g["rho"] > 0 for g in groups),
                tuple(len(g["params"]) for g in groups))
         lay = self._layouts.get(key)
         if lay is None:
@@ -801,10 +798,11 @@ class SAM(torch.optim.Optimizer):
         lay = self._layout
         assert lay is not None
         params = lay.params
-        ptrs = tuple(map(Tensor.data_ptr, params))
-        if ptrs == lay.ptrs:  # the same storages (a same-size view would keep its address: shapes checked too
-            # when the addresses moved, which is what p.data = ... does)
-            return ptrs
+        # the same storages (a same-size view would keep its address: shapes are checked when the
+        # addresses moved, which is what p.data = ... does); one C loop
+        if _host.layout_equal(params, lay.ptrs):
+            return lay.ptrs
+        ptrs = _host.addresses(params)
         if list(map(_shape_of, params)) == lay.shapes and list(map(_dtype_of, params)) == lay.dtypes:
             return ptrs
         shapes, dtypes = lay.shapes, lay.dtypes
@@ -826,6 +824,20 @@ class SAM(torch.optim.Optimizer):
         F.sam_restore_(lay.lparams, lay.lw_old, backend=self.backend)
         self._set_perturbed(None)
 
+    def _host_on(self, params: list[Tensor]) -> None:
+        """On the first step of a fused backend (triton, cuda, cpp), load the C++ host helpers
+        (:mod:`fastsam._host`: the per-tensor reads of every step as C loops; a one-time ~20 s
+        build where not cached). Same results either way; foreach / reference never build them."""
+        if self._host_tried:
+            return
+        self._host_tried = True
+        try:
+            fused = bool(params) and F.supports_fused_updates(self.backend, params[0].device)
+        except ValueError:
+            fused = False  # the step itself reports an unusable backend
+        if fused:
+            _host.activate()
+
     def _set_perturbed(self, lay: _Layout | None) -> None:
         self._layout = lay
         self._perturbed = None if lay is None else lay.params
@@ -846,7 +858,8 @@ class SAM(torch.optim.Optimizer):
             )
         params = self._check_params()
         ptrs = self._layout_key  # every parameter's address, read by _check_params just now
-        grads = list(map(_grad_of, params))
+        self._host_on(params)
+        grads = _host.grads(params)
         txn = self._begin(params=params, grads=grads)
         try:
             groups = self.param_groups
@@ -918,7 +931,7 @@ class SAM(torch.optim.Optimizer):
             lay = self._layout
             assert lay is not None
             mix = self._family_combine(lay, txn, defer_mix=True)
-            grads = list(map(_grad_of, params))
+            grads = _host.grads(params)
             if fused_second_step(self, lay, txn, params, grads, ptrs, mix=mix):
                 self._set_perturbed(None)  # WSAM's mix, if any, was the fused update's own
             else:
@@ -1903,6 +1916,7 @@ class SAM(torch.optim.Optimizer):
         self._fused_plans = OrderedDict()
         self._mix_cache = {}
         self._gv_tuple = ()
+        self.__dict__.setdefault("_host_tried", False)
         self.__dict__.setdefault("_acc_g", {})  # (pickles of an older fastsam)
         self.__dict__.setdefault("_pair_g", {})
         self._layout = None
