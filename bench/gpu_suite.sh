@@ -11,7 +11,7 @@
 #   bench.log         stdout of the benchmarks (SAM step, sweep, losses)
 #   bench_optim.json/.md   SAM step per implementation (rewritten after every row), then the sweep
 #   losses_cuda.json/.md   ascent losses vs F.cross_entropy (rewritten after every row)
-#   ext.log           background build of the csrc extension (cpu + cuda kinds), then its GPU tests
+#   ext.log           background build of the csrc extension (cpu + cuda + host kinds), then its GPU tests
 #
 # Stages of `all`, in order of value, each capped: SIGINT at the cap (pytest prints its summary,
 # Python runs its finally blocks and the benchmarks have already saved their rows), SIGKILL 10 s
@@ -156,7 +156,7 @@ start_ext_build() {
   (
     t=$(date +%s)
     echo "== [t=$(elapsed)s] ext build start: FASTSAM_EXT_DIR=$EXT_DIR"
-    for kind in cpu cuda; do
+    for kind in cpu cuda host; do
       ( [ "$DRY" = 1 ] && export FASTSAM_DISABLE_EXT=1
         FASTSAM_EXT_DIR="$EXT_DIR" TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" MAX_JOBS=4 TORCH_CUDA_ARCH_LIST=9.0 \
           FASTSAM_EXT_VERBOSE=1 nice -n 10 "$PY" -c "from fastsam.kernels import _ext; s = _ext.status('$kind'); \
@@ -164,7 +164,7 @@ print('ext $kind:', 'available' if s.available else 'NOT available', s.how, roun
           > "$EXT_DIR/build_$kind.log" 2>&1 ) &
     done
     wait
-    for kind in cpu cuda; do
+    for kind in cpu cuda host; do
       echo "-- build log, kind $kind"
       cat "$EXT_DIR/build_$kind.log"
     done
@@ -188,6 +188,9 @@ ext_stage() {
   [ "$DRY" = 1 ] && dis=(FASTSAM_DISABLE_EXT=1)
   stage ext_tests "$CAP_EXT" "$EXT_LOG" env "${dis[@]}" FASTSAM_EXT_DIR="$EXT_DIR" TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" \
     "$PY" -m pytest "${PYTEST_COMMON[@]}" tests/test_cpp_sam.py tests/test_accumulate.py -m gpu
+  # the C++ host helpers (kind "host", built above): their Python twins give the same values
+  stage host_tests "$CAP_EXT" "$EXT_LOG" env "${dis[@]}" FASTSAM_EXT_DIR="$EXT_DIR" \
+    TORCH_EXTENSIONS_DIR="$EXT_DIR/torch" "$PY" -m pytest "${PYTEST_COMMON[@]}" tests/test_host_ext.py
 }
 
 # ------------------------------------------------------------------------------ b: tests
