@@ -227,6 +227,39 @@ Py_ssize_t count_none(py::handle seq) {
   return k;
 }
 
+// Whether the tensors are 0-dim views of one storage at consecutive offsets, in order (the Adam
+// step counters as fastsam.SAM keeps them: one op then moves them all).
+bool consecutive_scalars(py::handle seq) {
+  PyObject* f = fast(seq, "consecutive_scalars: expected a list or tuple of tensors");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(f);
+  PyObject** items = PySequence_Fast_ITEMS(f);
+  bool ok = n > 0;
+  const c10::StorageImpl* st = nullptr;
+  int64_t off0 = 0;
+  try {
+    for (Py_ssize_t i = 0; ok && i < n; ++i) {
+      if (items[i] == Py_None) {
+        ok = false;
+        break;
+      }
+      const c10::TensorImpl* impl = tensor_at(f, i, items[i], "tensors").unsafeGetTensorImpl();
+      ok = impl->has_storage() && impl->dim() == 0;
+      if (!ok) break;
+      if (i == 0) {
+        st = impl->unsafe_storage().unsafeGetStorageImpl();
+        off0 = impl->storage_offset();
+      } else {
+        ok = impl->unsafe_storage().unsafeGetStorageImpl() == st && impl->storage_offset() == off0 + i;
+      }
+    }
+  } catch (...) {
+    Py_DECREF(f);
+    throw;
+  }
+  Py_DECREF(f);
+  return ok;
+}
+
 // Whether two sequences hold the same objects (identity, in order): a cached plan's check that
 // the parameters are the ones it was built for.
 bool same(py::handle a, py::handle b) {
@@ -302,6 +335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grads", &grads, ".grad of every tensor (None where absent), as a list");
   m.def("all_contiguous", &all_contiguous, "every tensor (None skipped) strided and contiguous");
   m.def("bump_versions", &bump_versions, "bump the version counter of every tensor (None skipped)");
+  m.def("consecutive_scalars", &consecutive_scalars, "0-dim views of one storage at consecutive offsets");
   m.def("count_none", &count_none, "how many entries are None");
   m.def("same", &same, "two sequences hold the same objects, in order");
   m.def("state_same", &state_same, "a base optimizer state as a cached plan saw it (keys, dicts, entries)");

@@ -92,6 +92,18 @@ def bump_versions(ts: Sequence[Tensor | None]) -> None:
         torch._C._increment_version(present)
 
 
+def consecutive_scalars(ts: Sequence[Tensor | None]) -> bool:
+    """The tensors are 0-dim views of one storage at consecutive offsets, in order (Adam's step
+    counters as :class:`fastsam.SAM` keeps them)."""
+    if _M is not None:
+        return _M.consecutive_scalars(ts)
+    if not ts or any(t is None or t.dim() != 0 for t in ts):
+        return False
+    st, off = ts[0].untyped_storage().data_ptr(), ts[0].storage_offset()
+    return all(t.untyped_storage().data_ptr() == st and t.storage_offset() == off + i  # type: ignore[union-attr]
+               for i, t in enumerate(ts))
+
+
 def count_none(ts: Sequence[Any]) -> int:
     """How many entries are None (identity; ``ts.count(None)`` would call ``Tensor.__eq__``)."""
     if _M is not None:

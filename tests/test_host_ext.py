@@ -140,11 +140,17 @@ def test_clear_errors(cxx):
         _host.layout([None])  # the layout of parameters: no None
 
 
-def test_a_fused_step_loads_them_and_gives_the_same_weights(cxx):
-    """fastsam.SAM on a fused backend turns them on with its first step; a step with and one
-    without them are bit-identical (they only read)."""
-    if "cpp" not in fastsam.functional.available_backends("cpu"):
-        pytest.skip("cpp backend not available")
+@pytest.mark.parametrize("base,kw", [(torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
+                                     (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True})],
+                         ids=["adamw", "sgd"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_fused_step_loads_them_and_gives_the_same_weights(cxx, backend, base, kw):
+    """fastsam.SAM on a fused backend turns them on with its first step; steps with and without
+    them are bit-identical (they only read; the cpp wrappers' per-group tables and one-op step
+    counters give the per-tensor path's values), with two param groups of different lr and
+    rho, over 4 steps."""
+    if backend not in fastsam.functional.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not available")
     runs = []
     for use in (False, True):
         saved = _host._M
@@ -152,12 +158,14 @@ def test_a_fused_step_loads_them_and_gives_the_same_weights(cxx):
         try:
             torch.manual_seed(0)
             m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-            opt = fastsam.SAM(m.parameters(), torch.optim.AdamW, rho=0.1, lr=1e-2, backend="cpp")
+            groups = [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": kw["lr"] / 3, "rho": 0.05}]
+            opt = fastsam.SAM(groups, base, rho=0.1, backend=backend, **kw)
             opt._host_tried = True  # keep this run's choice
-            for _ in range(3):
+            for _ in range(4):
                 x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
                 fastsam.sam_step(m, opt, x, y, torch.nn.functional.cross_entropy)
-            runs.append([p.detach().clone() for p in m.parameters()])
+            runs.append([p.detach().clone() for p in m.parameters()] + [
+                t.clone() for st in opt.base_optimizer.state.values() for t in st.values() if torch.is_tensor(t)])
         finally:
             _host._M = saved
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert len(runs[0]) == len(runs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))

@@ -130,8 +130,19 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def _sources_digest(kind: str) -> str:
+    """A hash of the kind's sources and headers: two checkouts with different sources (an upgrade,
+    a second worktree) build into different directories instead of rebuilding over each other."""
+    src = csrc_dir()
+    h = hashlib.sha1()
+    for f in (_SOURCES[kind] + _HEADERS) if src is not None else ():
+        p = src / f
+        h.update(p.read_bytes() if p.is_file() else b"")
+    return h.hexdigest()
+
+
 def _build_name(kind: str) -> str:
-    key = [torch.__version__, sys.version, platform.machine(), kind]
+    key = [torch.__version__, sys.version, platform.machine(), kind, _sources_digest(kind)]
     if kind == "cpu":
         key += cpu_cflags() + list(CPU_LDFLAGS)
         if _march() == "native":

@@ -29,6 +29,7 @@ The module imports without the extension; the first op call loads it (building i
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -37,7 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _host
 from .._compat import no_grad
+from .._sequences import PerGroup
 from .._shard import Reduce
 from ..reference import check_accumulate_args, check_mix, dual_exponent
 from . import _ext
@@ -52,6 +55,7 @@ NT_MIN_BYTES = int(os.environ.get("FASTSAM_CPP_NT_MIN_BYTES", 64 << 20))
 
 _MODE_RESTORE, _MODE_SGD, _MODE_ADAM, _MODE_COMBINE, _MODE_ACCUM = 0, 1, 2, 3, 4
 _NUM_HYP = 8  # csrc/kernels.h kNumHyp
+_CHECKED = "_fastsam_cpp_checked"  # attribute of a checked tensor tuple: (addresses, sizes, bytes)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -71,6 +75,8 @@ class _Staging:
         return c
 
     def many(self, ts: Sequence[Tensor], mutated: bool) -> list[Tensor]:
+        if _host.active() and _host.all_contiguous(ts):  # the usual call: one C loop, nothing staged
+            return list(ts)
         return [self(t, mutated) for t in ts]
 
     def finish(self) -> None:
@@ -87,10 +93,51 @@ def _floats(x: float | Sequence[float], n: int, name: str) -> list[float]:
     return vals
 
 
+def _group_rows(cols: Sequence[Any], n: int) -> tuple[tuple[int, ...] | None, list[tuple[float, ...]]] | None:
+    """Hyper-parameter columns (a float for every tensor, or a :class:`PerGroup` over one shared
+    group index) as one value tuple per group and the group of each tensor (None: one group);
+    None when some column is a plain per-tensor list (the per-tensor path then runs)."""
+    group_of = None
+    for c in cols:
+        if isinstance(c, PerGroup):
+            if group_of is not None and c.group_of is not group_of and c.group_of != group_of:
+                return None
+            group_of = c.group_of
+        elif not isinstance(c, (int, float)):
+            return None
+    if group_of is not None and len(group_of) != n:
+        return None
+    ng = 1 if group_of is None else (max(group_of) + 1 if group_of else 0)
+    rows = [tuple(float(c.values[g]) if isinstance(c, PerGroup) else float(c) for c in cols) for g in range(ng)]
+    return group_of, rows
+
+
+def _spread(group_of: tuple[int, ...] | None, rows: list[list[float]], n: int) -> list[float]:
+    """The per-tensor hyper table from one row per group (C-level list building, no per-tensor math)."""
+    if group_of is None:
+        return rows[0] * n
+    return list(itertools.chain.from_iterable(map(rows.__getitem__, group_of)))
+
+
+def _flag(x: object) -> int:
+    return 1 if x else 0
+
+
+def _column(col: Sequence[Any], conv: Any) -> list:
+    """A per-tensor argument list: a :class:`PerGroup` converted once per group and spread at C
+    speed (the usual step), anything else element by element."""
+    if isinstance(col, PerGroup):
+        vals = [conv(v) for v in col.values]
+        return list(map(vals.__getitem__, col.group_of))
+    return list(map(conv, col))
+
+
 def _dense(xs: Sequence[Tensor | None] | None, st: _Staging, mutated: bool) -> tuple[list[Tensor], list[int]]:
     """Optional per-tensor list -> (present tensors, their indices)."""
     if xs is None:
         return [], []
+    if _host.active() and not _host.count_none(xs):
+        return st.many(xs, mutated), list(range(len(xs)))  # type: ignore[arg-type]
     idx = [i for i, t in enumerate(xs) if t is not None]
     return [st(xs[i], mutated) for i in idx], idx  # type: ignore[arg-type]
 
@@ -133,6 +180,13 @@ class CsrcBackend:
         return ns
 
     def check(self, tensors: Sequence[Tensor]) -> None:
+        # a list that passed before (fastsam.SAM's layouts and plans are tuples with a __dict__, which
+        # keeps the result and dies with them) passes again while its tensors keep their addresses
+        # and sizes (one C loop; a same-size dtype swap in place is not seen, as in fastsam.SAM)
+        d = getattr(tensors, "__dict__", None)
+        c = None if d is None else d.get(_CHECKED)
+        if c is not None and _host.active() and _host.layout_equal(tensors, c[0], c[1]):
+            return
         for t in tensors:
             if t.dtype not in SUPPORTED_DTYPES:
                 raise ValueError(
@@ -144,10 +198,17 @@ class CsrcBackend:
                     f"backend={self.name!r} runs on {self.device_type.upper()} tensors, got one on {t.device}; "
                     f"use backend={other} there"
                 )
+        if d is not None and _host.active():
+            ptrs, numels = _host.layout(tensors)
+            d[_CHECKED] = (ptrs, numels, sum(n * t.element_size() for n, t in zip(numels, tensors)))
 
     def stream(self, params: Sequence[Tensor]) -> bool:
         if self.device_type != "cpu":
             return False
+        d = getattr(params, "__dict__", None)
+        c = None if d is None else d.get(_CHECKED)
+        if c is not None:  # check() ran on this list just now
+            return c[2] >= NT_MIN_BYTES
         return sum(t.numel() * t.element_size() for t in params) >= NT_MIN_BYTES
 
     # ------------------------------------------------------------------ ops
@@ -204,8 +265,8 @@ class CsrcBackend:
             st.many(params, True), st.many(grads, False), st.many(w_old, True),
             st.many(ema, True) if fsam else [], list(ema_ready) if fsam else [],  # type: ignore[arg-type]
             st.many(g_old, True) if g_old is not None else [],
-            [float(r) for r in rhos], [float(e) for e in etas], [1 if a else 0 for a in adaptive],
-            [int(o) for o in offsets], q, fsam, 0.0 if fsam_sigma is None else float(fsam_sigma),
+            _column(rhos, float), _column(etas, float), _column(adaptive, _flag), _column(offsets, int),
+            q, fsam, 0.0 if fsam_sigma is None else float(fsam_sigma),
             float(fsam_lambda), float(swp_keep), int(seed) & _MASK32, int(step) & _MASK32, self.stream(params),
             st.many(ema_out, True) if fsam and ema_out is not None else [],  # type: ignore[arg-type]
             list(ready_out) if fsam and ready_out is not None else [],
@@ -361,6 +422,10 @@ class CsrcBackend:
         if n == 0:
             return
         self.check(params)
+        if self._adam_by_group(params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                               (lr, beta1, beta2, eps, weight_decay), amsgrad, maximize, decoupled_weight_decay,
+                               gsam_alpha, mix, mix_writeback):
+            return
         lrs, b1s, b2s = _floats(lr, n, "lr"), _floats(beta1, n, "beta1"), _floats(beta2, n, "beta2")
         epss, wds = _floats(eps, n, "eps"), _floats(weight_decay, n, "weight_decay")
         upd = [i for i in range(n) if grads[i] is not None]
@@ -397,6 +462,43 @@ class CsrcBackend:
                 torch._foreach_sub_(present, 1.0)  # type: ignore[arg-type]
             raise
 
+
+    def _adam_by_group(self, params, grads, w_old, g_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, cols,
+                       amsgrad, maximize, decoupled, gsam_alpha, mix, mix_writeback) -> bool:
+        """The usual Adam step without per-tensor Python: every tensor has a gradient, the step
+        counters are 0-dim views of one buffer holding one value (as fastsam.SAM keeps them), the
+        hyper-parameters are per group. The table is one row per group, spread by C-level list
+        building, and the counters move with one op; the values are those of the per-tensor path
+        (the same formulas on the same floats). False (nothing done) when a condition fails."""
+        n = len(params)
+        if not _host.active() or _host.count_none(grads) or not _host.consecutive_scalars(steps):
+            return False
+        base = steps[0]._base
+        if base is None or base.dim() != 1 or base.numel() != n or steps[0].storage_offset() != base.storage_offset():
+            return False
+        grouped = _group_rows(cols, n)
+        if grouped is None:
+            return False
+        group_of, hv = grouped
+        lo, hi = base.aminmax()
+        if bool(lo != hi):
+            return False  # counters at different steps: the per-tensor path
+        t = (base[:1] + 1).tolist()[0]  # the incremented value, in the counters' dtype
+        rows = []
+        for lr, b1, b2, eps, wd in hv:
+            bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+            rows.append([wd, 1.0 - b1, b2, 1.0 - b2, eps, lr / bc1, math.sqrt(bc2), 1.0 - lr * wd])
+        hyp = _spread(group_of, rows, n)
+        vmax = list(max_exp_avg_sqs) if amsgrad and max_exp_avg_sqs else None
+        base.add_(1.0)  # before the kernels, as torch increments first; undone if they raise
+        try:
+            self._second_step(_MODE_ADAM, params, grads, w_old, g_old, list(exp_avgs), list(exp_avg_sqs), vmax, hyp,
+                              [0] * n, gsam_alpha, maximize=maximize, amsgrad=amsgrad, decoupled=decoupled, mix=mix,
+                              mix_writeback=mix_writeback)
+        except BaseException:
+            base.sub_(1.0)
+            raise
+        return True
 
     @no_grad
     def sam_restore_accumulate_(
@@ -455,6 +557,7 @@ sam_restore_accumulate_ = _BACKEND.sam_restore_accumulate_
 
 
 SHARDED = True  # sam_perturb_ / gsam_combine_ / sam_restore_accumulate_ take reduce= (fastsam._shard)
+PER_GROUP = True  # hyper-parameter columns may be PerGroup: the usual Adam step builds one row per group
 
 
 def combine_scaled(reduce: Reduce, part: Tensor, q: float) -> tuple[float, float]:

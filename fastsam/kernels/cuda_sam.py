@@ -27,6 +27,7 @@ from .cpp_sam import SUPPORTED_DTYPES, CsrcBackend
 
 FUSED_UPDATES = True
 SHARDED = True  # sam_perturb_ / gsam_combine_ / sam_restore_accumulate_ take reduce= (fastsam._shard)
+PER_GROUP = True  # hyper-parameter columns may be PerGroup (see cpp_sam)
 __all__ = ["FUSED_UPDATES", "SUPPORTED_DTYPES", "available", "gsam_combine_", "sam_perturb_", "sam_restore_",
            "sam_restore_accumulate_", "sam_restore_adam_", "sam_restore_sgd_"]
 
