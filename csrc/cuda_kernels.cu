@@ -908,9 +908,10 @@ int64_t gsam_slots(const Group* groups, int ngroups, int sms) {
   return t;
 }
 
-void perturb_partial(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups,
-                     const PerturbScalars& s, double* part, int32_t* snap, double* out, int sms, void* stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
+namespace {
+// K1 over every group into part (S then E, nslots each); returns nslots.
+int64_t launch_norms(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups,
+                     const PerturbScalars& s, double* part, int32_t* snap, int sms, cudaStream_t st) {
   const int per_sm = norm_per_sm_q(s.qmode);
   const int64_t nslots = perturb_slots(groups, ngroups, sms, s.qmode);
   int64_t slot = 0;
@@ -920,6 +921,24 @@ void perturb_partial(const PerturbRow* rows, const Item* items, const Group* gro
     by_dtype<LaunchNorm>(gr.dtype, grid, st, rows, items + gr.begin, gr.count, s, part, nslots, slot, snap);
     slot += grid;
   }
+  return nslots;
+}
+
+// K2 over every group, reducing `nslots` (S, E) partials (K1's, or every rank's pair).
+void launch_applies(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups,
+                    const PerturbScalars& s, const double* part, int64_t nslots, const int32_t* snap, bool* ok, int sms,
+                    cudaStream_t st) {
+  for (int k = 0; k < ngroups; ++k) {
+    const Group& gr = groups[k];
+    by_dtype<LaunchApply>(gr.dtype, sms, st, rows, items + gr.begin, gr.count, s, part, nslots, snap, ok);
+  }
+}
+}  // namespace
+
+void perturb_partial(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups,
+                     const PerturbScalars& s, double* part, int32_t* snap, double* out, int sms, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t nslots = launch_norms(rows, items, groups, ngroups, s, part, snap, sms, st);
   const double w = s.qmode == 2 ? 2.0 : (s.qmode == 1 ? 1.0 : s.q);
   reduce_partials_kernel<<<dim3(1), dim3(kThreads), 0, st>>>(part, nslots, w, out);
 }
@@ -932,30 +951,14 @@ void perturb_apply_global(const PerturbRow* rows, int64_t nrows, const Item* ite
     const int64_t blocks = (nrows + kThreads - 1) / kThreads;
     snap_kernel<<<dim3(static_cast<unsigned>(blocks > 0 ? blocks : 1)), dim3(kThreads), 0, st>>>(rows, nrows, snap);
   }
-  for (int k = 0; k < ngroups; ++k) {
-    const Group& gr = groups[k];
-    by_dtype<LaunchApply>(gr.dtype, sms, st, rows, items + gr.begin, gr.count, s, table, nranks,
-                          static_cast<const int32_t*>(snap), ok);
-  }
+  launch_applies(rows, items, groups, ngroups, s, table, nranks, snap, ok, sms, st);
 }
 
 void perturb(const PerturbRow* rows, const Item* items, const Group* groups, int ngroups, const PerturbScalars& s,
              double* part, int32_t* snap, bool* ok, int sms, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int per_sm = norm_per_sm_q(s.qmode);
-  const int64_t nslots = perturb_slots(groups, ngroups, sms, s.qmode);
-  int64_t slot = 0;
-  for (int k = 0; k < ngroups; ++k) {
-    const Group& gr = groups[k];
-    const int64_t grid = grid_of(gr.count, sms, per_sm);
-    by_dtype<LaunchNorm>(gr.dtype, grid, st, rows, items + gr.begin, gr.count, s, part, nslots, slot, snap);
-    slot += grid;
-  }
-  for (int k = 0; k < ngroups; ++k) {
-    const Group& gr = groups[k];
-    by_dtype<LaunchApply>(gr.dtype, sms, st, rows, items + gr.begin, gr.count, s,
-                          static_cast<const double*>(part), nslots, static_cast<const int32_t*>(snap), ok);
-  }
+  const int64_t nslots = launch_norms(rows, items, groups, ngroups, s, part, snap, sms, st);
+  launch_applies(rows, items, groups, ngroups, s, part, nslots, snap, ok, sms, st);
 }
 
 void second_step(const StepRow* rows, const Item* items, const Group* groups, int ngroups, const StepScalars& s,

@@ -79,6 +79,14 @@ at::Tensor upload(const std::vector<Row>& rows, const std::vector<cuda::Item>& i
   return d;
 }
 
+// A first step's rows marked for 16-byte vector access where every pointer of the row allows it,
+// and its work items grouped by dtype (sam_perturb, sam_perturb_sharded).
+void perturb_items(PerturbArgs* a, std::vector<cuda::Item>* items, std::vector<cuda::Group>* groups) {
+  for (auto& r : a->rows) r.vec = aligned16(r.w) && aligned16(r.g) && aligned16(r.w_old) && aligned16(r.ema) &&
+                                  aligned16(r.ema_out) && aligned16(r.g_old);
+  make_items(a->rows, items, groups);
+}
+
 void check_one_device(at::TensorList ts, const at::Device& dev) {
   for (const auto& t : ts) {
     TORCH_CHECK(t.device() == dev, "fastsam: backend='cuda' needs every tensor of a call on one device (", dev,
@@ -97,11 +105,9 @@ at::Tensor sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   PerturbArgs a = perturb_rows(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam,
                                sigma, lam, beta, seed, step, nt, ema_out, ready_out, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(dev);
-  for (auto& r : a.rows) r.vec = aligned16(r.w) && aligned16(r.g) && aligned16(r.w_old) && aligned16(r.ema) &&
-                                 aligned16(r.ema_out) && aligned16(r.g_old);
   std::vector<cuda::Item> items;
   std::vector<cuda::Group> groups;
-  make_items(a.rows, &items, &groups);
+  perturb_items(&a, &items, &groups);
   at::Tensor ok = at::empty({}, at::TensorOptions().dtype(at::kBool).device(dev));
   if (groups.empty()) {  // only empty tensors: N = 0, finite
     ok.fill_(true);
@@ -148,11 +154,9 @@ at::Tensor sam_perturb_sharded_cuda(int64_t phase, at::TensorList params, at::Te
   PerturbArgs a = perturb_rows(params, grads, w_old, ema, ema_ready, g_old, rhos, etas, adaptive, offsets, q, fsam,
                                sigma, lam, beta, seed, step, nt, ema_out, ready_out, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(dev);
-  for (auto& r : a.rows) r.vec = aligned16(r.w) && aligned16(r.g) && aligned16(r.w_old) && aligned16(r.ema) &&
-                                 aligned16(r.ema_out) && aligned16(r.g_old);
   std::vector<cuda::Item> items;
   std::vector<cuda::Group> groups;
-  make_items(a.rows, &items, &groups);
+  perturb_items(&a, &items, &groups);
   const int sms = sm_count(dev);
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(dev);
   if (phase == 1) {
