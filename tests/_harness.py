@@ -475,3 +475,39 @@ def check_fused_adam_matches_twin(backend: str, dtype: torch.dtype, kw: dict, li
     got = fused_adam_run(backend, dtype, kw, lists)
     want = fused_adam_run("reference", dtype, kw, lists)
     compare_fused(got, want, rtol=1e-12 if dtype == torch.float64 else 5e-6)
+
+
+# ------------------------------------------------------------------------------ spawned ranks (gloo)
+def spawn_ranks(target: Callable[..., None], world: int, extra: tuple = (), timeout: float = 120.0) -> dict:
+    """Run ``target(rank, world, init, out_path, *extra)`` on ``world`` spawned processes that meet
+    at a free loopback port (``init`` a ``tcp://`` address); returns rank 0's result dict, which the
+    target saves to ``out_path`` with ``torch.save`` (an ``"error"`` entry fails the test). Every
+    process is joined within ``timeout`` seconds and killed after it."""
+    import os
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r.pt")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=target, args=(r, world, f"tcp://127.0.0.1:{port}", out) + tuple(extra))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout)
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join(timeout=10)
+        assert not alive, "spawned ranks timed out"
+        assert os.path.exists(out), [p.exitcode for p in procs]
+        res = torch.load(out, weights_only=False)
+        assert "error" not in res, res["error"]
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        return res

@@ -14,14 +14,12 @@ import functools
 import gc
 import math
 import os
-import socket
-import tempfile
 import traceback
 
+import _harness
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastsam
 
@@ -539,29 +537,7 @@ def _errors(world: int) -> dict:
 def _spawn(world: int, target=None, extra: tuple = ()) -> dict:
     """Run ``target(rank, world, init, out_path, *extra)`` (default :func:`_worker`) on ``world``
     spawned ranks; rank 0's result dict, read back from ``out_path``."""
-    target = _worker if target is None else target
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "r.pt")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=target, args=(r, world, f"tcp://127.0.0.1:{port}", out) + tuple(extra))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-            p.join(timeout=10)
-        assert not alive, "FSDP2 workers timed out"
-        assert os.path.exists(out), [p.exitcode for p in procs]
-        res = torch.load(out, weights_only=False)
-        assert "error" not in res, res["error"]
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        return res
+    return _harness.spawn_ranks(_worker if target is None else target, world, extra)
 
 
 _RESULTS: dict[int, dict] = {}

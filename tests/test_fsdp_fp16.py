@@ -20,15 +20,12 @@ with one process on the global batch with a ``torch.amp.GradScaler("cpu")`` of t
 from __future__ import annotations
 
 import gc
-import os
-import socket
-import tempfile
 import traceback
 
+import _harness
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastsam
 
@@ -158,27 +155,7 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
 
 
 def _spawn(world: int) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "r.pt")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world, f"tcp://127.0.0.1:{port}", out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-            p.join(timeout=10)
-        assert not alive, "FSDP2 workers timed out"
-        assert os.path.exists(out), [p.exitcode for p in procs]
-        res = torch.load(out, weights_only=False)
-        assert "error" not in res, res["error"]
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        return res
+    return _harness.spawn_ranks(_worker, world)
 
 
 _RESULTS: dict = {}
