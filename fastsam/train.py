@@ -367,12 +367,13 @@ def _decide_skip(plan: _Plan, bad: Tensor, scaler: Any, keys: list) -> bool:
     flags = _amp.found_inf(scaler, keys) if scaler is not None else []
     for fi in flags:
         bad = bad | (fi.to(dev) > 0)
-    if plan.sharded and flags:
+    if (plan.sharded or plan.ddp) and flags:
         # FSDP2 + GradScaler: each rank unscaled only its own gradient shards, and scaler.update()
         # (next) reads this rank's flags. torch >= 2.5 max-reduces them inside the unscale (DTensor's
-        # found_inf handler), an older torch or another scaler may not: the group's overflow flag
-        # rides along in the same collective and is written back, so every rank's scale and growth
-        # tracker move alike (an overflow in one rank's shard backs off the scale everywhere).
+        # found_inf handler), an older torch or another scaler may not. DDP with the passes under
+        # no_sync (micro-batches, accumulation) unscales each rank's own unsynced gradients. So the
+        # group's overflow flag rides along in the same collective and is written back: every rank's
+        # scale and growth tracker move alike (an overflow on one rank backs the scale off everywhere).
         inf = torch.stack([(fi.to(dev) > 0).reshape(()) for fi in flags]).any()
         b = torch.stack([bad.reshape(()), inf]).to(torch.int32)
         dist.all_reduce(b, op=dist.ReduceOp.MAX, group=plan.group)

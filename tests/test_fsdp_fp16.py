@@ -90,7 +90,7 @@ def _optimizer(model: torch.nn.Module) -> fastsam.SAM:
     return fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, fsam_sigma=0.5)
 
 
-def _unreduced_flags(rank: int) -> dict:
+def _unreduced_flags(rank: int, sharded: bool = True) -> dict:
     """The skip decision's write-back on its own: a GradScaler whose overflow flags differ by rank
     (rank 0's gradient is infinite; plain tensors, so no DTensor reduction in the unscale, as with a
     torch < 2.5 or a scaler that reduces nothing). The sharded skip decision must skip on both ranks
@@ -106,7 +106,7 @@ def _unreduced_flags(rank: int) -> dict:
     w.grad = torch.tensor([float("inf") if rank == 0 else 1.0, 1.0])
     key = _amp.unscale(scaler, [{"params": [w]}])
     local = float(sum(_amp.found_inf(scaler, [key])))
-    plan = SimpleNamespace(sharded=True, ddp=False, group=None)  # the fields _decide_skip reads
+    plan = SimpleNamespace(sharded=sharded, ddp=not sharded, group=None)  # the fields _decide_skip reads
     skipped = _decide_skip(plan, torch.zeros((), dtype=torch.bool), scaler, [key])
     scaler.update()
     return {"local": local, "skipped": skipped, "scale": float(scaler._scale)}
@@ -141,6 +141,7 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
             mine[kind + " probe rows"] = model.probe.to_local().numel()
             del model, opt
         mine["unreduced"] = _unreduced_flags(rank)
+        mine["unreduced ddp"] = _unreduced_flags(rank, sharded=False)
         got: list = [None] * world
         dist.all_gather_object(got, mine)
         result["ranks"] = got
@@ -208,6 +209,7 @@ def test_fp16_scaler_fsdp2_equals_single_process(kind):
 def test_sharded_skip_decision_reduces_the_scaler_flags():
     """Overflow flags that differ by rank (here rank 0 only) are reduced by sam_step's one skip
     collective and written back: both ranks skip and back the scale off (8 -> 4)."""
-    got = [r["unreduced"] for r in _results()["ranks"]]
-    assert [g["local"] > 0 for g in got] == [True, False], got  # the flags did differ
-    assert all(g["skipped"] and g["scale"] == 4.0 for g in got), got
+    for kind in ("unreduced", "unreduced ddp"):  # FSDP2, and DDP with passes under no_sync
+        got = [r[kind] for r in _results()["ranks"]]
+        assert [g["local"] > 0 for g in got] == [True, False], (kind, got)  # the flags did differ
+        assert all(g["skipped"] and g["scale"] == 4.0 for g in got), (kind, got)
