@@ -474,8 +474,9 @@ class CsrcBackend:
         if not _host.active() or _host.count_none(grads) or not _host.consecutive_scalars(steps):
             return False
         base = steps[0]._base
-        if base is None or base.dim() != 1 or base.numel() != n or steps[0].storage_offset() != base.storage_offset():
-            return False
+        if base is None or base.device.type != "cpu" or base.dim() != 1 or base.numel() != n or (
+                steps[0].storage_offset() != base.storage_offset()):
+            return False  # (counters on the CPU, as torch keeps them: reading them is no device sync)
         grouped = _group_rows(cols, n)
         if grouped is None:
             return False

@@ -1263,10 +1263,10 @@ class SAM(torch.optim.Optimizer):
                 for w, v in zip(ws, vals):
                     new[w] = v
                     hit.add(id(w))
-        if scale != 1.0:  # sums this micro-batch did not touch are scaled too, as accumulate() scales them
-            for w, v in old.items():
-                if id(w) not in hit:
-                    new[w] = v * scale
+        rest = [w for w in old if id(w) not in hit]
+        if scale != 1.0 and rest:  # sums this micro-batch did not touch are scaled too, as accumulate() scales them
+            for w, v in zip(rest, torch._foreach_mul([old[w] for w in rest], scale)):  # one op, new tensors
+                new[w] = v
         if new or old:
             self._save_pair(txn)
             self._acc_g = new
