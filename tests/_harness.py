@@ -17,9 +17,10 @@ tests/__init__.py), so the modules import this with ``import _harness``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -478,6 +479,33 @@ def check_fused_adam_matches_twin(backend: str, dtype: torch.dtype, kw: dict, li
 
 
 # ------------------------------------------------------------------------------ spawned ranks (gloo)
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, init: str, out_path: str) -> Iterator[dict]:
+    """The frame of a spawned rank's work (a :func:`spawn_ranks` target): one thread, a gloo
+    process group at ``init``; yields the result dict, which rank 0 saves to ``out_path`` at the
+    end, with the traceback as ``"error"`` if the body raised (swallowed here, reported by
+    spawn_ranks). The ranks leave together (a barrier: gloo aborts a worker left alone at
+    interpreter exit) and drop their last references before the group is destroyed."""
+    import gc
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    result: dict = {}
+    try:
+        yield result
+    except BaseException:
+        result["error"] = traceback.format_exc()
+    finally:
+        if rank == 0:
+            torch.save(result, out_path)
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def spawn_ranks(target: Callable[..., None], world: int, extra: tuple = (), timeout: float = 120.0) -> dict:
     """Run ``target(rank, world, init, out_path, *extra)`` on ``world`` spawned processes that meet
     at a free loopback port (``init`` a ``tcp://`` address); returns rank 0's result dict, which the

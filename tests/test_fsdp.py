@@ -11,10 +11,8 @@ seconds of imports); the workers send back the full parameters after every step.
 from __future__ import annotations
 
 import functools
-import gc
 import math
 import os
-import traceback
 
 import _harness
 import pytest
@@ -282,10 +280,7 @@ def _transactions(full, backends: list[str]) -> dict:
 
 
 def _worker(rank: int, world: int, init: str, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    result: dict = {}
-    try:
+    with _harness.gloo_rank(rank, world, init, out_path) as result:
         from torch.distributed.tensor import DTensor
 
         def full(p):
@@ -326,14 +321,6 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
             result["txn"] = _transactions(full, backends)
             result["hsdp"] = _hsdp(full, xs, ys)
         result["errors"] = _errors(world)
-    except BaseException:
-        result["error"] = traceback.format_exc()
-    finally:
-        if rank == 0:
-            torch.save(result, out_path)
-        dist.barrier()  # leave together (gloo aborts a worker left alone at interpreter exit)
-        gc.collect()
-        dist.destroy_process_group()
 
 
 RESHARD_OPTS = dict(adaptive=True, eta=0.01, fsam_sigma=0.5, swp_keep=0.7, seed=3, gsam_alpha=0.2)
@@ -362,10 +349,7 @@ def _reshard_worker(rank: int, world: int, init: str, out_path: str, ckpt: str, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    result: dict = {}
-    try:
+    with _harness.gloo_rank(rank, world, init, out_path) as result:
         def full(p):
             return p.full_tensor() if isinstance(p, DTensor) else p
 
@@ -396,14 +380,6 @@ def _reshard_worker(rank: int, world: int, init: str, out_path: str, ckpt: str, 
                 out.append([full(p).detach().clone() for p in model.parameters()])
             result["weights"] = out
         del model, opt
-    except BaseException:
-        result["error"] = traceback.format_exc()
-    finally:
-        if rank == 0:
-            torch.save(result, out_path)
-        dist.barrier()
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def _count_collectives(rank: int, world: int, xs: torch.Tensor, ys: torch.Tensor) -> dict:

@@ -19,9 +19,6 @@ with one process on the global batch with a ``torch.amp.GradScaler("cpu")`` of t
 
 from __future__ import annotations
 
-import gc
-import traceback
-
 import _harness
 import pytest
 import torch
@@ -113,10 +110,7 @@ def _unreduced_flags(rank: int, sharded: bool = True) -> dict:
 
 
 def _worker(rank: int, world: int, init: str, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    result: dict = {}
-    try:
+    with _harness.gloo_rank(rank, world, init, out_path) as result:
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         from torch.distributed.tensor import DTensor
@@ -145,14 +139,6 @@ def _worker(rank: int, world: int, init: str, out_path: str) -> None:
         got: list = [None] * world
         dist.all_gather_object(got, mine)
         result["ranks"] = got
-    except BaseException:
-        result["error"] = traceback.format_exc()
-    finally:
-        if rank == 0:
-            torch.save(result, out_path)
-        dist.barrier()  # leave together (gloo aborts a worker left alone at interpreter exit)
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def _spawn(world: int) -> dict:
